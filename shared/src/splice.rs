@@ -1,0 +1,234 @@
+//! Splicing a TCP connection to a QUIC stream, both ways, with the project's close contract.
+//!
+//! Kind: IO.
+//!
+//! | event | what the other side sees |
+//! |---|---|
+//! | TCP EOF | `finish()` on the stream; the far end shuts down its TCP write side (half-close) |
+//! | stream finished by the peer | `shutdown(Write)` on the TCP socket |
+//! | TCP read/write error | stream `reset` + `stop` with [`StreamCode::PEER_RESET`]; TCP closed with RST |
+//! | stream reset / stopped by the peer | TCP closed with RST (`SO_LINGER 0`), never a clean FIN |
+//! | connection lost | TCP closed with RST |
+//! | [`Kill`] fired | stream reset/stopped with the kill's code, TCP closed with RST |
+//!
+//! So a failure anywhere reaches the far application as a reset, never as a clean EOF on
+//! truncated data. Flow control is QUIC's: a reader that stops reading stops the sender once the
+//! stream window is full, and other streams are unaffected.
+//!
+//! Copy loop: TCP → QUIC reads into a 64 KiB `BytesMut` and hands the filled part to quinn as
+//! `Bytes` (`write_chunk`, no copy); QUIC → TCP reads into a 64 KiB buffer and `write_all`s it.
+
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::proto::StreamCode;
+
+/// Read size of both copy directions.
+pub const CHUNK: usize = 64 * 1024;
+
+/// Byte counters shared by many splices (e.g. per service), updated as data moves.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Bytes read from TCP and sent into QUIC.
+    pub tcp_to_quic: AtomicU64,
+    /// Bytes received from QUIC and written to TCP.
+    pub quic_to_tcp: AtomicU64,
+}
+
+/// A way to end a splice from outside, with the code the peer will see.
+#[derive(Debug)]
+pub struct Kill {
+    token: CancellationToken,
+    code: AtomicU32,
+}
+
+impl Kill {
+    /// A kill that also fires when `parent` is cancelled (then with [`StreamCode::SHUTDOWN`]).
+    pub fn child_of(parent: &CancellationToken) -> Self {
+        Self {
+            token: parent.child_token(),
+            code: AtomicU32::new(StreamCode::SHUTDOWN.0),
+        }
+    }
+
+    /// Ends the splice; the peer sees `code`.
+    pub fn kill(&self, code: StreamCode) {
+        self.code.store(code.0, Ordering::Relaxed);
+        self.token.cancel();
+    }
+
+    fn code(&self) -> StreamCode {
+        StreamCode(self.code.load(Ordering::Relaxed))
+    }
+}
+
+/// Bytes moved by a splice.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SpliceStats {
+    /// TCP → QUIC.
+    pub tcp_to_quic: u64,
+    /// QUIC → TCP.
+    pub quic_to_tcp: u64,
+}
+
+/// Why a splice ended abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum SpliceError {
+    /// Reading the TCP socket failed.
+    #[error("TCP read failed: {0}")]
+    TcpRead(std::io::Error),
+    /// Writing the TCP socket failed.
+    #[error("TCP write failed: {0}")]
+    TcpWrite(std::io::Error),
+    /// The peer reset the stream.
+    #[error("the peer reset the stream: {0}")]
+    Reset(StreamCode),
+    /// The peer stopped reading the stream.
+    #[error("the peer stopped the stream: {0}")]
+    Stopped(StreamCode),
+    /// The QUIC connection went away.
+    #[error("connection lost: {0}")]
+    ConnectionLost(quinn::ConnectionError),
+    /// Ended from outside through a [`Kill`].
+    #[error("ended locally: {0}")]
+    Killed(StreamCode),
+    /// Any other stream error.
+    #[error("stream error: {0}")]
+    Stream(String),
+}
+
+impl SpliceError {
+    /// The code the far end sent, when it reset or stopped the stream.
+    pub fn peer_code(&self) -> Option<StreamCode> {
+        match self {
+            Self::Reset(c) | Self::Stopped(c) => Some(*c),
+            _ => None,
+        }
+    }
+
+    fn local_code(&self) -> StreamCode {
+        match self {
+            Self::Reset(c) | Self::Stopped(c) | Self::Killed(c) => *c,
+            _ => StreamCode::PEER_RESET,
+        }
+    }
+}
+
+fn read_error(e: quinn::ReadError) -> SpliceError {
+    match e {
+        quinn::ReadError::Reset(code) => SpliceError::Reset(StreamCode::from_varint(code)),
+        quinn::ReadError::ConnectionLost(c) => SpliceError::ConnectionLost(c),
+        other => SpliceError::Stream(other.to_string()),
+    }
+}
+
+fn write_error(e: quinn::WriteError) -> SpliceError {
+    match e {
+        quinn::WriteError::Stopped(code) => SpliceError::Stopped(StreamCode::from_varint(code)),
+        quinn::WriteError::ConnectionLost(c) => SpliceError::ConnectionLost(c),
+        other => SpliceError::Stream(other.to_string()),
+    }
+}
+
+/// Closes `tcp` with a RST instead of a FIN.
+pub fn abort_tcp(tcp: TcpStream) {
+    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+    drop(tcp);
+}
+
+/// Resets both directions of a stream with `code` (used to refuse or cancel it).
+pub fn reject_stream(send: &mut quinn::SendStream, recv: &mut quinn::RecvStream, code: StreamCode) {
+    let _ = send.reset(code.to_varint());
+    let _ = recv.stop(code.to_varint());
+}
+
+/// Copies both ways until both directions have finished cleanly, or until the first error, after
+/// which the stream is reset and the TCP connection aborted (see the module table).
+///
+/// # Errors
+/// [`SpliceError`] describing the first failure.
+pub async fn splice(
+    mut tcp: TcpStream,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    kill: &Kill,
+    counters: Option<&Counters>,
+) -> Result<SpliceStats, SpliceError> {
+    let mut stats = SpliceStats::default();
+    let result = {
+        let (mut rd, mut wr) = tcp.split();
+        let up = tcp_to_quic(&mut rd, &mut send, &mut stats.tcp_to_quic, counters);
+        let down = quic_to_tcp(&mut recv, &mut wr, &mut stats.quic_to_tcp, counters);
+        tokio::select! {
+            r = async { tokio::try_join!(up, down) } => r.map(|_| ()),
+            () = kill.token.cancelled() => Err(SpliceError::Killed(kill.code())),
+        }
+    };
+    match result {
+        Ok(()) => Ok(stats),
+        Err(e) => {
+            let code = e.local_code();
+            let _ = send.reset(code.to_varint());
+            let _ = recv.stop(code.to_varint());
+            abort_tcp(tcp);
+            Err(e)
+        }
+    }
+}
+
+async fn tcp_to_quic(
+    rd: &mut tokio::net::tcp::ReadHalf<'_>,
+    send: &mut quinn::SendStream,
+    total: &mut u64,
+    counters: Option<&Counters>,
+) -> Result<(), SpliceError> {
+    let mut buf = BytesMut::with_capacity(CHUNK);
+    loop {
+        buf.reserve(CHUNK);
+        let n = rd.read_buf(&mut buf).await.map_err(SpliceError::TcpRead)?;
+        if n == 0 {
+            // A finish on a stream the peer already stopped fails; the stopped error surfaces on
+            // the next write or through the other direction, so it is safe to ignore here.
+            let _ = send.finish();
+            return Ok(());
+        }
+        *total += n as u64;
+        if let Some(c) = counters {
+            c.tcp_to_quic.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        send.write_chunk(buf.split().freeze())
+            .await
+            .map_err(write_error)?;
+    }
+}
+
+async fn quic_to_tcp(
+    recv: &mut quinn::RecvStream,
+    wr: &mut tokio::net::tcp::WriteHalf<'_>,
+    total: &mut u64,
+    counters: Option<&Counters>,
+) -> Result<(), SpliceError> {
+    let mut buf = vec![0u8; CHUNK];
+    loop {
+        match recv.read(&mut buf).await.map_err(read_error)? {
+            Some(n) => {
+                wr.write_all(&buf[..n])
+                    .await
+                    .map_err(SpliceError::TcpWrite)?;
+                *total += n as u64;
+                if let Some(c) = counters {
+                    c.quic_to_tcp.fetch_add(n as u64, Ordering::Relaxed);
+                }
+            }
+            None => {
+                wr.shutdown().await.map_err(SpliceError::TcpWrite)?;
+                return Ok(());
+            }
+        }
+    }
+}
