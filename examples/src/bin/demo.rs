@@ -1,0 +1,215 @@
+//! The one-command demo: a device and a client in temporary homes, a built-in target, a tunnel,
+//! a few hundred MiB pushed through it with a progress bar and checked by SHA-256.
+//!
+//! `cargo run --release -p tunnel-examples --bin demo [-- --size MIB]`
+//!
+//! Everything runs in this process through the library that the two binaries use; at the end the
+//! demo prints the commands a user would type to do the same with `tunnel-device` and
+//! `tunnel-client`.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use indicatif::{ProgressBar, ProgressStyle};
+use rand::RngCore;
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tunnel_shared::client::ClientHome;
+use tunnel_shared::client::open::{ForwardSpec, OpenOptions, Opener};
+use tunnel_shared::config::{HostPort, ServiceSpec};
+use tunnel_shared::device::admin::{self, InitOptions};
+use tunnel_shared::device::{self, DeviceHome, RunOptions};
+
+const CHUNK: usize = 256 * 1024;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let size_mib = parse_size()?;
+    tracing_subscriber::fmt()
+        .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_string()))
+        .with_writer(std::io::stderr)
+        .init();
+
+    let dir = tempfile::Builder::new().prefix("tunnel-demo-").tempdir()?;
+    let device_home = DeviceHome::new(dir.path().join("device"));
+    let client_home = ClientHome::new(dir.path().join("client"));
+
+    // 1. A target service: reads everything, answers with its SHA-256.
+    let target = TcpListener::bind("127.0.0.1:0").await?;
+    let target_addr = target.local_addr()?;
+    tokio::spawn(hash_server(target));
+    println!("1. Target service (a built-in hash server) on {target_addr}");
+
+    // 2. Device home: key, device.toml with the service, empty access list.
+    let spec: ServiceSpec = format!("demo={target_addr},type=tcp").parse()?;
+    let report = admin::init(
+        &device_home,
+        InitOptions {
+            device_id: Some("demo-device".into()),
+            name: Some("Demo device".into()),
+            services: vec![spec.0],
+            listen: vec!["127.0.0.1:0".parse()?],
+            force: false,
+        },
+    )?;
+    println!("2. Device initialised, fingerprint {}", report.fingerprint);
+
+    // 3. Client key, authorized on the device (like adding it to authorized_keys).
+    let client_fp = client_home.identity()?.fingerprint();
+    admin::user_add(&device_home, "demo-user", client_fp, "Owner", None)?;
+    println!("3. Client key {client_fp} authorized as user 'demo-user'");
+
+    // 4. Run the device.
+    let shutdown = CancellationToken::new();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let device_task = tokio::spawn(device::run(
+        RunOptions::new(device_home.dir()),
+        shutdown.clone(),
+        move |ready| {
+            let _ = ready_tx.send(ready.listen[0]);
+        },
+    ));
+    let device_addr: SocketAddr = ready_rx.await.context("the device did not start")?;
+    println!("4. Device listening on udp/{device_addr}");
+
+    // 5. Pin the device on the client and open a tunnel on an ephemeral local port.
+    client_home.add_device(
+        "demo",
+        vec![device_addr.to_string().parse::<HostPort>()?],
+        report.fingerprint,
+    )?;
+    let forward: ForwardSpec = "0:demo".parse().map_err(anyhow::Error::msg)?;
+    let opener = Opener::bind(OpenOptions::new(client_home.clone(), "demo", vec![forward])).await?;
+    let local = opener.status().services[0].local;
+    let client_task = tokio::spawn(opener.run(shutdown.clone()));
+    println!("5. Tunnel open: {local} -> device 'demo' -> service 'demo' -> {target_addr}");
+
+    // 6. Push data through it and check it arrived intact.
+    let total = size_mib * 1024 * 1024;
+    println!("6. Sending {size_mib} MiB through the tunnel…");
+    let (elapsed, sent_hash, reply) = push(local, total).await?;
+    let (n, hash) = reply
+        .trim()
+        .split_once(' ')
+        .context("malformed reply from the target")?;
+    if n != total.to_string() || hash != sent_hash {
+        bail!("data corrupted: sent {total} bytes {sent_hash}, target got {n} bytes {hash}");
+    }
+    let gbit = total as f64 * 8.0 / elapsed.as_secs_f64() / 1e9;
+    println!(
+        "   verified: {total} bytes, SHA-256 {}…, in {:.2} s = {gbit:.2} Gbit/s",
+        &hash[..16],
+        elapsed.as_secs_f64()
+    );
+
+    shutdown.cancel();
+    client_task.await??;
+    device_task.await??;
+
+    println!();
+    println!("The same with the binaries (two machines, or two terminals):");
+    println!("  device$ tunnel-device init --service demo={target_addr}");
+    println!("  client$ tunnel-client fingerprint");
+    println!("  device$ tunnel-device user add demo-user --fingerprint {client_fp}");
+    println!("  device$ tunnel-device run");
+    println!(
+        "  client$ tunnel-client device add demo --addr DEVICE_HOST:5592 --fingerprint {}",
+        report.fingerprint
+    );
+    println!("  client$ tunnel-client open demo -L 2222:demo");
+    println!("  client$ your-tcp-client 127.0.0.1 2222");
+    Ok(())
+}
+
+fn parse_size() -> anyhow::Result<u64> {
+    let mut args = std::env::args().skip(1);
+    let mut size = 512;
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--size" => {
+                size = args
+                    .next()
+                    .context("--size needs a number of MiB")?
+                    .parse()
+                    .context("--size needs a number of MiB")?;
+            }
+            "-h" | "--help" => {
+                println!("usage: demo [--size MIB]   (default 512)");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument '{other}' (usage: demo [--size MIB])"),
+        }
+    }
+    if size == 0 {
+        bail!("--size must be at least 1");
+    }
+    Ok(size)
+}
+
+/// Writes `total` bytes to `addr`, half-closes, and returns the time, our hash and the reply.
+async fn push(addr: SocketAddr, total: u64) -> anyhow::Result<(Duration, String, String)> {
+    let mut block = vec![0u8; CHUNK];
+    rand::thread_rng().fill_bytes(&mut block);
+    let bar = ProgressBar::new(total).with_style(
+        ProgressStyle::with_template(
+            "   [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec} eta {eta}",
+        )?
+        .progress_chars("=> "),
+    );
+    let conn = TcpStream::connect(addr).await?;
+    let (mut rd, mut wr) = conn.into_split();
+    let reply = tokio::spawn(async move {
+        let mut s = String::new();
+        rd.read_to_string(&mut s).await.map(|_| s)
+    });
+    let started = Instant::now();
+    let mut hasher = Sha256::new();
+    let mut sent = 0u64;
+    let mut i = 0u64;
+    while sent < total {
+        // Each block carries its index, so lost or reordered blocks change the hash.
+        block[..8].copy_from_slice(&i.to_le_bytes());
+        let n = usize::try_from((total - sent).min(CHUNK as u64))?;
+        hasher.update(&block[..n]);
+        wr.write_all(&block[..n]).await?;
+        sent += n as u64;
+        i += 1;
+        bar.set_position(sent);
+    }
+    wr.shutdown().await?;
+    let reply = reply.await??;
+    let elapsed = started.elapsed();
+    bar.finish_and_clear();
+    Ok((elapsed, hex(&hasher.finalize()), reply))
+}
+
+async fn hash_server(listener: TcpListener) {
+    while let Ok((mut conn, _)) = listener.accept().await {
+        tokio::spawn(async move {
+            let mut hasher = Sha256::new();
+            let mut buf = vec![0u8; CHUNK];
+            let mut n = 0u64;
+            loop {
+                match conn.read(&mut buf).await {
+                    Ok(0) => break,
+                    Ok(k) => {
+                        hasher.update(&buf[..k]);
+                        n += k as u64;
+                    }
+                    Err(_) => return,
+                }
+            }
+            let _ = conn
+                .write_all(format!("{n} {}\n", hex(&hasher.finalize())).as_bytes())
+                .await;
+            let _ = conn.shutdown().await;
+        });
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    hex::encode(bytes)
+}
