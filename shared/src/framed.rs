@@ -1,4 +1,4 @@
-//! Reading and writing [`proto`](crate::proto) frames on QUIC streams.
+//! Reading and writing [`proto`] frames on QUIC streams.
 //!
 //! Kind: IO. Reads are exact (length prefix, then exactly one frame), so the bytes that follow a
 //! data-stream header stay in the stream for the splice. Nothing is allocated before the length

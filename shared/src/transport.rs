@@ -11,7 +11,7 @@
 //! fingerprint alone would not prove possession of the key), refuse certificate chains, accept
 //! only ECDSA P-256/SHA-256, and turn every error into a rejection. Certificates are self-signed
 //! wrappers made with `rcgen`; names, dates and issuers are ignored. TLS 1.3 only, ALPN
-//! [`proto::ALPN`](crate::proto::ALPN), 0-RTT off.
+//! [`proto::ALPN`], 0-RTT off.
 //!
 //! The UDP socket is created here (not by quinn) so its buffers can be raised and so a custom
 //! socket (a relay path) can replace it later without touching protocol code.

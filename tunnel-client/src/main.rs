@@ -4,6 +4,11 @@
 //! Thin binary: parse arguments, call `tunnel_shared::client`, render status, map errors to exit
 //! codes (0 ok, 1 runtime failure, 2 usage or configuration error).
 
+#![allow(
+    rustdoc::broken_intra_doc_links,
+    reason = "doc comments here are --help text, where [..] marks optional parts"
+)]
+
 mod status;
 
 use std::io::IsTerminal;

@@ -3,6 +3,11 @@
 //! Thin binary: parse arguments, build typed options, call `tunnel_shared::device`, map errors to
 //! exit codes (0 ok, 1 runtime failure, 2 usage or configuration error).
 
+#![allow(
+    rustdoc::broken_intra_doc_links,
+    reason = "doc comments here are --help text, where [..] marks optional parts"
+)]
+
 use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;

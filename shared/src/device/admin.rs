@@ -1,7 +1,7 @@
 //! Device management on the files: `init`, users and services.
 //!
 //! Kind: IO (files only, no network). These work whether or not the device is running: state
-//! changes go through [`StateStore::update`] (locked read-modify-write) and `device.toml` edits
+//! changes go through [`StateStore::update`](crate::state::StateStore::update) (locked read-modify-write) and `device.toml` edits
 //! take `device.lock`; a running device notices the new files and applies them (a removed user's
 //! connections are closed at once).
 
