@@ -943,6 +943,19 @@ port = 80
         assert!(remove_service_from_toml(&removed, "ssh").is_err());
     }
 
+    /// The samples shipped in `examples/config/` stay valid.
+    #[test]
+    fn shipped_samples_parse() {
+        let dev =
+            DeviceConfig::from_toml(include_str!("../../examples/config/device.toml")).unwrap();
+        assert_eq!(dev.services.len(), 3);
+        assert_eq!(dev.listen.len(), 2);
+        let known =
+            KnownDevices::from_toml(include_str!("../../examples/config/known_devices.toml"))
+                .unwrap();
+        assert_eq!(known.devices[0].addresses.len(), 2);
+    }
+
     #[test]
     fn known_devices_lookup_and_round_trip() {
         let fp1 = crate::identity::SecretKey::generate().fingerprint();

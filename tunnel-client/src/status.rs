@@ -118,7 +118,7 @@ fn rate(now: u64, before: u64, secs: f64) -> f64 {
 async fn bars(status: Arc<Status>, stop: CancellationToken) {
     let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stdout());
     let style =
-        ProgressStyle::with_template("{msg}").unwrap_or_else(|_| ProgressStyle::default_bar());
+        ProgressStyle::with_template("{wide_msg}").unwrap_or_else(|_| ProgressStyle::default_bar());
     let head = mp.add(ProgressBar::new_spinner().with_style(style.clone()));
     let lines: Vec<ProgressBar> = status
         .services
@@ -138,7 +138,7 @@ async fn bars(status: Arc<Status>, stop: CancellationToken) {
         head.set_message(link_line(&status));
         for (i, (svc, bar)) in status.services.iter().zip(&lines).enumerate() {
             bar.set_message(format!(
-                "  {:<12} {:<22} conns {}/{}   ↑ {} ({}/s)   ↓ {} ({}/s)",
+                "  {:<10} {:<21} conns {}/{}  ↑ {} {}/s  ↓ {} {}/s",
                 svc.service,
                 svc.local.to_string(),
                 svc.open.load(Ordering::Relaxed),
