@@ -16,12 +16,14 @@
 //! stream window is full, and other streams are unaffected.
 //!
 //! Copy loop: TCP → QUIC reads into a 64 KiB `BytesMut` and hands the filled part to quinn as
-//! `Bytes` (`write_chunk`, no copy); QUIC → TCP reads into a 64 KiB buffer and `write_all`s it.
+//! `Bytes` (`write_chunk`, no copy); QUIC → TCP takes quinn's received `Bytes` (`read_chunks`, no
+//! copy) and writes up to 64 of them per vectored write.
 
+use std::io::IoSlice;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -207,22 +209,27 @@ async fn tcp_to_quic(
     }
 }
 
+/// Chunks taken from quinn per `read_chunks` call and written with one `writev`.
+const CHUNKS_PER_WRITE: usize = 64;
+
 async fn quic_to_tcp(
     recv: &mut quinn::RecvStream,
     wr: &mut tokio::net::tcp::WriteHalf<'_>,
     total: &mut u64,
     counters: Option<&Counters>,
 ) -> Result<(), SpliceError> {
-    let mut buf = vec![0u8; CHUNK];
+    // quinn hands out its reassembled `Bytes` without copying; they go to the socket with one
+    // vectored write per batch (one write per chunk would cost a syscall per QUIC frame).
+    let mut chunks: [Bytes; CHUNKS_PER_WRITE] = std::array::from_fn(|_| Bytes::new());
     loop {
-        match recv.read(&mut buf).await.map_err(read_error)? {
+        match recv.read_chunks(&mut chunks).await.map_err(read_error)? {
             Some(n) => {
-                wr.write_all(&buf[..n])
+                let len = write_all_chunks(wr, &mut chunks[..n])
                     .await
                     .map_err(SpliceError::TcpWrite)?;
-                *total += n as u64;
+                *total += len;
                 if let Some(c) = counters {
-                    c.quic_to_tcp.fetch_add(n as u64, Ordering::Relaxed);
+                    c.quic_to_tcp.fetch_add(len, Ordering::Relaxed);
                 }
             }
             None => {
@@ -231,4 +238,34 @@ async fn quic_to_tcp(
             }
         }
     }
+}
+
+/// Writes every chunk (emptying them) with vectored writes; returns the byte count.
+async fn write_all_chunks(
+    wr: &mut tokio::net::tcp::WriteHalf<'_>,
+    chunks: &mut [Bytes],
+) -> std::io::Result<u64> {
+    let total: u64 = chunks.iter().map(|c| c.len() as u64).sum();
+    let mut first = 0;
+    while first < chunks.len() {
+        let slices: [IoSlice<'_>; CHUNKS_PER_WRITE] = std::array::from_fn(|i| {
+            chunks
+                .get(first + i)
+                .map_or_else(|| IoSlice::new(&[]), |c| IoSlice::new(c))
+        });
+        let count = (chunks.len() - first).min(CHUNKS_PER_WRITE);
+        let mut written = wr.write_vectored(&slices[..count]).await?;
+        if written == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while first < chunks.len() && written >= chunks[first].len() {
+            written -= chunks[first].len();
+            chunks[first] = Bytes::new();
+            first += 1;
+        }
+        if written > 0 {
+            chunks[first].advance(written);
+        }
+    }
+    Ok(total)
 }
