@@ -76,6 +76,10 @@ enum Command {
         /// Seconds live tunnels may continue after a shutdown signal.
         #[arg(long, default_value_t = 3, value_name = "SECS")]
         drain_timeout: u64,
+        /// Worker threads. 1 (the default) is fastest per client; raise it only for many busy
+        /// clients on a machine with many cores.
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        threads: usize,
     },
     /// Print the device key's fingerprint.
     Fingerprint,
@@ -200,14 +204,21 @@ fn init_tracing(level: &str) {
         .init();
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| Failure {
-            code: 1,
-            message: format!("cannot start the async runtime: {e}"),
-        })
+/// One thread (the default) is the fastest per connection: quinn's connection driver and the
+/// splice tasks then hand work to each other without cross-thread wake-ups (measured +50 % on
+/// loopback, docs/BENCHMARKS.md). More threads help only with many busy clients on many cores.
+fn runtime_with(threads: usize) -> Result<tokio::runtime::Runtime, Failure> {
+    let mut b = if threads <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        b.worker_threads(threads);
+        b
+    };
+    b.enable_all().build().map_err(|e| Failure {
+        code: 1,
+        message: format!("cannot start the async runtime: {e}"),
+    })
 }
 
 fn dispatch(command: Command, home: &DeviceHome) -> Result<ExitCode, Failure> {
@@ -236,8 +247,9 @@ fn dispatch(command: Command, home: &DeviceHome) -> Result<ExitCode, Failure> {
             ready_file,
             self_test,
             drain_timeout,
+            threads,
         } => {
-            let rt = runtime()?;
+            let rt = runtime_with(threads)?;
             if self_test {
                 return rt.block_on(self_test_cmd(home));
             }
