@@ -138,12 +138,6 @@ impl ClientHome {
                     d.name, d.fingerprint, d.name
                 )));
             }
-            if let Some(d) = known.devices.iter().find(|d| d.fingerprint == fingerprint) {
-                return Err(ClientError::Usage(format!(
-                    "this fingerprint is already pinned as '{}'",
-                    d.name
-                )));
-            }
             let dev = KnownDevice {
                 name: name.to_string(),
                 fingerprint,

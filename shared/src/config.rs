@@ -317,7 +317,7 @@ impl Default for TransportSettings {
             idle_timeout_secs: 15,
             keep_alive_secs: 4,
             stream_window: 8 * 1024 * 1024,
-            connection_window: 64 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
             socket_buffer: 4 * 1024 * 1024,
         }
     }

@@ -349,6 +349,15 @@ pub async fn run(
         })?
         .ok_or_else(|| DeviceError::AlreadyRunning(home.dir().to_owned()))?;
 
+    match fsutil::raise_open_file_limit() {
+        Ok(n) if n < u64::from(config.limits.max_streams_total) + 64 => warn!(
+            open_files = n,
+            "the open-file limit is below limits.max_streams_total: tunnels beyond it will fail \
+             (raise it with ulimit -n or LimitNOFILE=)"
+        ),
+        Ok(n) => debug!(open_files = n, "open-file limit"),
+        Err(e) => warn!("cannot raise the open-file limit: {e}"),
+    }
     let identity = Identity::new(key.clone())?;
     let listen = if opts.listen.is_empty() {
         config.listen.clone()

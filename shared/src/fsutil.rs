@@ -205,6 +205,15 @@ fn open_lock(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// Raises this process's soft limit on open files to its hard limit (every tunnel holds a TCP
+/// socket). Returns the new soft limit.
+///
+/// # Errors
+/// The OS error.
+pub fn raise_open_file_limit() -> io::Result<u64> {
+    rlimit::increase_nofile_limit(u64::MAX)
+}
+
 /// A cheap identity of a file's current version: changes whenever it is replaced or rewritten.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileStamp {

@@ -215,6 +215,9 @@ impl Opener {
         }
         let identity = opts.home.identity()?;
         let device = opts.home.find_device(&opts.device)?;
+        if let Err(e) = fsutil::raise_open_file_limit() {
+            warn!("cannot raise the open-file limit: {e}");
+        }
         let mut listeners = Vec::new();
         let mut services = Vec::new();
         for f in &opts.forwards {
