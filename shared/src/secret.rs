@@ -49,6 +49,16 @@ impl Secret {
     }
 }
 
+/// Whether `presented` equals any of `valid`. Every candidate is compared in constant time and
+/// the loop never exits early, so timing reveals neither which token matched nor how much of one.
+pub fn matches_any<'a>(presented: &Secret, valid: impl IntoIterator<Item = &'a Secret>) -> bool {
+    let mut hit = subtle::Choice::from(0);
+    for v in valid {
+        hit |= presented.0.as_bytes().ct_eq(v.0.as_bytes());
+    }
+    hit.into()
+}
+
 impl PartialEq for Secret {
     /// Constant-time in the content (the length is not secret).
     fn eq(&self, other: &Self) -> bool {
@@ -92,6 +102,15 @@ mod tests {
         assert_ne!(a, b);
         // 12 symbols of 57 carry > 66 bits.
         assert!(12.0 * (ALPHABET.len() as f64).log2() > 66.0);
+    }
+
+    #[test]
+    fn matches_any_finds_only_exact_tokens() {
+        let valid = [Secret::new("aaaa"), Secret::new("bbbbbb")];
+        assert!(matches_any(&Secret::new("bbbbbb"), &valid));
+        assert!(!matches_any(&Secret::new("bbbbb"), &valid));
+        assert!(!matches_any(&Secret::new(""), &valid));
+        assert!(!matches_any(&Secret::new("aaaa"), &[]));
     }
 
     #[test]
