@@ -258,6 +258,9 @@ pub struct DeviceConfig {
     /// QUIC transport tuning.
     #[serde(default)]
     pub transport: TransportSettings,
+    /// Who counts as local, remote access, discovery.
+    #[serde(default)]
+    pub network: NetworkSettings,
     /// The services clients may tunnel to.
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
@@ -356,6 +359,122 @@ impl TransportSettings {
             ));
         }
         Ok(())
+    }
+}
+
+/// Network policy of a device: what counts as local (DESIGN §6), remote access, discovery.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NetworkSettings {
+    /// Accept remote connections at all (they still need a valid server-connect token).
+    pub remote_access: bool,
+    /// Count loopback, link-local, RFC 1918 and ULA sources as local. Turn off when a proxy or
+    /// port forward on this host carries remote traffic.
+    pub trust_private_networks: bool,
+    /// More source networks that count as local, e.g. `["203.0.113.0/24"]`.
+    pub local_networks: Vec<IpNet>,
+    /// Announce the device on the LAN with mDNS (`_tunnel._udp.local`: id, fingerprint, name).
+    pub mdns: bool,
+    /// Addresses put into pairing strings (default: this host's addresses and the listen port).
+    pub advertise: Vec<HostPort>,
+}
+
+impl Default for NetworkSettings {
+    fn default() -> Self {
+        Self {
+            remote_access: true,
+            trust_private_networks: true,
+            local_networks: Vec::new(),
+            mdns: true,
+            advertise: Vec::new(),
+        }
+    }
+}
+
+impl NetworkSettings {
+    /// Whether a connection from `ip` is local.
+    pub fn is_local(&self, ip: IpAddr) -> bool {
+        let ip = ip.to_canonical();
+        (self.trust_private_networks && is_private(ip))
+            || self.local_networks.iter().any(|n| n.contains(ip))
+    }
+}
+
+/// Loopback, link-local, RFC 1918 or ULA.
+pub fn is_private(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => v4.is_loopback() || v4.is_private() || v4.is_link_local(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.is_unicast_link_local() || (v6.segments()[0] & 0xfe00) == 0xfc00
+        }
+    }
+}
+
+/// An IP network, `ADDR/PREFIX`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpNet {
+    addr: IpAddr,
+    prefix: u8,
+}
+
+impl IpNet {
+    /// Whether `ip` is inside.
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip.to_canonical()) {
+            (IpAddr::V4(n), IpAddr::V4(a)) => {
+                let mask = u32::MAX
+                    .checked_shl(32 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u32::from(n) & mask == u32::from(a) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(a)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.prefix))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(a) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl FromStr for IpNet {
+    type Err = ValueError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || {
+            ValueError(format!(
+                "'{s}' is not a network like 192.168.7.0/24 or fd00::/8"
+            ))
+        };
+        let (addr, prefix) = s.split_once('/').ok_or_else(err)?;
+        let addr: IpAddr = addr.parse().map_err(|_| err())?;
+        let prefix: u8 = prefix.parse().map_err(|_| err())?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        if prefix > max {
+            return Err(err());
+        }
+        Ok(Self { addr, prefix })
+    }
+}
+
+impl fmt::Display for IpNet {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+impl Serialize for IpNet {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for IpNet {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
     }
 }
 
@@ -549,6 +668,14 @@ impl DeviceConfig {
             l.connect_timeout_secs,
             l.handshake_timeout_secs
         ));
+        out.push_str(
+            "\n[network]\n\
+             # remote_access = true           # accept remote connections (they need a server-connect token)\n\
+             # trust_private_networks = true  # loopback, link-local, RFC 1918 and ULA sources are local\n\
+             # local_networks = []            # more local networks, e.g. [\"203.0.113.0/24\"]\n\
+             # mdns = true                    # announce on the LAN as _tunnel._udp.local\n\
+             # advertise = []                 # addresses for pairing strings, e.g. [\"cam.example.net:5592\"]\n",
+        );
         for svc in &self.services {
             out.push('\n');
             out.push_str(&service_toml(svc));
@@ -622,6 +749,25 @@ pub fn remove_service_from_toml(text: &str, id: &str) -> Result<String, ValueErr
     if services.is_empty() {
         doc.remove("service");
     }
+    let out = doc.to_string();
+    DeviceConfig::from_toml(&out)?;
+    Ok(out)
+}
+
+/// Sets the device `name` in the `device.toml` text, keeping everything else.
+///
+/// # Errors
+/// When the text does not parse or the name is not 1-64 printable characters.
+pub fn set_name_in_toml(text: &str, name: &str) -> Result<String, ValueError> {
+    if name.trim().is_empty() || name.chars().count() > 64 || name.chars().any(char::is_control) {
+        return Err(ValueError(
+            "a device name is 1-64 printable characters".into(),
+        ));
+    }
+    let mut doc: toml_edit::DocumentMut = text
+        .parse()
+        .map_err(|e: toml_edit::TomlError| ValueError(e.to_string()))?;
+    doc["name"] = toml_edit::value(name);
     let out = doc.to_string();
     DeviceConfig::from_toml(&out)?;
     Ok(out)
@@ -941,6 +1087,46 @@ port = 80
         assert!(cfg.service("ssh").is_none());
         assert!(cfg.service("web").is_some());
         assert!(remove_service_from_toml(&removed, "ssh").is_err());
+    }
+
+    #[test]
+    fn networks_and_locality() {
+        let n: IpNet = "203.0.113.0/24".parse().unwrap();
+        assert!(n.contains("203.0.113.77".parse().unwrap()));
+        assert!(n.contains("::ffff:203.0.113.1".parse().unwrap()));
+        assert!(!n.contains("203.0.114.1".parse().unwrap()));
+        let v6: IpNet = "2001:db8::/32".parse().unwrap();
+        assert!(v6.contains("2001:db8:1::1".parse().unwrap()));
+        assert!(!v6.contains("10.0.0.1".parse().unwrap()));
+        assert!(
+            "0.0.0.0/0"
+                .parse::<IpNet>()
+                .unwrap()
+                .contains("8.8.8.8".parse().unwrap())
+        );
+        for bad in ["10.0.0.0", "10.0.0.0/33", "::/129", "x/8"] {
+            assert!(bad.parse::<IpNet>().is_err(), "{bad}");
+        }
+        let mut net = NetworkSettings::default();
+        assert!(net.is_local("127.0.0.1".parse().unwrap()));
+        assert!(net.is_local("fd00::1".parse().unwrap()));
+        assert!(!net.is_local("198.51.100.2".parse().unwrap()));
+        net.local_networks.push("198.51.100.0/24".parse().unwrap());
+        assert!(net.is_local("198.51.100.2".parse().unwrap()));
+        net.trust_private_networks = false;
+        assert!(!net.is_local("127.0.0.1".parse().unwrap()));
+        assert!(net.is_local("198.51.100.2".parse().unwrap()));
+        let cfg = DeviceConfig::from_toml(
+            "device_id = \"a\"\nname = \"b\"\n[network]\nlocal_networks = [\"10.9.0.0/16\"]\nremote_access = false\n",
+        )
+        .unwrap();
+        assert!(!cfg.network.remote_access);
+        assert!(
+            DeviceConfig::from_toml(
+                "device_id = \"a\"\nname = \"b\"\n[network]\nlocal_networks = [\"10.9.0.0\"]\n"
+            )
+            .is_err()
+        );
     }
 
     /// The samples shipped in `examples/config/` stay valid.

@@ -16,18 +16,25 @@ use serde::{Deserialize, Serialize};
 use crate::config::check_id;
 use crate::fsutil::{self, LockFile};
 use crate::identity::Fingerprint;
+use crate::pairing::{PairingMode, SECRET_LEN};
+use crate::secret::Secret;
 
 /// Current `state.json` format version.
 pub const STATE_VERSION: u32 = 1;
 
 /// The whole state file.
+///
+/// Security-relevant fields have no serde defaults: a damaged key name is an error, never a
+/// silently defaulted (possibly more open) value.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceState {
     /// Format version; must equal [`STATE_VERSION`].
     pub version: u32,
-    /// Paired users.
+    /// Users.
     pub users: Vec<User>,
+    /// Pairing switches and open-pairing secrets.
+    pub pairing: PairingState,
 }
 
 /// A user on the device's access-control list.
@@ -36,11 +43,18 @@ pub struct DeviceState {
 pub struct User {
     /// Unique name.
     pub username: String,
-    /// Role id (e.g. `Owner`, `Guest`).
+    /// Optional human-friendly name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub display_name: Option<String>,
+    /// Role id (defined in `iam.toml` or the built-in IAM).
     pub role: String,
-    /// The client keys that act as this user.
-    #[serde(default)]
+    /// The client keys that act as this user (empty for an invitation not yet claimed).
     pub fingerprints: Vec<UserKey>,
+    /// Server-connect token for remote connections.
+    pub sct: Secret,
+    /// One-time invitation password; deleted when the invitation is claimed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password: Option<Secret>,
 }
 
 /// One client key of a user.
@@ -52,6 +66,48 @@ pub struct UserKey {
     /// Optional label, e.g. "alice's laptop".
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
+}
+
+/// Pairing switches (all off unless enabled) and the open-pairing secrets.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PairingState {
+    /// Local initial pairing enabled.
+    pub local_initial: bool,
+    /// Local open pairing enabled.
+    pub local_open: bool,
+    /// Password invite pairing enabled.
+    pub password_invite: bool,
+    /// Password open pairing enabled.
+    pub password_open: bool,
+    /// Local initial pairing was used (it works once).
+    pub initial_done: bool,
+    /// Shared password of password open pairing.
+    pub open_password: Secret,
+    /// Server-connect token that lets a remote client reach the device for password open pairing.
+    pub open_sct: Secret,
+}
+
+impl PairingState {
+    /// Whether `mode` is switched on.
+    pub fn enabled(&self, mode: PairingMode) -> bool {
+        match mode {
+            PairingMode::LocalInitial => self.local_initial,
+            PairingMode::LocalOpen => self.local_open,
+            PairingMode::PasswordInvite => self.password_invite,
+            PairingMode::PasswordOpen => self.password_open,
+        }
+    }
+
+    /// Switches `mode` on or off.
+    pub fn set(&mut self, mode: PairingMode, on: bool) {
+        match mode {
+            PairingMode::LocalInitial => self.local_initial = on,
+            PairingMode::LocalOpen => self.local_open = on,
+            PairingMode::PasswordInvite => self.password_invite = on,
+            PairingMode::PasswordOpen => self.password_open = on,
+        }
+    }
 }
 
 /// A state file or change could not be used.
@@ -89,12 +145,29 @@ pub enum StateError {
     Rejected(String),
 }
 
+fn rejected(msg: impl Into<String>) -> StateError {
+    StateError::Rejected(msg.into())
+}
+
+fn new_secret() -> Secret {
+    Secret::generate(SECRET_LEN)
+}
+
 impl DeviceState {
-    /// A state with no users.
-    pub fn empty() -> Self {
+    /// A state with no users and every pairing mode off (fresh open-pairing secrets).
+    pub fn new_device() -> Self {
         Self {
             version: STATE_VERSION,
             users: Vec::new(),
+            pairing: PairingState {
+                local_initial: false,
+                local_open: false,
+                password_invite: false,
+                password_open: false,
+                initial_done: false,
+                open_password: new_secret(),
+                open_sct: new_secret(),
+            },
         }
     }
 
@@ -122,7 +195,7 @@ impl DeviceState {
         out
     }
 
-    /// Checks uniqueness of user names and fingerprints and the syntax of names.
+    /// Checks names, uniqueness of users and keys, and that secrets are present.
     ///
     /// # Errors
     /// A message naming the problem.
@@ -135,6 +208,21 @@ impl DeviceState {
             if !names.insert(u.username.as_str()) {
                 return Err(format!("user '{}' appears twice", u.username));
             }
+            if u.display_name
+                .as_ref()
+                .is_some_and(|d| d.chars().count() > 64)
+            {
+                return Err(format!(
+                    "user '{}': display name longer than 64",
+                    u.username
+                ));
+            }
+            if u.sct.len() < 8 {
+                return Err(format!(
+                    "user '{}' has no valid server-connect token",
+                    u.username
+                ));
+            }
             for k in &u.fingerprints {
                 if let Some(other) = fps.insert(k.fingerprint, u.username.as_str()) {
                     return Err(format!(
@@ -143,6 +231,9 @@ impl DeviceState {
                     ));
                 }
             }
+        }
+        if self.pairing.open_password.len() < 8 || self.pairing.open_sct.len() < 8 {
+            return Err("the open-pairing password or token is missing".into());
         }
         Ok(())
     }
@@ -159,7 +250,32 @@ impl DeviceState {
         self.users.iter().find(|u| u.username == name)
     }
 
-    /// Adds a user with one key.
+    fn user_mut(&mut self, name: &str) -> Result<&mut User, StateError> {
+        self.users
+            .iter_mut()
+            .find(|u| u.username == name)
+            .ok_or_else(|| rejected(format!("there is no user '{name}'")))
+    }
+
+    fn check_free(
+        &self,
+        username: &str,
+        fingerprint: Option<&Fingerprint>,
+    ) -> Result<(), StateError> {
+        check_id("user name", username).map_err(|e| rejected(e.0))?;
+        if self.user(username).is_some() {
+            return Err(rejected(format!("user '{username}' already exists")));
+        }
+        if let Some(owner) = fingerprint.and_then(|fp| self.user_by_fingerprint(fp)) {
+            return Err(rejected(format!(
+                "this key already belongs to user '{}'",
+                owner.username
+            )));
+        }
+        Ok(())
+    }
+
+    /// Adds a user with one key and a fresh server-connect token.
     ///
     /// # Errors
     /// [`StateError::Rejected`] when the name or the key is taken.
@@ -169,27 +285,125 @@ impl DeviceState {
         role: &str,
         fingerprint: Fingerprint,
         key_name: Option<String>,
-    ) -> Result<(), StateError> {
-        check_id("user name", username).map_err(|e| StateError::Rejected(e.0))?;
-        if self.user(username).is_some() {
-            return Err(StateError::Rejected(format!(
-                "user '{username}' already exists"
-            )));
-        }
-        if let Some(owner) = self.user_by_fingerprint(&fingerprint) {
-            return Err(StateError::Rejected(format!(
-                "key {fingerprint} already belongs to user '{}'",
-                owner.username
-            )));
-        }
+    ) -> Result<&User, StateError> {
+        self.check_free(username, Some(&fingerprint))?;
         self.users.push(User {
             username: username.to_string(),
+            display_name: None,
             role: role.to_string(),
             fingerprints: vec![UserKey {
                 fingerprint,
                 name: key_name,
             }],
+            sct: new_secret(),
+            password: None,
         });
+        Ok(&self.users[self.users.len() - 1])
+    }
+
+    /// Adds a user with no key yet and a one-time password; returns the password.
+    ///
+    /// # Errors
+    /// [`StateError::Rejected`] when the name is taken.
+    pub fn invite_user(&mut self, username: &str, role: &str) -> Result<Secret, StateError> {
+        self.check_free(username, None)?;
+        let password = new_secret();
+        self.users.push(User {
+            username: username.to_string(),
+            display_name: None,
+            role: role.to_string(),
+            fingerprints: Vec::new(),
+            sct: new_secret(),
+            password: Some(password.clone()),
+        });
+        Ok(password)
+    }
+
+    /// Gives an existing user a new one-time password (a fresh invitation); returns it.
+    ///
+    /// # Errors
+    /// [`StateError::Rejected`] when there is no such user.
+    pub fn reinvite(&mut self, username: &str) -> Result<Secret, StateError> {
+        let password = new_secret();
+        self.user_mut(username)?.password = Some(password.clone());
+        Ok(password)
+    }
+
+    /// Claims `username`'s invitation for `fingerprint`: adds the key and deletes the password.
+    ///
+    /// # Errors
+    /// [`StateError::Rejected`] when there is no pending invitation or the key is someone else's.
+    pub fn claim_invite(
+        &mut self,
+        username: &str,
+        fingerprint: Fingerprint,
+        key_name: Option<String>,
+    ) -> Result<&User, StateError> {
+        if let Some(owner) = self.user_by_fingerprint(&fingerprint)
+            && owner.username != username
+        {
+            return Err(rejected(format!(
+                "this key already belongs to user '{}'",
+                owner.username
+            )));
+        }
+        let user = self.user_mut(username)?;
+        if user.password.take().is_none() {
+            return Err(rejected(format!(
+                "user '{username}' has no pending invitation"
+            )));
+        }
+        if !user
+            .fingerprints
+            .iter()
+            .any(|k| k.fingerprint == fingerprint)
+        {
+            user.fingerprints.push(UserKey {
+                fingerprint,
+                name: key_name,
+            });
+        }
+        Ok(user)
+    }
+
+    /// Adds a key to a user.
+    ///
+    /// # Errors
+    /// [`StateError::Rejected`] when the user is missing or the key is taken.
+    pub fn add_fingerprint(
+        &mut self,
+        username: &str,
+        fingerprint: Fingerprint,
+        key_name: Option<String>,
+    ) -> Result<(), StateError> {
+        if let Some(owner) = self.user_by_fingerprint(&fingerprint) {
+            return Err(rejected(format!(
+                "this key already belongs to user '{}'",
+                owner.username
+            )));
+        }
+        self.user_mut(username)?.fingerprints.push(UserKey {
+            fingerprint,
+            name: key_name,
+        });
+        Ok(())
+    }
+
+    /// Removes a key from a user.
+    ///
+    /// # Errors
+    /// [`StateError::Rejected`] when the user or key is missing.
+    pub fn remove_fingerprint(
+        &mut self,
+        username: &str,
+        fingerprint: &Fingerprint,
+    ) -> Result<(), StateError> {
+        let user = self.user_mut(username)?;
+        let before = user.fingerprints.len();
+        user.fingerprints.retain(|k| k.fingerprint != *fingerprint);
+        if user.fingerprints.len() == before {
+            return Err(rejected(format!("user '{username}' has no such key")));
+        }
         Ok(())
     }
 
@@ -202,7 +416,7 @@ impl DeviceState {
             .users
             .iter()
             .position(|u| u.username == username)
-            .ok_or_else(|| StateError::Rejected(format!("there is no user '{username}'")))?;
+            .ok_or_else(|| rejected(format!("there is no user '{username}'")))?;
         Ok(self.users.remove(idx))
     }
 
@@ -211,13 +425,58 @@ impl DeviceState {
     /// # Errors
     /// [`StateError::Rejected`] when there is no such user.
     pub fn set_role(&mut self, username: &str, role: &str) -> Result<(), StateError> {
-        let user = self
-            .users
-            .iter_mut()
-            .find(|u| u.username == username)
-            .ok_or_else(|| StateError::Rejected(format!("there is no user '{username}'")))?;
-        user.role = role.to_string();
+        check_id("role", role).map_err(|e| rejected(e.0))?;
+        self.user_mut(username)?.role = role.to_string();
         Ok(())
+    }
+
+    /// Changes a user's display name (`None` clears it).
+    ///
+    /// # Errors
+    /// [`StateError::Rejected`] when there is no such user or the name is too long.
+    pub fn set_display_name(
+        &mut self,
+        username: &str,
+        name: Option<String>,
+    ) -> Result<(), StateError> {
+        if name
+            .as_ref()
+            .is_some_and(|n| n.chars().count() > 64 || n.chars().any(char::is_control))
+        {
+            return Err(rejected(
+                "a display name is at most 64 printable characters",
+            ));
+        }
+        self.user_mut(username)?.display_name = name;
+        Ok(())
+    }
+
+    /// Replaces a user's server-connect token (the old one stops working at once).
+    ///
+    /// # Errors
+    /// [`StateError::Rejected`] when there is no such user.
+    pub fn rotate_sct(&mut self, username: &str) -> Result<Secret, StateError> {
+        let sct = new_secret();
+        self.user_mut(username)?.sct = sct.clone();
+        Ok(sct)
+    }
+
+    /// Whether local initial pairing can still happen: enabled, never used, and no user with the
+    /// initial role has a key yet.
+    pub fn local_initial_available(&self, initial_role: &str) -> bool {
+        self.pairing.local_initial
+            && !self.pairing.initial_done
+            && !self
+                .users
+                .iter()
+                .any(|u| u.role == initial_role && !u.fingerprints.is_empty())
+    }
+
+    /// Whether `presented` is a valid server-connect token: any user's, or the open-pairing
+    /// token while password open pairing is enabled. Constant-time over all tokens.
+    pub fn sct_valid(&self, presented: &Secret) -> bool {
+        let open = self.pairing.password_open.then_some(&self.pairing.open_sct);
+        crate::secret::matches_any(presented, self.users.iter().map(|u| &u.sct).chain(open))
     }
 }
 
@@ -337,7 +596,7 @@ mod tests {
     use crate::identity::SecretKey;
 
     fn sample() -> DeviceState {
-        let mut s = DeviceState::empty();
+        let mut s = DeviceState::new_device();
         s.add_user(
             "alice",
             "Owner",
@@ -347,6 +606,7 @@ mod tests {
         .unwrap();
         s.add_user("bob", "Guest", SecretKey::generate().fingerprint(), None)
             .unwrap();
+        s.invite_user("carol", "Standard").unwrap();
         s
     }
 
@@ -354,6 +614,62 @@ mod tests {
     fn round_trip() {
         let s = sample();
         assert_eq!(DeviceState::from_json(&s.to_json()).unwrap(), s);
+    }
+
+    #[test]
+    fn invitations_are_claimed_once() {
+        let mut s = sample();
+        let fp = SecretKey::generate().fingerprint();
+        assert!(s.user("carol").unwrap().password.is_some());
+        s.claim_invite("carol", fp, Some("phone".into())).unwrap();
+        assert!(s.user("carol").unwrap().password.is_none());
+        assert_eq!(s.user_by_fingerprint(&fp).unwrap().username, "carol");
+        assert!(
+            s.claim_invite("carol", SecretKey::generate().fingerprint(), None)
+                .is_err()
+        );
+        // Someone else's key cannot claim an invitation.
+        s.reinvite("carol").unwrap();
+        let alice_fp = s.user("alice").unwrap().fingerprints[0].fingerprint;
+        assert!(s.claim_invite("carol", alice_fp, None).is_err());
+        assert!(s.user("carol").unwrap().password.is_some());
+    }
+
+    #[test]
+    fn sct_checks_cover_users_and_the_open_token_only_while_enabled() {
+        let mut s = sample();
+        let alice = s.user("alice").unwrap().sct.clone();
+        assert!(s.sct_valid(&alice));
+        assert!(!s.sct_valid(&Secret::new("nope-nope-nope")));
+        let open = s.pairing.open_sct.clone();
+        assert!(!s.sct_valid(&open));
+        s.pairing.password_open = true;
+        assert!(s.sct_valid(&open));
+        let new = s.rotate_sct("alice").unwrap();
+        assert!(!s.sct_valid(&alice));
+        assert!(s.sct_valid(&new));
+        s.remove_user("alice").unwrap();
+        assert!(!s.sct_valid(&new));
+    }
+
+    #[test]
+    fn local_initial_works_once_and_not_once_an_owner_has_a_key() {
+        let mut s = DeviceState::new_device();
+        assert!(!s.local_initial_available("Owner"));
+        s.pairing.local_initial = true;
+        assert!(s.local_initial_available("Owner"));
+        s.invite_user("owner", "Owner").unwrap();
+        assert!(
+            s.local_initial_available("Owner"),
+            "an unclaimed invitation is not an owner"
+        );
+        s.claim_invite("owner", SecretKey::generate().fingerprint(), None)
+            .unwrap();
+        assert!(!s.local_initial_available("Owner"));
+        let mut s = DeviceState::new_device();
+        s.pairing.local_initial = true;
+        s.pairing.initial_done = true;
+        assert!(!s.local_initial_available("Owner"));
     }
 
     #[test]
@@ -370,7 +686,8 @@ mod tests {
     }
 
     /// Every truncation of a real state file is rejected, and every bit flip is either rejected or
-    /// parses into a state with the same users: never into an empty (open-for-pairing) device.
+    /// parses into a state with the same users and no pairing mode switched on: never into an
+    /// empty or open-for-pairing device.
     #[test]
     fn corruption_never_yields_an_empty_device() {
         let s = sample();
@@ -390,10 +707,21 @@ mod tests {
                         s.users.len(),
                         "flip {i}/{bit} lost a user"
                     );
-                    assert!(
-                        parsed.users.iter().all(|u| u.fingerprints.len() == 1),
-                        "flip {i}/{bit} lost a key"
-                    );
+                    for (a, b) in parsed.users.iter().zip(&s.users) {
+                        assert_eq!(
+                            a.fingerprints.len(),
+                            b.fingerprints.len(),
+                            "flip {i}/{bit} lost a key"
+                        );
+                        assert_eq!(a.password.is_some(), b.password.is_some(), "flip {i}/{bit}");
+                    }
+                    for mode in PairingMode::ALL {
+                        assert!(
+                            !parsed.pairing.enabled(mode),
+                            "flip {i}/{bit} switched {mode} on"
+                        );
+                    }
+                    assert!(!parsed.local_initial_available("Owner"));
                 }
             }
         }
@@ -419,16 +747,16 @@ mod tests {
     fn update_is_read_modify_write() {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::new(dir.path().join("state.json"));
-        store.create(&DeviceState::empty()).unwrap();
+        store.create(&DeviceState::new_device()).unwrap();
         let fp = SecretKey::generate().fingerprint();
         store
-            .update(|s| s.add_user("alice", "Owner", fp, None))
+            .update(|s| s.add_user("alice", "Owner", fp, None).map(|_| ()))
             .unwrap();
         // A failed change leaves the file byte-identical.
         let before = std::fs::read(store.path()).unwrap();
         assert!(
             store
-                .update(|s| s.add_user("alice", "Guest", fp, None))
+                .update(|s| s.add_user("alice", "Guest", fp, None).map(|_| ()))
                 .is_err()
         );
         assert_eq!(std::fs::read(store.path()).unwrap(), before);
