@@ -32,6 +32,8 @@ use bytes::{Buf, BufMut, BytesMut};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+use crate::identity::Fingerprint;
+use crate::pairing::PairingMode;
 use crate::secret::Secret;
 
 /// ALPN of protocol version 1.
@@ -77,11 +79,124 @@ pub struct Welcome {
     pub local: bool,
 }
 
-/// A control request, client → device.
+/// A control request, client → device. Each is authorized by IAM (`iam::Action` in brackets).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
-    /// List the services this user may see.
+    /// List the services this user may see [`Tunnel:ListServices`, filtered by `Tunnel:GetService`].
     ListServices,
+    /// One service [`Tunnel:GetService`].
+    GetService {
+        /// Service id.
+        id: String,
+    },
+    /// This connection's own user, including its server-connect token (no action needed).
+    GetMe,
+    /// The pairing modes this connection may use [`Pairing:Get`].
+    PairingGet,
+    /// Become the first user [`Pairing:LocalInitial`].
+    PairLocalInitial {
+        /// User name (default `owner`).
+        username: Option<String>,
+        /// Label for this key.
+        key_name: Option<String>,
+    },
+    /// Become a new user [`Pairing:LocalOpen`].
+    PairLocalOpen {
+        /// User name.
+        username: String,
+        /// Label for this key.
+        key_name: Option<String>,
+    },
+    /// First PAKE message [`Pairing:PasswordInvite`, or `Pairing:PasswordOpen` with an empty
+    /// user name].
+    PakeStart {
+        /// The invited user, or "" for the open-pairing password.
+        username: String,
+        /// SPAKE2 message.
+        msg: Vec<u8>,
+    },
+    /// Key confirmation of the PAKE.
+    PakeConfirm {
+        /// HMAC over the TLS exporter value.
+        mac: Vec<u8>,
+    },
+    /// Claim the invitation the PAKE authenticated [`Pairing:PasswordInvite`].
+    PairPasswordInvite {
+        /// Label for this key.
+        key_name: Option<String>,
+    },
+    /// Become a new user after an open-password PAKE [`Pairing:PasswordOpen`].
+    PairPasswordOpen {
+        /// User name.
+        username: String,
+        /// Label for this key.
+        key_name: Option<String>,
+    },
+    /// [`IAM:ListUsers`].
+    ListUsers,
+    /// [`IAM:GetUser`].
+    GetUser {
+        /// User name.
+        username: String,
+    },
+    /// Create a user as an invitation with a one-time password [`IAM:CreateUser`].
+    CreateUser {
+        /// User name.
+        username: String,
+        /// Role (default: the open-pairing role).
+        role: Option<String>,
+    },
+    /// [`IAM:DeleteUser`].
+    DeleteUser {
+        /// User name.
+        username: String,
+    },
+    /// [`IAM:SetUserRole`].
+    SetUserRole {
+        /// User name.
+        username: String,
+        /// New role.
+        role: String,
+    },
+    /// [`IAM:SetUserDisplayName`].
+    SetUserDisplayName {
+        /// User name.
+        username: String,
+        /// New display name (`None` clears it).
+        display_name: Option<String>,
+    },
+    /// [`IAM:AddFingerprint`].
+    AddFingerprint {
+        /// User name.
+        username: String,
+        /// The key.
+        fingerprint: Fingerprint,
+        /// Label.
+        key_name: Option<String>,
+    },
+    /// [`IAM:RemoveFingerprint`].
+    RemoveFingerprint {
+        /// User name.
+        username: String,
+        /// The key.
+        fingerprint: Fingerprint,
+    },
+    /// [`IAM:ListRoles`].
+    ListRoles,
+    /// Pairing switches and open-pairing secrets [`IAM:GetSettings`].
+    GetSettings,
+    /// Switch a pairing mode [`IAM:SetSettings`].
+    SetPairingMode {
+        /// The mode.
+        mode: PairingMode,
+        /// On or off.
+        enabled: bool,
+    },
+    /// [`Device:SetName`].
+    SetDeviceName {
+        /// New name.
+        name: String,
+    },
 }
 
 /// A control response, device → client.
@@ -91,6 +206,94 @@ pub enum Response {
     Services(Vec<ServiceInfo>),
     /// The request failed.
     Error(ErrorReply),
+    /// Done, nothing to return.
+    Ok,
+    /// One service.
+    Service(ServiceInfo),
+    /// The caller's own user (with its token), or `None` when unpaired.
+    Me(Option<UserInfo>),
+    /// Pairing modes usable on this connection.
+    Pairing(PairingInfo),
+    /// The device's PAKE message.
+    PakeReply {
+        /// SPAKE2 message.
+        msg: Vec<u8>,
+    },
+    /// The device's key confirmation.
+    PakeConfirmed {
+        /// HMAC over the TLS exporter value.
+        mac: Vec<u8>,
+    },
+    /// Pairing done: who this key now is.
+    Paired(UserInfo),
+    /// Users (tokens only ever for the caller's own user).
+    Users(Vec<UserInfo>),
+    /// One user.
+    User(UserInfo),
+    /// A new invitation: share `password` with the invitee (with the device's pairing string).
+    Invite(Invite),
+    /// Role ids.
+    Roles(Vec<String>),
+    /// Pairing switches and open-pairing secrets.
+    Settings(Settings),
+}
+
+/// What a client may learn about a user.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UserInfo {
+    /// Name.
+    pub username: String,
+    /// Display name.
+    pub display_name: Option<String>,
+    /// Role.
+    pub role: String,
+    /// Keys and their labels.
+    pub fingerprints: Vec<(Fingerprint, Option<String>)>,
+    /// Whether an invitation (one-time password) is pending.
+    pub invited: bool,
+    /// The server-connect token: only in answers about the caller's own user.
+    pub sct: Option<Secret>,
+}
+
+/// Pairing modes usable on this connection, and what the device is.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PairingInfo {
+    /// Usable modes.
+    pub modes: Vec<PairingMode>,
+    /// Device id.
+    pub device_id: String,
+    /// Device name.
+    pub device_name: String,
+}
+
+/// A new invitation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Invite {
+    /// The invited user.
+    pub username: String,
+    /// Its role.
+    pub role: String,
+    /// Its one-time password.
+    pub password: Secret,
+    /// Its server-connect token.
+    pub sct: Secret,
+    /// Whether password invite pairing is enabled (else the invitation cannot be used yet).
+    pub mode_enabled: bool,
+}
+
+/// Pairing settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settings {
+    /// Enabled modes.
+    pub enabled: Vec<PairingMode>,
+    /// Whether local initial pairing was used already.
+    pub initial_done: bool,
+    /// Role of open-pairing users.
+    pub open_pairing_role: String,
+    /// The shared open-pairing password.
+    pub open_password: Secret,
+    /// The open-pairing server-connect token.
+    pub open_sct: Secret,
 }
 
 /// What a client may learn about a service. The target address stays on the device.
@@ -138,6 +341,18 @@ impl ErrorCode {
     pub const BAD_REQUEST: Self = Self(4);
     /// The device failed internally (details are in its log).
     pub const INTERNAL: Self = Self(5);
+    /// The pairing mode is switched off (or not usable on this connection).
+    pub const PAIRING_DISABLED: Self = Self(6);
+    /// This key is already paired, or the first user exists already.
+    pub const ALREADY_PAIRED: Self = Self(7);
+    /// The password (PAKE) did not verify.
+    pub const WRONG_PASSWORD: Self = Self(8);
+    /// Too many failed attempts; the message says when to retry.
+    pub const TOO_MANY_ATTEMPTS: Self = Self(9);
+    /// The name is taken.
+    pub const CONFLICT: Self = Self(10);
+    /// A password pairing request came before a successful PAKE.
+    pub const NOT_AUTHENTICATED: Self = Self(11);
 }
 
 impl fmt::Display for ErrorCode {
@@ -148,6 +363,12 @@ impl fmt::Display for ErrorCode {
             Self::NOT_FOUND => "not found",
             Self::BAD_REQUEST => "bad request",
             Self::INTERNAL => "internal error",
+            Self::PAIRING_DISABLED => "pairing mode not available",
+            Self::ALREADY_PAIRED => "already paired",
+            Self::WRONG_PASSWORD => "wrong password",
+            Self::TOO_MANY_ATTEMPTS => "too many attempts",
+            Self::CONFLICT => "conflict",
+            Self::NOT_AUTHENTICATED => "not authenticated",
             Self(n) => return write!(f, "error {n}"),
         };
         f.write_str(s)

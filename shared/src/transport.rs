@@ -141,18 +141,21 @@ fn tls12_refused() -> rustls::Error {
     rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic)
 }
 
-/// Client side: accepts exactly the pinned device fingerprint. Records the fingerprint the device
-/// actually presented so a mismatch can be reported.
+/// Client side: accepts exactly the pinned device fingerprint, and records the fingerprint the
+/// device presented so a mismatch can be reported. Without a pin (pairing by bare address) it
+/// accepts any P-256 key, still checking the handshake signature: trust on first use, and the
+/// caller shows the recorded fingerprint.
 #[derive(Debug)]
 pub struct PinnedDeviceVerifier {
-    expected: Fingerprint,
+    expected: Option<Fingerprint>,
     observed: Arc<Mutex<Option<Fingerprint>>>,
     algs: WebPkiSupportedAlgorithms,
 }
 
 impl PinnedDeviceVerifier {
-    /// A verifier pinning `expected`, and the slot where it records what the device presented.
-    pub fn new(expected: Fingerprint) -> (Arc<Self>, ObservedKey) {
+    /// A verifier pinning `expected` (`None`: trust on first use), and the slot where it records
+    /// what the device presented.
+    pub fn new(expected: Option<Fingerprint>) -> (Arc<Self>, ObservedKey) {
         let observed = Arc::new(Mutex::new(None));
         let verifier = Arc::new(Self {
             expected,
@@ -181,7 +184,7 @@ impl ServerCertVerifier for PinnedDeviceVerifier {
         if let Ok(mut slot) = self.observed.lock() {
             *slot = Some(fp);
         }
-        if fp == self.expected {
+        if self.expected.is_none_or(|e| e == fp) {
             Ok(ServerCertVerified::assertion())
         } else {
             Err(rustls::Error::InvalidCertificate(
@@ -366,14 +369,14 @@ pub fn server_config(
 /// Where the client verifier records the fingerprint the device presented.
 pub type ObservedKey = Arc<Mutex<Option<Fingerprint>>>;
 
-/// A quinn client configuration that pins `expected`, and the slot where the verifier records the
+/// A quinn client configuration that pins `expected` (`None`: trust on first use), and the slot where the verifier records the
 /// fingerprint the device actually presented.
 ///
 /// # Errors
 /// [`TransportError::Tls`].
 pub fn client_config(
     identity: &Identity,
-    expected: Fingerprint,
+    expected: Option<Fingerprint>,
     settings: &TransportSettings,
 ) -> Result<(quinn::ClientConfig, ObservedKey), TransportError> {
     let (tls, observed) = client_tls_config(identity, expected)?;
@@ -389,7 +392,7 @@ pub fn client_config(
 /// [`TransportError::Tls`].
 pub fn client_tls_config(
     identity: &Identity,
-    expected: Fingerprint,
+    expected: Option<Fingerprint>,
 ) -> Result<(rustls::ClientConfig, ObservedKey), TransportError> {
     let (verifier, observed) = PinnedDeviceVerifier::new(expected);
     let mut tls = rustls::ClientConfig::builder_with_provider(provider())
@@ -508,7 +511,7 @@ mod tests {
         let other = Identity::new(SecretKey::generate()).unwrap();
         let observed = Arc::new(Mutex::new(None));
         let v = PinnedDeviceVerifier {
-            expected: device.fingerprint(),
+            expected: Some(device.fingerprint()),
             observed: observed.clone(),
             algs: provider().signature_verification_algorithms,
         };
@@ -535,6 +538,17 @@ mod tests {
         );
         assert!(
             v.verify_server_cert(&CertificateDer::from(vec![0u8; 10]), &[], &name, &[], now)
+                .is_err()
+        );
+        // Trust on first use takes any P-256 key but still records it, and refuses garbage.
+        let (tofu, seen) = PinnedDeviceVerifier::new(None);
+        assert!(
+            tofu.verify_server_cert(&other.cert, &[], &name, &[], now)
+                .is_ok()
+        );
+        assert_eq!(*seen.lock().unwrap(), Some(other.fingerprint()));
+        assert!(
+            tofu.verify_server_cert(&CertificateDer::from(vec![0u8; 10]), &[], &name, &[], now)
                 .is_err()
         );
     }

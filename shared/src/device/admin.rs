@@ -1,21 +1,25 @@
-//! Device management on the files: `init`, users and services.
+//! Device management on the files: `init`, users and invitations, services, pairing switches,
+//! the device name, and `iam explain`.
 //!
 //! Kind: IO (files only, no network). These work whether or not the device is running: state
-//! changes go through [`StateStore::update`](crate::state::StateStore::update) (locked read-modify-write) and `device.toml` edits
-//! take `device.lock`; a running device notices the new files and applies them (a removed user's
-//! connections are closed at once).
+//! changes go through [`StateStore::update`](crate::state::StateStore::update) (locked
+//! read-modify-write) and `device.toml` edits take `device.lock`; a running device notices the new
+//! files within half a second and applies them (a removed user's connections are closed at once).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
-use crate::config::{self, ConfigError, DeviceConfig, Limits, ServiceConfig, TransportSettings};
+use crate::config::{
+    self, ConfigError, DeviceConfig, HostPort, Limits, NetworkSettings, ServiceConfig,
+    TransportSettings,
+};
 use crate::device::DeviceHome;
 use crate::fsutil::{self, LockFile};
+use crate::iam::{self, Action, Attrs, Decision, IamConfig, IamError, Value};
 use crate::identity::{self, Fingerprint, KeyFileError};
-use crate::state::{DeviceState, StateError, User};
-
-/// Roles a user can have.
-pub const ROLES: &[&str] = &["Owner", "Standard", "Guest"];
+use crate::pairing::{PairingMode, PairingString};
+use crate::secret::Secret;
+use crate::state::{DeviceState, PairingState, StateError, User};
 
 /// A management command failed.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +30,9 @@ pub enum AdminError {
     /// The state file is missing or invalid, or the change was rejected.
     #[error(transparent)]
     State(#[from] StateError),
+    /// `iam.toml` is invalid.
+    #[error(transparent)]
+    Iam(#[from] IamError),
     /// The key file is unusable.
     #[error(transparent)]
     Key(#[from] KeyFileError),
@@ -55,7 +62,7 @@ impl AdminError {
 }
 
 /// Options of [`init`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct InitOptions {
     /// Device id (default: `dev-` and the first 8 hex of the fingerprint).
     pub device_id: Option<String>,
@@ -67,6 +74,22 @@ pub struct InitOptions {
     pub listen: Vec<SocketAddr>,
     /// Overwrite an existing `device.toml` and `state.json` (the key is kept).
     pub force: bool,
+    /// Create an invitation for the first user (with the initial role) and switch password
+    /// invite pairing on. Its name.
+    pub owner_invite: Option<String>,
+}
+
+impl Default for InitOptions {
+    fn default() -> Self {
+        Self {
+            device_id: None,
+            name: None,
+            services: Vec::new(),
+            listen: Vec::new(),
+            force: false,
+            owner_invite: Some("owner".into()),
+        }
+    }
 }
 
 /// What [`init`] did.
@@ -78,9 +101,12 @@ pub struct InitReport {
     pub key_created: bool,
     /// The written configuration.
     pub config: DeviceConfig,
+    /// The owner invitation: user name, role, password and token.
+    pub invite: Option<(String, String, Secret, Secret)>,
 }
 
-/// Creates (or with `force`, recreates) a device home: key, `device.toml`, empty `state.json`.
+/// Creates (or with `force`, recreates) a device home: key, `device.toml`, `state.json` with an
+/// owner invitation (password invite on, every other mode off).
 ///
 /// # Errors
 /// [`AdminError`]; an existing home without `force` is [`AdminError::Usage`].
@@ -97,6 +123,7 @@ pub fn init(home: &DeviceHome, opts: InitOptions) -> Result<InitReport, AdminErr
             home.dir().display()
         )));
     }
+    let iam = home.load_iam()?;
     let (key, key_created) = identity::load_or_create_key(&home.key_path())?;
     let fingerprint = key.fingerprint();
     let device_id = opts
@@ -123,9 +150,24 @@ pub fn init(home: &DeviceHome, opts: InitOptions) -> Result<InitReport, AdminErr
         },
         limits: Limits::default(),
         transport: TransportSettings::default(),
+        network: NetworkSettings::default(),
         services,
     };
     cfg.validate().map_err(|e| AdminError::Usage(e.0))?;
+    let mut state = DeviceState::new_device();
+    let invite = match opts.owner_invite {
+        Some(owner) => {
+            let role = iam.initial_role;
+            let password = state.invite_user(&owner, &role)?;
+            let sct = state
+                .user(&owner)
+                .map(|u| u.sct.clone())
+                .unwrap_or_default();
+            state.pairing.password_invite = true;
+            Some((owner, role, password, sct))
+        }
+        None => None,
+    };
     let text = cfg.to_commented_toml();
     fsutil::write_atomic(&home.config_path(), text.as_bytes(), 0o600).map_err(|source| {
         AdminError::Io {
@@ -133,11 +175,12 @@ pub fn init(home: &DeviceHome, opts: InitOptions) -> Result<InitReport, AdminErr
             source,
         }
     })?;
-    home.state_store().replace(&DeviceState::empty())?;
+    home.state_store().replace(&state)?;
     Ok(InitReport {
         fingerprint,
         key_created,
         config: cfg,
+        invite,
     })
 }
 
@@ -164,24 +207,12 @@ pub fn fingerprint(home: &DeviceHome) -> Result<Fingerprint, AdminError> {
     Ok(identity::load_key(&home.key_path())?.fingerprint())
 }
 
-/// Normalizes a role name (case-insensitive) to its canonical spelling.
-///
-/// # Errors
-/// [`AdminError::Usage`] listing the roles.
-pub fn parse_role(role: &str) -> Result<&'static str, AdminError> {
-    ROLES
-        .iter()
-        .find(|r| r.eq_ignore_ascii_case(role))
-        .copied()
-        .ok_or_else(|| {
-            AdminError::Usage(format!(
-                "unknown role '{role}'; roles are {}",
-                ROLES.join(", ")
-            ))
-        })
+fn role(iam: &IamConfig, role: &str) -> Result<String, AdminError> {
+    iam.parse_role(role).map_err(AdminError::Usage)
 }
 
-/// Adds a user with one key.
+/// Adds a user with one key. `role` `None` gives the initial role to the first user with a key
+/// and the open-pairing role to later ones.
 ///
 /// # Errors
 /// [`AdminError`]; the state file is unchanged on error.
@@ -189,17 +220,50 @@ pub fn user_add(
     home: &DeviceHome,
     username: &str,
     fingerprint: Fingerprint,
-    role: &str,
+    role_name: Option<&str>,
     key_name: Option<String>,
 ) -> Result<User, AdminError> {
-    let role = parse_role(role)?;
-    let (state, ()) = home
-        .state_store()
-        .update(|s| s.add_user(username, role, fingerprint, key_name))?;
-    state
+    let iam = home.load_iam()?;
+    let explicit = role_name.map(|r| role(&iam, r)).transpose()?;
+    let (_, user) = home.state_store().update(|s| {
+        let r = explicit.unwrap_or_else(|| {
+            if s.users.iter().any(|u| !u.fingerprints.is_empty()) {
+                iam.open_pairing_role.clone()
+            } else {
+                iam.initial_role.clone()
+            }
+        });
+        s.add_user(username, &r, fingerprint, key_name).cloned()
+    })?;
+    Ok(user)
+}
+
+/// Invites a user (creating it, or giving an existing user a new one-time password). Returns the
+/// user with its new password.
+///
+/// # Errors
+/// [`AdminError`].
+pub fn user_invite(
+    home: &DeviceHome,
+    username: &str,
+    role_name: Option<&str>,
+) -> Result<(User, Secret), AdminError> {
+    let iam = home.load_iam()?;
+    let r = role(&iam, role_name.unwrap_or(&iam.open_pairing_role))?;
+    let (state, password) = home.state_store().update(|s| match s.user(username) {
+        Some(_) => {
+            if role_name.is_some() {
+                s.set_role(username, &r)?;
+            }
+            s.reinvite(username)
+        }
+        None => s.invite_user(username, &r),
+    })?;
+    let user = state
         .user(username)
         .cloned()
-        .ok_or_else(|| AdminError::Usage(format!("user '{username}' vanished")))
+        .ok_or_else(|| AdminError::Usage(format!("user '{username}' vanished")))?;
+    Ok((user, password))
 }
 
 /// All users.
@@ -222,10 +286,136 @@ pub fn user_remove(home: &DeviceHome, username: &str) -> Result<User, AdminError
 ///
 /// # Errors
 /// [`AdminError`].
-pub fn user_set_role(home: &DeviceHome, username: &str, role: &str) -> Result<(), AdminError> {
-    let role = parse_role(role)?;
-    home.state_store().update(|s| s.set_role(username, role))?;
+pub fn user_set_role(
+    home: &DeviceHome,
+    username: &str,
+    role_name: &str,
+) -> Result<String, AdminError> {
+    let iam = home.load_iam()?;
+    let r = role(&iam, role_name)?;
+    home.state_store().update(|s| s.set_role(username, &r))?;
+    Ok(r)
+}
+
+/// The pairing switches.
+///
+/// # Errors
+/// [`AdminError::State`].
+pub fn pairing_status(home: &DeviceHome) -> Result<PairingState, AdminError> {
+    Ok(home.state_store().load()?.pairing)
+}
+
+/// Switches a pairing mode; a running device applies it within half a second.
+///
+/// # Errors
+/// [`AdminError::State`].
+pub fn pairing_set(home: &DeviceHome, mode: PairingMode, on: bool) -> Result<(), AdminError> {
+    home.state_store().update(|s| {
+        s.pairing.set(mode, on);
+        if mode == PairingMode::LocalInitial && on {
+            // Switching local initial pairing on again makes it usable once more (while no
+            // user with the initial role has a key).
+            s.pairing.initial_done = false;
+        }
+        Ok(())
+    })?;
     Ok(())
+}
+
+/// Addresses for pairing strings: `network.advertise`, else this host's addresses with the listen
+/// port.
+///
+/// # Errors
+/// [`AdminError::Usage`] when no usable address can be found.
+pub fn advertised_addresses(config: &DeviceConfig) -> Result<Vec<HostPort>, AdminError> {
+    if !config.network.advertise.is_empty() {
+        return Ok(config.network.advertise.clone());
+    }
+    let mut out = Vec::new();
+    for listen in &config.listen {
+        if listen.port() == 0 {
+            continue;
+        }
+        if listen.ip().is_unspecified() {
+            let mut ips: Vec<IpAddr> = if_addrs::get_if_addrs()
+                .map(|v| v.into_iter().map(|i| i.ip()).collect())
+                .unwrap_or_default();
+            ips.retain(|ip| {
+                !ip.is_loopback() && !is_link_local(*ip) && (listen.is_ipv6() || ip.is_ipv4())
+            });
+            ips.sort_by_key(|ip| (ip.is_ipv6(), !config::is_private(*ip)));
+            for ip in ips {
+                out.push(HostPort {
+                    host: config::Host::Ip(ip),
+                    port: listen.port(),
+                });
+            }
+        } else {
+            out.push(HostPort {
+                host: config::Host::Ip(listen.ip()),
+                port: listen.port(),
+            });
+        }
+    }
+    out.dedup();
+    if out.is_empty() {
+        return Err(AdminError::Usage(
+            "cannot tell which address clients should use: pass --addr HOST:PORT or set \
+             network.advertise in device.toml"
+                .into(),
+        ));
+    }
+    Ok(out)
+}
+
+fn is_link_local(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_link_local(),
+        IpAddr::V6(v6) => v6.is_unicast_link_local(),
+    }
+}
+
+/// The pairing string for `username`'s pending invitation, or for open password pairing when
+/// `username` is `None`.
+///
+/// # Errors
+/// [`AdminError::Usage`] when there is no pending invitation or no address.
+pub fn pairing_string(
+    home: &DeviceHome,
+    username: Option<&str>,
+    addresses: Vec<HostPort>,
+) -> Result<PairingString, AdminError> {
+    let config = home.load_config()?;
+    let state = home.state_store().load()?;
+    let addresses = if addresses.is_empty() {
+        advertised_addresses(&config)?
+    } else {
+        addresses
+    };
+    let fingerprint = fingerprint(home)?;
+    let (password, sct) = match username {
+        Some(u) => {
+            let user = state
+                .user(u)
+                .ok_or_else(|| AdminError::Usage(format!("there is no user '{u}'")))?;
+            let password = user.password.clone().ok_or_else(|| {
+                AdminError::Usage(format!(
+                    "user '{u}' has no pending invitation; create one with \
+                     `tunnel-device user invite {u}`"
+                ))
+            })?;
+            (password, user.sct.clone())
+        }
+        None => (state.pairing.open_password, state.pairing.open_sct),
+    };
+    Ok(PairingString {
+        device_id: config.device_id,
+        fingerprint,
+        addresses,
+        username: username.map(str::to_string),
+        password,
+        sct: Some(sct),
+    })
 }
 
 /// The configured services.
@@ -252,6 +442,14 @@ pub fn service_remove(home: &DeviceHome, id: &str) -> Result<(), AdminError> {
     edit_config(home, |text| config::remove_service_from_toml(text, id))
 }
 
+/// Renames the device in `device.toml`, keeping its comments.
+///
+/// # Errors
+/// [`AdminError`].
+pub fn set_device_name(home: &DeviceHome, name: &str) -> Result<(), AdminError> {
+    edit_config(home, |text| config::set_name_in_toml(text, name))
+}
+
 fn edit_config(
     home: &DeviceHome,
     edit: impl FnOnce(&str) -> Result<String, config::ValueError>,
@@ -268,51 +466,175 @@ fn edit_config(
         .map_err(|source| AdminError::Io { path, source })
 }
 
+/// What `iam explain` evaluates.
+#[derive(Debug, Clone)]
+pub struct ExplainQuery {
+    /// The acting user (`None`: an unpaired key).
+    pub user: Option<String>,
+    /// Evaluate with this role instead of the user's.
+    pub role: Option<String>,
+    /// The action.
+    pub action: Action,
+    /// The service of a tunnel action.
+    pub service: Option<String>,
+    /// The user an IAM action is about.
+    pub target_user: Option<String>,
+    /// The role an IAM action sets.
+    pub target_role: Option<String>,
+    /// Evaluate for a remote connection.
+    pub remote: bool,
+}
+
+/// Evaluates a query against the device's current IAM, state and services.
+///
+/// # Errors
+/// [`AdminError`] for unknown users, roles or services.
+pub fn explain(
+    home: &DeviceHome,
+    q: &ExplainQuery,
+) -> Result<(String, Attrs, Decision), AdminError> {
+    let iam = home.load_iam()?;
+    let state = home.state_store().load()?;
+    let config = home.load_config()?;
+    let user = match &q.user {
+        Some(u) => Some(
+            state
+                .user(u)
+                .ok_or_else(|| AdminError::Usage(format!("there is no user '{u}'")))?,
+        ),
+        None => None,
+    };
+    let role_id = match (&q.role, user) {
+        (Some(r), _) => role(&iam, r)?,
+        (None, Some(u)) => u.role.clone(),
+        (None, None) => iam.unpaired_role.clone(),
+    };
+    let mut attrs = Attrs::new();
+    attrs.insert(iam::attr::CONNECTION_IS_LOCAL, Value::Bool(!q.remote));
+    if let Some(u) = user {
+        attrs.insert(
+            iam::attr::CONNECTION_USERNAME,
+            Value::Str(u.username.clone()),
+        );
+        if let Some(k) = u.fingerprints.first() {
+            attrs.insert(
+                iam::attr::CONNECTION_FINGERPRINT,
+                Value::Str(k.fingerprint.to_string()),
+            );
+        }
+    }
+    if let Some(s) = &q.service {
+        attrs.insert(iam::attr::TUNNEL_SERVICE_ID, Value::Str(s.clone()));
+        if let Some(svc) = config.service(s) {
+            attrs.insert(
+                iam::attr::TUNNEL_SERVICE_TYPE,
+                Value::Str(svc.service_type.clone()),
+            );
+        }
+    }
+    if let Some(t) = &q.target_user {
+        attrs.insert(iam::attr::IAM_USERNAME, Value::Str(t.clone()));
+    }
+    if let Some(r) = &q.target_role {
+        attrs.insert(iam::attr::IAM_ROLE_ID, Value::Str(role(&iam, r)?));
+    }
+    let decision = iam.decide(&role_id, q.action, &attrs);
+    Ok((role_id, attrs, decision))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::identity::SecretKey;
 
-    #[test]
-    fn init_then_manage_users_and_services() {
+    fn home() -> (tempfile::TempDir, DeviceHome) {
         let dir = tempfile::tempdir().unwrap();
         let home = DeviceHome::new(dir.path().join("home"));
+        (dir, home)
+    }
+
+    #[test]
+    fn init_creates_an_owner_invitation() {
+        let (_d, home) = home();
         let report = init(
             &home,
             InitOptions {
                 device_id: Some("cam-1".into()),
                 name: Some("Cam".into()),
+                listen: vec!["127.0.0.1:7000".parse().unwrap()],
                 ..Default::default()
             },
         )
         .unwrap();
         assert!(report.key_created);
-        assert_eq!(report.config.services[0].id, "ssh");
-        assert_eq!(fingerprint(&home).unwrap(), report.fingerprint);
+        let (user, role, password, sct) = report.invite.unwrap();
+        assert_eq!((user.as_str(), role.as_str()), ("owner", "Owner"));
+        let state = home.state_store().load().unwrap();
+        assert!(state.pairing.password_invite);
+        for m in [
+            PairingMode::LocalInitial,
+            PairingMode::LocalOpen,
+            PairingMode::PasswordOpen,
+        ] {
+            assert!(!state.pairing.enabled(m), "{m} should be off");
+        }
+        let p = pairing_string(&home, Some("owner"), vec![]).unwrap();
+        assert_eq!(p.password, password);
+        assert_eq!(p.sct, Some(sct));
+        assert_eq!(p.fingerprint, report.fingerprint);
+        assert_eq!(
+            p.addresses,
+            vec!["127.0.0.1:7000".parse::<HostPort>().unwrap()]
+        );
         assert!(matches!(
             init(&home, InitOptions::default()),
             Err(AdminError::Usage(_))
         ));
+    }
 
+    #[test]
+    fn users_roles_services() {
+        let (_d, home) = home();
+        init(
+            &home,
+            InitOptions {
+                owner_invite: None,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let fp = SecretKey::generate().fingerprint();
-        let u = user_add(&home, "alice", fp, "owner", None).unwrap();
-        assert_eq!(u.role, "Owner");
-        assert!(user_add(&home, "bob", fp, "Guest", None).is_err());
+        let u = user_add(&home, "alice", fp, None, None).unwrap();
+        assert_eq!(u.role, "Owner", "the first user with a key is the owner");
+        let u = user_add(
+            &home,
+            "bob",
+            SecretKey::generate().fingerprint(),
+            None,
+            None,
+        )
+        .unwrap();
+        assert_eq!(u.role, "Guest");
+        assert!(user_add(&home, "carol", fp, Some("Guest"), None).is_err());
         assert!(matches!(
             user_add(
                 &home,
-                "bob",
+                "carol",
                 SecretKey::generate().fingerprint(),
-                "Admin",
+                Some("Admin"),
                 None
             ),
             Err(AdminError::Usage(_))
         ));
-        user_set_role(&home, "alice", "guest").unwrap();
-        assert_eq!(user_list(&home).unwrap()[0].role, "Guest");
+        assert_eq!(user_set_role(&home, "bob", "standard").unwrap(), "Standard");
+        let (inv, pw) = user_invite(&home, "dave", Some("guest")).unwrap();
+        assert_eq!(inv.password.as_ref(), Some(&pw));
+        let (_, pw2) = user_invite(&home, "dave", None).unwrap();
+        assert_ne!(pw, pw2, "a new invitation replaces the password");
         user_remove(&home, "alice").unwrap();
-        assert!(user_list(&home).unwrap().is_empty());
         assert!(user_remove(&home, "alice").is_err());
+        pairing_set(&home, PairingMode::LocalOpen, true).unwrap();
+        assert!(pairing_status(&home).unwrap().local_open);
 
         let web = "web=127.0.0.1:8080,type=http"
             .parse::<config::ServiceSpec>()
@@ -322,25 +644,60 @@ mod tests {
         assert_eq!(service_list(&home).unwrap().len(), 2);
         service_remove(&home, "ssh").unwrap();
         assert_eq!(service_list(&home).unwrap(), vec![web]);
+        set_device_name(&home, "Front door").unwrap();
+        assert_eq!(home.load_config().unwrap().name, "Front door");
+    }
 
-        // --force keeps the key.
-        let again = init(
+    #[test]
+    fn explain_names_the_deciding_statement() {
+        let (_d, home) = home();
+        init(&home, InitOptions::default()).unwrap();
+        user_add(
             &home,
-            InitOptions {
-                force: true,
-                ..Default::default()
+            "g",
+            SecretKey::generate().fingerprint(),
+            Some("Guest"),
+            None,
+        )
+        .unwrap();
+        let q = ExplainQuery {
+            user: Some("g".into()),
+            role: None,
+            action: Action::TunnelConnect,
+            service: Some("ssh".into()),
+            target_user: None,
+            target_role: None,
+            remote: false,
+        };
+        let (role, _, d) = explain(&home, &q).unwrap();
+        assert_eq!(role, "Guest");
+        assert!(d.allowed);
+        assert_eq!(d.by.as_ref().unwrap().0, "TunnelLocalOnly");
+        let (_, _, d) = explain(
+            &home,
+            &ExplainQuery {
+                remote: true,
+                ..q.clone()
             },
         )
         .unwrap();
-        assert!(!again.key_created);
-        assert_eq!(again.fingerprint, report.fingerprint);
+        assert!(!d.allowed && d.by.is_none());
+        assert!(
+            explain(
+                &home,
+                &ExplainQuery {
+                    user: Some("nobody".into()),
+                    ..q
+                }
+            )
+            .is_err()
+        );
     }
 
     #[test]
     fn files_are_private_whatever_the_umask() {
         use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().unwrap();
-        let home = DeviceHome::new(dir.path().join("home"));
+        let (_d, home) = home();
         init(&home, InitOptions::default()).unwrap();
         let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode(home.dir()), 0o700);
