@@ -1,13 +1,17 @@
-//! The client: its home (key and pinned devices), connecting to a device, and control requests.
+//! The client: its home (key and pinned devices), connecting to a device, control requests, and
+//! pairing.
 //!
-//! Kind: IO. The long-running port forwarder is [`open`].
+//! Kind: IO. The long-running port forwarder is [`open`]; pairing flows are in [`pair`].
 //!
 //! A connection attempt tries the device's addresses in order. The TLS verifier accepts only the
 //! pinned fingerprint; a different key is reported as [`ConnectError::FingerprintMismatch`] with
 //! both fingerprints, and is never retried or "accepted". A device that closes the connection
-//! with an application code (unknown key, revoked, …) yields [`ConnectError::Refused`].
+//! with an application code (unknown key, revoked, token rejected…) yields
+//! [`ConnectError::Refused`]. Remote connections present the server-connect token stored with the
+//! device.
 
 pub mod open;
+pub mod pair;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -22,7 +26,11 @@ use crate::config::{
 use crate::framed::{self, FrameError};
 use crate::fsutil::{self, LockFile};
 use crate::identity::{self, Fingerprint, KeyFileError};
-use crate::proto::{self, CloseCode, Hello, Request, Response, ServiceInfo, Welcome};
+use crate::proto::{
+    self, CloseCode, ErrorCode, ErrorReply, Hello, PairingInfo, Request, Response, ServiceInfo,
+    UserInfo, Welcome,
+};
+use crate::secret::Secret;
 use crate::transport::{self, Identity, TransportError};
 
 /// File layout of a client home directory.
@@ -118,12 +126,13 @@ impl ClientHome {
     /// Pins a device by hand (like adding a `known_hosts` line).
     ///
     /// # Errors
-    /// [`ClientError::Usage`] when the name or fingerprint is already pinned.
+    /// [`ClientError::Usage`] when the name is already pinned.
     pub fn add_device(
         &self,
         name: &str,
         addresses: Vec<HostPort>,
         fingerprint: Fingerprint,
+        sct: Option<Secret>,
     ) -> Result<KnownDevice, ClientError> {
         crate::config::check_id("device name", name).map_err(|e| ClientError::Usage(e.0))?;
         if addresses.is_empty() {
@@ -144,11 +153,36 @@ impl ClientHome {
                 addresses,
                 device_id: None,
                 user: None,
-                sct: None,
+                sct,
             };
             known.devices.push(dev.clone());
             Ok(dev)
         })
+    }
+
+    /// Saves a device learned by pairing: a new entry, or an update of the entry with the same
+    /// name *and* fingerprint. A name pinned to another key is never overwritten.
+    ///
+    /// # Errors
+    /// [`ClientError::Usage`] for a name pinned to another key.
+    pub fn save_paired(&self, dev: KnownDevice) -> Result<KnownDevice, ClientError> {
+        self.update_known(
+            |known| match known.devices.iter_mut().find(|d| d.name == dev.name) {
+                Some(d) if d.fingerprint != dev.fingerprint => Err(ClientError::Usage(format!(
+                    "'{}' is already pinned to another key ({}); choose another --name or \
+                     `tunnel-client forget {}` first",
+                    d.name, d.fingerprint, d.name
+                ))),
+                Some(d) => {
+                    *d = dev.clone();
+                    Ok(dev)
+                }
+                None => {
+                    known.devices.push(dev.clone());
+                    Ok(dev)
+                }
+            },
+        )
     }
 
     /// Removes a pinned device.
@@ -167,16 +201,23 @@ impl ClientHome {
         })
     }
 
-    /// Records what a device told us about itself on connect (id, user), if it changed.
+    /// Records what a device told us about itself on connect (id, user, and the user's token when
+    /// known), if anything changed.
     ///
     /// # Errors
     /// File errors.
-    pub fn remember(&self, name: &str, welcome: &Welcome) -> Result<(), ClientError> {
+    pub fn remember(
+        &self,
+        name: &str,
+        welcome: &Welcome,
+        sct: Option<&Secret>,
+    ) -> Result<(), ClientError> {
         let known = self.known_devices()?;
         let unchanged = known.devices.iter().any(|d| {
             d.name == name
                 && d.device_id.as_deref() == Some(welcome.device_id.as_str())
                 && d.user == welcome.user
+                && sct.is_none_or(|s| d.sct.as_ref() == Some(s))
         });
         if unchanged {
             return Ok(());
@@ -185,6 +226,9 @@ impl ClientHome {
             if let Some(d) = known.devices.iter_mut().find(|d| d.name == name) {
                 d.device_id = Some(welcome.device_id.clone());
                 d.user.clone_from(&welcome.user);
+                if let Some(s) = sct {
+                    d.sct = Some(s.clone());
+                }
             }
             Ok(())
         })
@@ -206,7 +250,7 @@ pub enum ClientError {
     /// TLS or socket setup failed.
     #[error(transparent)]
     Transport(#[from] TransportError),
-    /// Connecting to the device failed.
+    /// Connecting to the device failed, or it refused a request.
     #[error(transparent)]
     Connect(Box<ConnectError>),
     /// Bad arguments.
@@ -228,6 +272,9 @@ pub enum ClientError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// LAN discovery failed.
+    #[error(transparent)]
+    Discovery(#[from] crate::discovery::DiscoveryError),
 }
 
 impl From<ConnectError> for ClientError {
@@ -247,32 +294,12 @@ impl ClientError {
     }
 }
 
-/// Connecting to a device failed.
+/// Connecting to a device failed, or it answered a request with an error.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     /// The device presented a different key than the pinned one.
-    #[error(
-        "\n@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n\
-         @    WARNING: DEVICE IDENTIFICATION HAS CHANGED!         @\n\
-         @@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n\
-         IT IS POSSIBLE THAT SOMEONE IS DOING SOMETHING NASTY!\n\
-         Someone could be intercepting your connection (man-in-the-middle attack),\n\
-         or the device at {addr} was re-installed with a new key.\n\
-         Device '{device}' is pinned to key\n    {expected}\n\
-         but {addr} presented\n    {actual}\n\
-         Nothing was sent. If you verified the new key with the device's owner, re-pin it:\n    \
-         tunnel-client forget {device} && tunnel-client device add {device} --addr {addr} --fingerprint {actual}"
-    )]
-    FingerprintMismatch {
-        /// The device's local name.
-        device: String,
-        /// The address that answered.
-        addr: HostPort,
-        /// Pinned fingerprint.
-        expected: Fingerprint,
-        /// Presented fingerprint.
-        actual: Fingerprint,
-    },
+    #[error("{0}")]
+    FingerprintMismatch(Box<Mismatch>),
     /// The device closed the connection with a reason.
     #[error("{}", refused_message(.device, *.code, .reason, .client))]
     Refused {
@@ -284,6 +311,27 @@ pub enum ConnectError {
         reason: String,
         /// This client's fingerprint.
         client: Fingerprint,
+    },
+    /// Connected, but this key is on no user of the device.
+    #[error(
+        "device '{device}' does not know your key {client}; pair with it (`tunnel-client pair \
+         PAIRING_STRING`) or ask its owner to add it (`tunnel-device user add NAME --fingerprint {client}`)"
+    )]
+    NotPaired {
+        /// The device's local name.
+        device: String,
+        /// This client's fingerprint.
+        client: Fingerprint,
+    },
+    /// The device answered a request with an error.
+    #[error("{}", device_error_message(.device, *.code, .message))]
+    Device {
+        /// The device's local name.
+        device: String,
+        /// The error code.
+        code: ErrorCode,
+        /// The device's explanation.
+        message: String,
     },
     /// No address of the device answered.
     #[error("cannot reach device '{device}': {reason}")]
@@ -303,14 +351,60 @@ pub enum ConnectError {
     },
 }
 
+/// A device key that differs from the pinned one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch {
+    /// The device's local name.
+    pub device: String,
+    /// The address that answered.
+    pub addr: HostPort,
+    /// Pinned fingerprint.
+    pub expected: Fingerprint,
+    /// Presented fingerprint.
+    pub actual: Fingerprint,
+}
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            device,
+            addr,
+            expected,
+            actual,
+        } = self;
+        write!(
+            f,
+            "\n@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n\
+             @    WARNING: DEVICE IDENTIFICATION HAS CHANGED!         @\n\
+             @@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n\
+             IT IS POSSIBLE THAT SOMEONE IS DOING SOMETHING NASTY!\n\
+             Someone could be intercepting your connection (man-in-the-middle attack),\n\
+             or the device at {addr} was re-installed with a new key.\n\
+             Device '{device}' is pinned to key\n    {expected}\n\
+             but {addr} presented\n    {actual}\n\
+             Nothing was sent. If you verified the new key with the device's owner, re-pin it:\n    \
+             tunnel-client forget {device} && tunnel-client device add {device} --addr {addr} --fingerprint {actual}"
+        )
+    }
+}
+
 fn refused_message(device: &str, code: CloseCode, reason: &str, client: &Fingerprint) -> String {
     match code {
         CloseCode::UNKNOWN_KEY => format!(
-            "device '{device}' does not know your key {client}; ask its owner to add it \
-             (`tunnel-device user add NAME --fingerprint {client}`)"
+            "device '{device}' does not know your key {client}; pair with it (`tunnel-client \
+             pair PAIRING_STRING`) or ask its owner to add it (`tunnel-device user add NAME \
+             --fingerprint {client}`)"
         ),
         CloseCode::REVOKED => {
             format!("device '{device}' revoked this client's access (key {client}); ask its owner")
+        }
+        CloseCode::SCT_REJECTED => format!(
+            "device '{device}' refused this remote connection: it needs a valid server-connect \
+             token, which pairing stores (re-pair, or ask the owner for the token: \
+             `tunnel-client device add ... --sct TOKEN`)"
+        ),
+        CloseCode::REMOTE_DISABLED => {
+            format!("device '{device}' accepts local connections only (remote access is off)")
         }
         CloseCode::VERSION => {
             format!("device '{device}' speaks an incompatible protocol version: {reason}")
@@ -319,11 +413,20 @@ fn refused_message(device: &str, code: CloseCode, reason: &str, client: &Fingerp
     }
 }
 
+fn device_error_message(device: &str, code: ErrorCode, message: &str) -> String {
+    match code {
+        ErrorCode::FORBIDDEN => {
+            format!("device '{device}' refused: {message} (your role does not allow it)")
+        }
+        _ => format!("device '{device}': {message} ({code})"),
+    }
+}
+
 impl ConnectError {
-    /// Whether retrying cannot help (wrong key, unknown key, revoked, version).
+    /// Whether retrying cannot help (wrong key, unknown key, revoked, token, version).
     pub fn is_fatal(&self) -> bool {
         match self {
-            Self::FingerprintMismatch { .. } => true,
+            Self::FingerprintMismatch(_) | Self::NotPaired { .. } => true,
             Self::Refused { code, .. } => matches!(
                 *code,
                 CloseCode::UNKNOWN_KEY
@@ -332,7 +435,7 @@ impl ConnectError {
                     | CloseCode::SCT_REJECTED
                     | CloseCode::REMOTE_DISABLED
             ),
-            Self::Unreachable { .. } | Self::Protocol { .. } => false,
+            Self::Device { .. } | Self::Unreachable { .. } | Self::Protocol { .. } => false,
         }
     }
 }
@@ -370,13 +473,18 @@ pub struct Session {
     pub welcome: Welcome,
     /// The address that answered.
     pub addr: std::net::SocketAddr,
+    /// The `HOST:PORT` that answered.
+    pub host_port: HostPort,
+    /// The device key seen in the handshake (the pin, or the key trusted on first use).
+    pub device_fingerprint: Fingerprint,
+    /// This client's key.
+    pub client_fingerprint: Fingerprint,
     control: Arc<Mutex<(quinn::SendStream, quinn::RecvStream)>>,
     device: String,
-    client: Fingerprint,
 }
 
 impl Session {
-    /// Sends a control request and waits for its response.
+    /// Sends a control request and waits for its response (an error reply is returned as is).
     ///
     /// # Errors
     /// [`ConnectError::Protocol`] or [`ConnectError::Refused`] when the connection failed.
@@ -396,17 +504,84 @@ impl Session {
             })
     }
 
+    /// As [`Self::request`], with an error reply turned into [`ConnectError::Device`] (or
+    /// [`ConnectError::NotPaired`] for a forbidden request of an unpaired key).
+    ///
+    /// # Errors
+    /// [`ConnectError`].
+    pub async fn call(&self, req: &Request) -> Result<Response, ConnectError> {
+        match self.request(req).await? {
+            Response::Error(e) => Err(self.device_error(e)),
+            r => Ok(r),
+        }
+    }
+
+    fn device_error(&self, e: ErrorReply) -> ConnectError {
+        if e.code == ErrorCode::FORBIDDEN && self.welcome.user.is_none() {
+            return ConnectError::NotPaired {
+                device: self.device.clone(),
+                client: self.client_fingerprint,
+            };
+        }
+        ConnectError::Device {
+            device: self.device.clone(),
+            code: e.code,
+            message: e.message,
+        }
+    }
+
+    /// An error for an answer of the wrong kind.
+    pub fn unexpected(&self, r: &Response) -> ConnectError {
+        ConnectError::Protocol {
+            device: self.device.clone(),
+            reason: format!("unexpected answer {r:?}"),
+        }
+    }
+
+    /// The user this key is on, or [`ConnectError::NotPaired`].
+    ///
+    /// # Errors
+    /// [`ConnectError::NotPaired`].
+    pub fn require_user(&self) -> Result<&str, ConnectError> {
+        self.welcome
+            .user
+            .as_deref()
+            .ok_or_else(|| ConnectError::NotPaired {
+                device: self.device.clone(),
+                client: self.client_fingerprint,
+            })
+    }
+
     /// The services this user may see.
     ///
     /// # Errors
-    /// As [`Self::request`], or the device's error reply.
+    /// [`ConnectError`].
     pub async fn services(&self) -> Result<Vec<ServiceInfo>, ConnectError> {
-        match self.request(&Request::ListServices).await? {
+        match self.call(&Request::ListServices).await? {
             Response::Services(s) => Ok(s),
-            Response::Error(e) => Err(ConnectError::Protocol {
-                device: self.device.clone(),
-                reason: format!("{}: {}", e.code, e.message),
-            }),
+            r => Err(self.unexpected(&r)),
+        }
+    }
+
+    /// This key's own user, with its token.
+    ///
+    /// # Errors
+    /// [`ConnectError`].
+    pub async fn me(&self) -> Result<Option<UserInfo>, ConnectError> {
+        match self.call(&Request::GetMe).await? {
+            Response::Me(m) => Ok(m),
+            r => Err(self.unexpected(&r)),
+        }
+    }
+
+    /// Pairing modes usable on this connection.
+    ///
+    /// # Errors
+    /// [`ConnectError`].
+    pub async fn pairing_info(&self) -> Result<PairingInfo, ConnectError> {
+        match self.call(&Request::PairingGet).await? {
+            Response::Pairing(p) => Ok(p),
+            r => Err(self.unexpected(&r)),
         }
     }
 
@@ -417,7 +592,7 @@ impl Session {
 
     fn frame_error(&self, e: &FrameError) -> ConnectError {
         match e.connection_error() {
-            Some(c) => connection_error(&self.device, c, Some(self.client)),
+            Some(c) => connection_error(&self.device, c, Some(self.client_fingerprint)),
             None => ConnectError::Protocol {
                 device: self.device.clone(),
                 reason: e.to_string(),
@@ -445,6 +620,30 @@ fn connection_error(
     }
 }
 
+/// Where and how to reach a device.
+#[derive(Debug, Clone)]
+pub struct Target<'a> {
+    /// The device's local name (for messages).
+    pub name: &'a str,
+    /// Addresses, tried in order.
+    pub addresses: &'a [HostPort],
+    /// The pinned key, or `None` to trust the first key seen (pairing by address).
+    pub pin: Option<Fingerprint>,
+    /// Token for remote connections.
+    pub sct: Option<&'a Secret>,
+}
+
+impl<'a> From<&'a KnownDevice> for Target<'a> {
+    fn from(d: &'a KnownDevice) -> Self {
+        Self {
+            name: &d.name,
+            addresses: &d.addresses,
+            pin: Some(d.fingerprint),
+            sct: d.sct.as_ref(),
+        }
+    }
+}
+
 /// Connects to `device`: tries each address in order, authenticates both keys, exchanges
 /// `Hello`/`Welcome`.
 ///
@@ -456,8 +655,21 @@ pub async fn connect(
     device: &KnownDevice,
     opts: &ConnectOptions,
 ) -> Result<Session, ConnectError> {
+    connect_to(endpoint, identity, &Target::from(device), opts).await
+}
+
+/// As [`connect`], for any [`Target`].
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_to(
+    endpoint: &quinn::Endpoint,
+    identity: &Identity,
+    target: &Target<'_>,
+    opts: &ConnectOptions,
+) -> Result<Session, ConnectError> {
     let mut failures = Vec::new();
-    for hp in &device.addresses {
+    for hp in target.addresses {
         let addrs = match hp.resolve().await {
             Ok(a) => a,
             Err(e) => {
@@ -466,11 +678,9 @@ pub async fn connect(
             }
         };
         for addr in addrs {
-            match connect_addr(endpoint, identity, device, hp, addr, opts).await {
+            match connect_addr(endpoint, identity, target, hp, addr, opts).await {
                 Ok(s) => return Ok(s),
-                Err(
-                    e @ (ConnectError::FingerprintMismatch { .. } | ConnectError::Refused { .. }),
-                ) => {
+                Err(e @ (ConnectError::FingerprintMismatch(_) | ConnectError::Refused { .. })) => {
                     return Err(e);
                 }
                 Err(e) => {
@@ -486,7 +696,7 @@ pub async fn connect(
         }
     }
     Err(ConnectError::Unreachable {
-        device: device.name.clone(),
+        device: target.name.to_string(),
         reason: failures.join("; "),
     })
 }
@@ -494,51 +704,54 @@ pub async fn connect(
 async fn connect_addr(
     endpoint: &quinn::Endpoint,
     identity: &Identity,
-    device: &KnownDevice,
+    target: &Target<'_>,
     hp: &HostPort,
     addr: std::net::SocketAddr,
     opts: &ConnectOptions,
 ) -> Result<Session, ConnectError> {
+    let name = target.name;
     let unreachable = |reason: String| ConnectError::Unreachable {
-        device: device.name.clone(),
+        device: name.to_string(),
         reason,
     };
-    let (cfg, observed) = transport::client_config(identity, device.fingerprint, &opts.transport)
+    let (cfg, observed) = transport::client_config(identity, target.pin, &opts.transport)
         .map_err(|e| unreachable(e.to_string()))?;
     let connecting = endpoint
         .connect_with(cfg, addr, transport::SERVER_NAME)
         .map_err(|e| unreachable(e.to_string()))?;
+    let seen = || observed.lock().ok().and_then(|g| *g);
     let mismatch = || {
-        observed
-            .lock()
-            .ok()
-            .and_then(|g| *g)
-            .filter(|fp| *fp != device.fingerprint)
-            .map(|actual| ConnectError::FingerprintMismatch {
-                device: device.name.clone(),
+        let expected = target.pin?;
+        seen().filter(|fp| *fp != expected).map(|actual| {
+            ConnectError::FingerprintMismatch(Box::new(Mismatch {
+                device: name.to_string(),
                 addr: hp.clone(),
-                expected: device.fingerprint,
+                expected,
                 actual,
-            })
+            }))
+        })
     };
     let me = identity.fingerprint();
     let handshake = async {
-        let conn = connecting.await.map_err(|e| {
-            mismatch().unwrap_or_else(|| connection_error(&device.name, &e, Some(me)))
-        })?;
+        let conn = connecting
+            .await
+            .map_err(|e| mismatch().unwrap_or_else(|| connection_error(name, &e, Some(me))))?;
+        let device_fingerprint = seen()
+            .or(target.pin)
+            .ok_or_else(|| unreachable("no device key seen".into()))?;
         let (mut send, mut recv) = conn
             .open_bi()
             .await
-            .map_err(|e| connection_error(&device.name, &e, Some(me)))?;
+            .map_err(|e| connection_error(name, &e, Some(me)))?;
         let hello = Hello {
             version: proto::PROTOCOL_VERSION,
-            sct: device.sct.clone(),
+            sct: target.sct.cloned(),
             client_name: opts.client_name.clone(),
         };
         let frame_err = |e: FrameError| match e.connection_error() {
-            Some(c) => connection_error(&device.name, c, Some(me)),
+            Some(c) => connection_error(name, c, Some(me)),
             None => ConnectError::Protocol {
-                device: device.name.clone(),
+                device: name.to_string(),
                 reason: e.to_string(),
             },
         };
@@ -549,16 +762,18 @@ async fn connect_addr(
             .await
             .map_err(frame_err)?
             .ok_or_else(|| ConnectError::Protocol {
-                device: device.name.clone(),
+                device: name.to_string(),
                 reason: "the device closed the control stream before welcome".into(),
             })?;
         Ok(Session {
             conn,
             welcome,
             addr,
+            host_port: hp.clone(),
+            device_fingerprint,
+            client_fingerprint: me,
             control: Arc::new(Mutex::new((send, recv))),
-            device: device.name.clone(),
-            client: me,
+            device: name.to_string(),
         })
     };
     match tokio::time::timeout(opts.timeout, handshake).await {
@@ -566,4 +781,29 @@ async fn connect_addr(
         Err(_) => Err(mismatch()
             .unwrap_or_else(|| unreachable(format!("no answer within {:?}", opts.timeout)))),
     }
+}
+
+/// Connects to a known device, makes sure this key is a user there, and records what was learned
+/// (device id, user name, and the user's token if the entry lacked it).
+///
+/// # Errors
+/// [`ConnectError::NotPaired`] for a key on no user, or any connection error.
+pub async fn connect_paired(
+    home: &ClientHome,
+    endpoint: &quinn::Endpoint,
+    identity: &Identity,
+    device: &KnownDevice,
+    opts: &ConnectOptions,
+) -> Result<Session, ClientError> {
+    let session = connect(endpoint, identity, device, opts).await?;
+    session.require_user()?;
+    let sct = if device.sct.is_none() || device.user != session.welcome.user {
+        session.me().await.ok().flatten().and_then(|m| m.sct)
+    } else {
+        None
+    };
+    if let Err(e) = home.remember(&device.name, &session.welcome, sct.as_ref()) {
+        tracing::warn!("could not update known_devices.toml: {e}");
+    }
+    Ok(session)
 }

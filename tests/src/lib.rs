@@ -244,8 +244,19 @@ impl World {
         }
     }
 
-    /// Initialises a device home `name` with `services` (`id` → target).
+    /// Initialises a device home `name` with `services` (`id` → target), with no invitation and
+    /// every pairing mode off (keys are added with `user add`).
     pub fn device(&self, name: &str, services: &[(&str, SocketAddr)]) -> DeviceHome {
+        self.device_init(name, services, &["--no-invite"])
+    }
+
+    /// As [`Self::device`], with extra `init` arguments (e.g. none, for the owner invitation).
+    pub fn device_init(
+        &self,
+        name: &str,
+        services: &[(&str, SocketAddr)],
+        extra: &[&str],
+    ) -> DeviceHome {
         let home = self.root.path().join(name);
         let mut args = vec![
             "init".to_string(),
@@ -260,6 +271,7 @@ impl World {
             args.push("--service".into());
             args.push(format!("{id}={addr}"));
         }
+        args.extend(extra.iter().map(ToString::to_string));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         run_ok("tunnel-device", &home, &args);
         DeviceHome {

@@ -9,6 +9,7 @@
     reason = "doc comments here are --help text, where [..] marks optional parts"
 )]
 
+mod manage;
 mod status;
 
 use std::io::IsTerminal;
@@ -19,18 +20,22 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tunnel_shared::client::open::{ForwardSpec, OpenOptions, Opener};
-use tunnel_shared::client::{ClientError, ClientHome, ConnectOptions, connect};
+use tunnel_shared::client::pair::{self, LocalPairing, PairOutcome};
+use tunnel_shared::client::{ClientError, ClientHome, ConnectOptions, connect_paired};
 use tunnel_shared::config::{HostPort, default_client_home};
+use tunnel_shared::discovery;
 use tunnel_shared::identity::Fingerprint;
+use tunnel_shared::pairing::{PairingMode, PairingString};
+use tunnel_shared::secret::Secret;
 use tunnel_shared::transport;
 
 /// Reach a device's TCP services (ssh, a camera's RTSP, a web UI) through local listeners carried
 /// over an authenticated, encrypted QUIC tunnel. Devices are pinned by key fingerprint, like
 /// ssh's known_hosts.
 ///
-/// Quick start: `tunnel-client fingerprint` (give it to the device's owner), `tunnel-client device
-/// add cam --addr HOST:5592 --fingerprint DEVICE_FP`, then `tunnel-client open cam -L 2222:ssh`
-/// and `ssh -p 2222 127.0.0.1`.
+/// Quick start: `tunnel-client pair PAIRING_STRING` (the string `tunnel-device init` or
+/// `user invite` printed), then `tunnel-client open DEVICE -L 2222:ssh` and
+/// `ssh -p 2222 127.0.0.1`.
 #[derive(Debug, Parser)]
 #[command(name = "tunnel-client", version, max_term_width = 100)]
 struct Cli {
@@ -48,10 +53,56 @@ struct Cli {
 }
 
 #[derive(Debug, Subcommand)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "parsed once per process; boxing would only obscure the clap definition"
+)]
 enum Command {
     /// Print this client's key fingerprint (creating the key on first use).
     Fingerprint,
-    /// Pin devices by hand.
+    /// Pair with a device: with a pairing string (pinned, password-authenticated), or on the
+    /// local network by address (--addr) or by discovery (--local), which trusts the key seen
+    /// first unless --fingerprint pins it.
+    Pair {
+        /// The pairing string tunnel-device printed (tp1,d=…,f=…,a=…,…).
+        #[arg(conflicts_with_all = ["addr", "local"], required_unless_present_any = ["addr", "local"])]
+        string: Option<PairingString>,
+        /// Pair by address, on the local network (local initial or local open pairing).
+        #[arg(long, value_name = "HOST:PORT")]
+        addr: Vec<HostPort>,
+        /// Pair with a device found by mDNS on the LAN (see `discover`); with several, give
+        /// --device.
+        #[arg(long, conflicts_with = "addr")]
+        local: bool,
+        /// With --local: the device id to pair with.
+        #[arg(long, requires = "local")]
+        device: Option<String>,
+        /// With --addr or --local: require this device key instead of trusting the first one.
+        #[arg(long)]
+        fingerprint: Option<Fingerprint>,
+        /// Local name for the device [default: its device id].
+        #[arg(long)]
+        name: Option<String>,
+        /// The user to create (local open and password open pairing).
+        #[arg(long)]
+        username: Option<String>,
+        /// Force a local mode: local-initial or local-open [default: what the device offers].
+        #[arg(long)]
+        mode: Option<PairingMode>,
+        /// A label for this key on the device, e.g. "alice's laptop".
+        #[arg(long)]
+        key_name: Option<String>,
+    },
+    /// List devices announcing themselves on the local network (mDNS).
+    Discover {
+        /// Seconds to listen.
+        #[arg(long, default_value_t = 2.0, value_name = "SECS")]
+        timeout: f64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pin devices by hand, rename them on the device.
     #[command(subcommand)]
     Device(DeviceCmd),
     /// List known devices.
@@ -97,6 +148,20 @@ enum Command {
         #[arg(long, default_value_t = 2, value_name = "SECS")]
         drain_timeout: u64,
     },
+    /// Manage a device's users (needs a role that allows it, e.g. Owner).
+    User {
+        /// The device.
+        device: String,
+        #[command(subcommand)]
+        cmd: UserCmd,
+    },
+    /// Show or switch a device's pairing modes (needs a role that allows it, e.g. Owner).
+    Pairing {
+        /// The device.
+        device: String,
+        #[command(subcommand)]
+        cmd: PairingCmd,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -111,6 +176,63 @@ enum DeviceCmd {
         /// The device's full key fingerprint (64 hex; `tunnel-device fingerprint` prints it).
         #[arg(long)]
         fingerprint: Fingerprint,
+        /// Your server-connect token for remote connections (`tunnel-device user add` prints it;
+        /// a local connection also fetches it).
+        #[arg(long)]
+        sct: Option<String>,
+    },
+    /// Rename the device itself (its name on the device; needs Device:SetName).
+    Rename {
+        /// The device.
+        device: String,
+        /// The new name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum UserCmd {
+    /// List the device's users.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Remove a user; their connections are closed at once.
+    Remove {
+        /// User name.
+        username: String,
+    },
+    /// Change a user's role.
+    SetRole {
+        /// User name.
+        username: String,
+        /// Role (e.g. Owner, Standard, Guest).
+        role: String,
+    },
+    /// Invite a user: prints a pairing string with a one-time password (and a QR code).
+    Invite {
+        /// User name.
+        username: String,
+        /// Role [default: the device's open-pairing role].
+        #[arg(long)]
+        role: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum PairingCmd {
+    /// Which modes are on (and the open-pairing string, if password open is on).
+    Status,
+    /// Switch a mode on.
+    Enable {
+        /// local-initial, local-open, password-invite or password-open.
+        mode: PairingMode,
+    },
+    /// Switch a mode off.
+    Disable {
+        /// local-initial, local-open, password-invite or password-open.
+        mode: PairingMode,
     },
 }
 
@@ -165,12 +287,97 @@ fn dispatch(command: Command, home: ClientHome) -> Result<(), Failure> {
             let id = home.identity()?;
             println!("{}", id.fingerprint());
         }
+        Command::Pair {
+            string,
+            addr,
+            local,
+            device,
+            fingerprint,
+            name,
+            username,
+            mode,
+            key_name,
+        } => {
+            let opts = ConnectOptions::default();
+            let outcome = runtime()?.block_on(async {
+                if let Some(ps) = string {
+                    return pair::pair_with_string(
+                        &home,
+                        &ps,
+                        name.as_deref(),
+                        username,
+                        key_name,
+                        &opts,
+                    )
+                    .await;
+                }
+                let addresses = if local {
+                    discover_one(device.as_deref(), fingerprint).await?
+                } else {
+                    addr
+                };
+                pair::pair_local(
+                    &home,
+                    addresses,
+                    LocalPairing {
+                        fingerprint,
+                        name,
+                        username,
+                        mode,
+                        key_name,
+                    },
+                    &opts,
+                )
+                .await
+            })?;
+            print_paired(&outcome);
+        }
+        Command::Discover { timeout, json } => {
+            let found = discovery::browse(Duration::from_secs_f64(timeout.clamp(0.1, 60.0)))
+                .map_err(ClientError::from)?;
+            if json {
+                let v: Vec<_> = found
+                    .iter()
+                    .map(|f| {
+                        serde_json::json!({
+                            "device_id": f.device_id, "name": f.name,
+                            "fingerprint": f.fingerprint.map(|fp| fp.to_string()),
+                            "addresses": f.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else if found.is_empty() {
+                println!("No devices answered on the local network.");
+            } else {
+                println!(
+                    "{:<24} {:<20} {:<18} ADDRESSES",
+                    "DEVICE ID", "NAME", "FINGERPRINT"
+                );
+                for f in found {
+                    let addrs: Vec<String> = f.addresses.iter().map(ToString::to_string).collect();
+                    println!(
+                        "{:<24} {:<20} {:<18} {}",
+                        f.device_id,
+                        f.name,
+                        f.fingerprint
+                            .map_or_else(|| "-".into(), |fp| fp.fmt_short()),
+                        addrs.join(", ")
+                    );
+                }
+                println!(
+                    "(announced fingerprints are not verified; `tunnel-client pair --local \
+                     --device ID` shows the key it connects to)"
+                );
+            }
+        }
         Command::Device(DeviceCmd::Add {
             name,
             addrs,
             fingerprint,
+            sct,
         }) => {
-            let dev = home.add_device(&name, addrs, fingerprint)?;
+            let dev = home.add_device(&name, addrs, fingerprint, sct.map(Secret::new))?;
             let addrs: Vec<String> = dev.addresses.iter().map(ToString::to_string).collect();
             println!(
                 "Pinned device '{}' at {} with key {}",
@@ -179,45 +386,10 @@ fn dispatch(command: Command, home: ClientHome) -> Result<(), Failure> {
                 dev.fingerprint
             );
         }
-        Command::Devices { json } => {
-            let known = home.known_devices()?;
-            if json {
-                let v: Vec<_> = known
-                    .devices
-                    .iter()
-                    .map(|d| {
-                        serde_json::json!({
-                            "name": d.name,
-                            "fingerprint": d.fingerprint.to_string(),
-                            "addresses": d.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
-                            "device_id": d.device_id,
-                            "user": d.user,
-                        })
-                    })
-                    .collect();
-                println!("{}", serde_json::Value::Array(v));
-            } else if known.devices.is_empty() {
-                println!(
-                    "No known devices. Pin one with: tunnel-client device add NAME --addr HOST:PORT --fingerprint FP"
-                );
-            } else {
-                println!(
-                    "{:<16} {:<24} {:<18} {:<10} ADDRESSES",
-                    "NAME", "DEVICE ID", "FINGERPRINT", "USER"
-                );
-                for d in &known.devices {
-                    let addrs: Vec<String> = d.addresses.iter().map(ToString::to_string).collect();
-                    println!(
-                        "{:<16} {:<24} {:<18} {:<10} {}",
-                        d.name,
-                        d.device_id.as_deref().unwrap_or("-"),
-                        d.fingerprint.fmt_short(),
-                        d.user.as_deref().unwrap_or("-"),
-                        addrs.join(", ")
-                    );
-                }
-            }
+        Command::Device(DeviceCmd::Rename { device, name }) => {
+            runtime()?.block_on(manage::rename(&home, &device, name))?;
         }
+        Command::Devices { json } => print_devices(&home, json)?,
         Command::Forget { device } => {
             let d = home.forget(&device)?;
             println!("Forgot device '{}' ({})", d.name, d.fingerprint);
@@ -238,6 +410,112 @@ fn dispatch(command: Command, home: ClientHome) -> Result<(), Failure> {
             opts.drain_timeout = Duration::from_secs(drain_timeout);
             runtime()?.block_on(open_cmd(opts))?;
         }
+        Command::User { device, cmd } => {
+            runtime()?.block_on(manage::user(&home, &device, cmd))?;
+        }
+        Command::Pairing { device, cmd } => {
+            runtime()?.block_on(manage::pairing(&home, &device, cmd))?;
+        }
+    }
+    Ok(())
+}
+
+async fn discover_one(
+    device: Option<&str>,
+    fingerprint: Option<Fingerprint>,
+) -> Result<Vec<HostPort>, ClientError> {
+    let found = tokio::task::spawn_blocking(|| discovery::browse(Duration::from_secs(2)))
+        .await
+        .map_err(|e| ClientError::Usage(format!("discovery failed: {e}")))??;
+    let candidates: Vec<_> = found
+        .into_iter()
+        .filter(|f| device.is_none_or(|d| f.device_id == d))
+        .filter(|f| fingerprint.is_none_or(|fp| f.fingerprint == Some(fp)))
+        .collect();
+    match candidates.as_slice() {
+        [] => Err(ClientError::Usage(
+            "no matching device answered on the local network (`tunnel-client discover` lists \
+             them; or pair by address with --addr HOST:PORT)"
+                .into(),
+        )),
+        [one] => Ok(one
+            .addresses
+            .iter()
+            .map(|a| HostPort {
+                host: tunnel_shared::config::Host::Ip(a.ip()),
+                port: a.port(),
+            })
+            .collect()),
+        many => Err(ClientError::Usage(format!(
+            "several devices answered ({}): choose one with --device ID",
+            many.iter()
+                .map(|f| f.device_id.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+fn print_paired(o: &PairOutcome) {
+    match o.mode {
+        Some(mode) => println!(
+            "Paired with '{}' as user '{}' (role {}) by {mode} pairing.",
+            o.device.name, o.user.username, o.user.role
+        ),
+        None => println!(
+            "This key was already paired with '{}' as user '{}' (role {}); saved it.",
+            o.device.name, o.user.username, o.user.role
+        ),
+    }
+    if o.trusted_on_first_use {
+        println!(
+            "The device's key was trusted on first use: {}\nCompare it with `tunnel-device \
+             fingerprint` on the device; if it differs, `tunnel-client forget {}` at once.",
+            o.device.fingerprint, o.device.name
+        );
+    }
+    println!("Next: tunnel-client services {}", o.device.name);
+}
+
+fn print_devices(home: &ClientHome, json: bool) -> Result<(), Failure> {
+    let known = home.known_devices()?;
+    if json {
+        let v: Vec<_> = known
+            .devices
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "name": d.name,
+                    "fingerprint": d.fingerprint.to_string(),
+                    "addresses": d.addresses.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                    "device_id": d.device_id,
+                    "user": d.user,
+                    "has_sct": d.sct.is_some(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::Value::Array(v));
+    } else if known.devices.is_empty() {
+        println!(
+            "No known devices. Pair with one (tunnel-client pair PAIRING_STRING) or pin one with \
+             tunnel-client device add NAME --addr HOST:PORT --fingerprint FP"
+        );
+    } else {
+        println!(
+            "{:<16} {:<24} {:<18} {:<10} ADDRESSES",
+            "NAME", "DEVICE ID", "FINGERPRINT", "USER"
+        );
+        for d in &known.devices {
+            let addrs: Vec<String> = d.addresses.iter().map(ToString::to_string).collect();
+            println!(
+                "{:<16} {:<24} {:<18} {:<10} {}",
+                d.name,
+                d.device_id.as_deref().unwrap_or("-"),
+                d.fingerprint.fmt_short(),
+                d.user.as_deref().unwrap_or("-"),
+                addrs.join(", ")
+            );
+        }
     }
     Ok(())
 }
@@ -247,10 +525,7 @@ async fn services_cmd(home: ClientHome, device: &str, json: bool) -> Result<(), 
     let dev = home.find_device(device)?;
     let opts = ConnectOptions::default();
     let endpoint = transport::client_endpoint(&opts.transport)?;
-    let session = connect(&endpoint, &identity, &dev, &opts).await?;
-    if let Err(e) = home.remember(&dev.name, &session.welcome) {
-        tracing::warn!("could not update known_devices.toml: {e}");
-    }
+    let session = connect_paired(&home, &endpoint, &identity, &dev, &opts).await?;
     let services = session.services().await?;
     session.close();
     endpoint.wait_idle().await;

@@ -15,20 +15,23 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use tunnel_shared::config::{ServiceSpec, default_device_home};
-use tunnel_shared::device::admin::{self, AdminError, InitOptions};
+use tunnel_shared::config::{HostPort, ServiceSpec, default_device_home};
+use tunnel_shared::device::admin::{self, AdminError, ExplainQuery, InitOptions};
 use tunnel_shared::device::{self, DeviceError, DeviceHome, RunOptions};
+use tunnel_shared::iam::{Action, DEFAULT_IAM_TOML};
 use tunnel_shared::identity::Fingerprint;
+use tunnel_shared::pairing::{PairingMode, PairingString, render_qr};
 
 /// Publish TCP services (sshd, a camera's RTSP server, a web UI) to paired clients through an
 /// authenticated, encrypted QUIC tunnel.
 ///
-/// Quick start: `tunnel-device init`, then `tunnel-device user add NAME --fingerprint FP` with the
-/// fingerprint `tunnel-client fingerprint` prints on the client, then `tunnel-device run`.
+/// Quick start: `tunnel-device init` prints a pairing string for the first user (the owner);
+/// start `tunnel-device run`, and on the client run `tunnel-client pair PAIRING_STRING`. Or
+/// authorize a key directly, like authorized_keys: `tunnel-device user add NAME --fingerprint FP`.
 #[derive(Debug, Parser)]
 #[command(name = "tunnel-device", version, max_term_width = 100)]
 struct Cli {
-    /// Device home directory (key, device.toml, state.json).
+    /// Device home directory (key, device.toml, state.json, iam.toml).
     /// [default: $XDG_DATA_HOME/tunnel-device or ~/.local/share/tunnel-device]
     #[arg(long, global = true, env = "TUNNEL_DEVICE_HOME", value_name = "DIR")]
     home: Option<PathBuf>,
@@ -43,7 +46,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Create the home: key (if none), device.toml and an empty state.json.
+    /// Create the home: key (if none), device.toml, and state.json with an invitation for the
+    /// first user (password invite pairing on, every other mode off).
     Init {
         /// Device id shown to clients [default: dev- + 8 hex of the fingerprint].
         #[arg(long)]
@@ -61,6 +65,16 @@ enum Command {
         /// Overwrite an existing device.toml and state.json (removes all users; keeps the key).
         #[arg(long)]
         force: bool,
+        /// Name of the first user's invitation (its role is the initial role, Owner).
+        #[arg(long, default_value = "owner", value_name = "NAME")]
+        owner: String,
+        /// Create no invitation and leave every pairing mode off (add keys with `user add`).
+        #[arg(long)]
+        no_invite: bool,
+        /// Address clients use to reach the device, for the pairing string, repeatable
+        /// [default: network.advertise, else this host's addresses and the listen port].
+        #[arg(long = "addr", value_name = "HOST:PORT")]
+        addrs: Vec<HostPort>,
     },
     /// Serve until SIGINT or SIGTERM (a second signal exits at once).
     Run {
@@ -89,6 +103,12 @@ enum Command {
     /// Manage users, the device's access list (like authorized_keys).
     #[command(subcommand)]
     User(UserCmd),
+    /// Pairing modes: local-initial, local-open, password-invite, password-open.
+    #[command(subcommand)]
+    Pairing(PairingCmd),
+    /// Access control: explain a decision, print or check the policies.
+    #[command(subcommand)]
+    Iam(IamCmd),
 }
 
 #[derive(Debug, Subcommand)]
@@ -114,7 +134,7 @@ enum ServiceCmd {
 
 #[derive(Debug, Subcommand)]
 enum UserCmd {
-    /// List users and their keys.
+    /// List users, their keys and pending invitations.
     List {
         /// Print JSON.
         #[arg(long)]
@@ -127,25 +147,95 @@ enum UserCmd {
         /// The client's key fingerprint (64 hex; `tunnel-client fingerprint` prints it).
         #[arg(long)]
         fingerprint: Fingerprint,
-        /// Role: Owner, Standard or Guest [default: Owner for the first user, else Guest].
+        /// Role [default: Owner for the first user with a key, else the open-pairing role].
         #[arg(long)]
         role: Option<String>,
         /// A label for the key, e.g. "alice's laptop".
         #[arg(long)]
         key_name: Option<String>,
     },
+    /// Invite a user: a one-time password, printed as a pairing string (and QR code). Inviting an
+    /// existing user replaces its pending password.
+    Invite {
+        /// User name.
+        username: String,
+        /// Role [default: the open-pairing role, Guest].
+        #[arg(long)]
+        role: Option<String>,
+        /// Address clients use to reach the device, repeatable.
+        #[arg(long = "addr", value_name = "HOST:PORT")]
+        addrs: Vec<HostPort>,
+    },
     /// Remove a user; their live connections are closed at once.
     Remove {
         /// User name.
         username: String,
     },
-    /// Change a user's role.
+    /// Change a user's role (live tunnels the new role may not use are reset at once).
     SetRole {
         /// User name.
         username: String,
-        /// Owner, Standard or Guest.
+        /// A role defined in iam.toml (built-in: Owner, Standard, Guest).
         role: String,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum PairingCmd {
+    /// Show which modes are on, pending invitations, and the open-pairing role.
+    Status,
+    /// Switch a mode on (a running device applies it at once).
+    Enable {
+        /// local-initial, local-open, password-invite or password-open.
+        mode: PairingMode,
+    },
+    /// Switch a mode off.
+    Disable {
+        /// local-initial, local-open, password-invite or password-open.
+        mode: PairingMode,
+    },
+    /// Print the pairing string (and QR code) of USER's pending invitation, or of password open
+    /// pairing without USER. It contains the password: share it privately.
+    String {
+        /// The invited user (omit for password open pairing).
+        user: Option<String>,
+        /// Address clients use to reach the device, repeatable.
+        #[arg(long = "addr", value_name = "HOST:PORT")]
+        addrs: Vec<HostPort>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum IamCmd {
+    /// Evaluate one request; print the decision and the statement that decided it (exit 1 when
+    /// denied).
+    Explain {
+        /// The acting user (omit for an unpaired key).
+        #[arg(long)]
+        user: Option<String>,
+        /// The action, e.g. Tunnel:Connect, IAM:DeleteUser, Pairing:PasswordInvite.
+        #[arg(long)]
+        action: Action,
+        /// The service, for Tunnel:* actions.
+        #[arg(long)]
+        service: Option<String>,
+        /// Evaluate for a remote connection (default: local).
+        #[arg(long)]
+        remote: bool,
+        /// The user an IAM action is about (IAM:Username).
+        #[arg(long, value_name = "USER")]
+        target_user: Option<String>,
+        /// The role an IAM action sets (IAM:RoleId).
+        #[arg(long, value_name = "ROLE")]
+        target_role: Option<String>,
+        /// Evaluate with this role instead of the user's.
+        #[arg(long)]
+        role: Option<String>,
+    },
+    /// Print the built-in policies and roles (copy to iam.toml in the home to change them).
+    Defaults,
+    /// Check iam.toml and every user's role; exit 2 naming the line of the first problem.
+    Check,
 }
 
 /// An error for `main`: the message and the exit code.
@@ -229,6 +319,9 @@ fn dispatch(command: Command, home: &DeviceHome) -> Result<ExitCode, Failure> {
             services,
             listen,
             force,
+            owner,
+            no_invite,
+            addrs,
         } => {
             let report = admin::init(
                 home,
@@ -238,9 +331,10 @@ fn dispatch(command: Command, home: &DeviceHome) -> Result<ExitCode, Failure> {
                     services: services.into_iter().map(|s| s.0).collect(),
                     listen,
                     force,
+                    owner_invite: (!no_invite).then_some(owner),
                 },
             )?;
-            print_init(home, &report);
+            print_init(home, &report, addrs);
         }
         Command::Run {
             listen,
@@ -266,11 +360,13 @@ fn dispatch(command: Command, home: &DeviceHome) -> Result<ExitCode, Failure> {
         Command::Fingerprint => println!("{}", admin::fingerprint(home)?),
         Command::Service(cmd) => service_cmd(home, cmd)?,
         Command::User(cmd) => user_cmd(home, cmd)?,
+        Command::Pairing(cmd) => pairing_cmd(home, cmd)?,
+        Command::Iam(cmd) => return iam_cmd(home, cmd),
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_init(home: &DeviceHome, report: &admin::InitReport) {
+fn print_init(home: &DeviceHome, report: &admin::InitReport, addrs: Vec<HostPort>) {
     let cfg = &report.config;
     println!(
         "Initialised device '{}' (id {}) in {}",
@@ -292,18 +388,45 @@ fn print_init(home: &DeviceHome, report: &admin::InitReport) {
     for s in &cfg.services {
         println!("  {:<12} {:<8} -> {}", s.id, s.service_type, s.target());
     }
-    let port = cfg.listen.first().map_or(5592, SocketAddr::port);
     println!();
-    println!("Next steps:");
-    println!("  1. On the client, print its key:   tunnel-client fingerprint");
-    println!(
-        "  2. Authorize it here:              tunnel-device user add NAME --fingerprint CLIENT_FP"
-    );
-    println!(
-        "  3. On the client, pin this device: tunnel-client device add {} --addr THIS_HOST:{port} --fingerprint {}",
-        cfg.device_id, report.fingerprint
-    );
-    println!("  4. Serve:                          tunnel-device run");
+    match &report.invite {
+        Some((user, role, _, _)) => {
+            println!(
+                "Invitation for the first user '{user}' (role {role}); password invite pairing is on."
+            );
+            match admin::pairing_string(home, Some(user), addrs) {
+                Ok(ps) => print_pairing(&ps),
+                Err(e) => println!(
+                    "(no pairing string yet: {e}. Print it later with \
+                     `tunnel-device pairing string {user} --addr HOST:PORT`)"
+                ),
+            }
+            println!();
+            println!(
+                "Next: `tunnel-device run`, then on the client `tunnel-client pair PAIRING_STRING`."
+            );
+        }
+        None => {
+            println!("No invitation; every pairing mode is off. Authorize a client key with");
+            println!(
+                "  tunnel-device user add NAME --fingerprint CLIENT_FP   (tunnel-client fingerprint prints it)"
+            );
+            println!("then `tunnel-device run`.");
+        }
+    }
+}
+
+/// Prints a pairing string, and its QR code when stdout is a terminal.
+fn print_pairing(ps: &PairingString) {
+    println!("Pairing string (contains a password: share it privately; it works once):");
+    println!();
+    println!("  {ps}");
+    if std::io::stdout().is_terminal()
+        && let Some(qr) = render_qr(&ps.to_string())
+    {
+        println!();
+        println!("{qr}");
+    }
 }
 
 async fn self_test_cmd(home: &DeviceHome) -> Result<ExitCode, Failure> {
@@ -380,6 +503,7 @@ fn user_cmd(home: &DeviceHome, cmd: UserCmd) -> Result<(), Failure> {
                     .map(|u| {
                         serde_json::json!({
                             "username": u.username, "role": u.role,
+                            "display_name": u.display_name, "invited": u.password.is_some(),
                             "fingerprints": u.fingerprints.iter().map(|k| serde_json::json!({
                                 "fingerprint": k.fingerprint.to_string(), "name": k.name,
                             })).collect::<Vec<_>>(),
@@ -388,10 +512,21 @@ fn user_cmd(home: &DeviceHome, cmd: UserCmd) -> Result<(), Failure> {
                     .collect();
                 println!("{}", serde_json::Value::Array(v));
             } else if users.is_empty() {
-                println!("No users. Add one with: tunnel-device user add NAME --fingerprint FP");
+                println!(
+                    "No users. Invite one with `tunnel-device user invite NAME`, or add a key with \
+                     `tunnel-device user add NAME --fingerprint FP`"
+                );
             } else {
                 println!("{:<16} {:<9} FINGERPRINT", "USER", "ROLE");
                 for u in users {
+                    if u.fingerprints.is_empty() {
+                        let note = if u.password.is_some() {
+                            "(invited, not paired yet)"
+                        } else {
+                            "(no key)"
+                        };
+                        println!("{:<16} {:<9} {note}", u.username, u.role);
+                    }
                     for (i, k) in u.fingerprints.iter().enumerate() {
                         let (name, role) = if i == 0 {
                             (u.username.as_str(), u.role.as_str())
@@ -414,30 +549,160 @@ fn user_cmd(home: &DeviceHome, cmd: UserCmd) -> Result<(), Failure> {
             role,
             key_name,
         } => {
-            let role = match role {
-                Some(r) => r,
-                None if admin::user_list(home)?.is_empty() => "Owner".to_string(),
-                None => "Guest".to_string(),
-            };
-            let user = admin::user_add(home, &username, fingerprint, &role, key_name)?;
+            let user = admin::user_add(home, &username, fingerprint, role.as_deref(), key_name)?;
             println!(
                 "Added user '{}' with role {} and key {}",
                 user.username, user.role, fingerprint
             );
+            println!(
+                "Its server-connect token, needed for remote connections (the client also learns \
+                 it on its first local connection): {}",
+                user.sct.expose()
+            );
+        }
+        UserCmd::Invite {
+            username,
+            role,
+            addrs,
+        } => {
+            let (user, _) = admin::user_invite(home, &username, role.as_deref())?;
+            println!("Invited '{}' (role {}).", user.username, user.role);
+            if !admin::pairing_status(home)?.password_invite {
+                println!(
+                    "Note: password invite pairing is off; switch it on with \
+                     `tunnel-device pairing enable password-invite`."
+                );
+            }
+            match admin::pairing_string(home, Some(&username), addrs) {
+                Ok(ps) => print_pairing(&ps),
+                Err(e) => println!("(no pairing string: {e})"),
+            }
         }
         UserCmd::Remove { username } => {
             admin::user_remove(home, &username)?;
             println!("Removed user '{username}' (a running device closes their connections now)");
         }
         UserCmd::SetRole { username, role } => {
-            admin::user_set_role(home, &username, &role)?;
-            println!(
-                "User '{username}' now has role {}",
-                admin::parse_role(&role)?
-            );
+            let role = admin::user_set_role(home, &username, &role)?;
+            println!("User '{username}' now has role {role}");
         }
     }
     Ok(())
+}
+
+fn pairing_cmd(home: &DeviceHome, cmd: PairingCmd) -> Result<(), Failure> {
+    match cmd {
+        PairingCmd::Status => {
+            let p = admin::pairing_status(home)?;
+            let iam = home.load_iam().map_err(AdminError::from)?;
+            for mode in PairingMode::ALL {
+                let note = if mode == PairingMode::LocalInitial && p.initial_done {
+                    " (already used)"
+                } else {
+                    ""
+                };
+                println!(
+                    "{:<16} {}{note}",
+                    mode.as_str(),
+                    if p.enabled(mode) { "on" } else { "off" }
+                );
+            }
+            println!("open pairing role: {}", iam.open_pairing_role);
+            let invited: Vec<String> = admin::user_list(home)?
+                .into_iter()
+                .filter(|u| u.password.is_some())
+                .map(|u| u.username)
+                .collect();
+            if !invited.is_empty() {
+                println!("pending invitations: {}", invited.join(", "));
+            }
+        }
+        PairingCmd::Enable { mode } => {
+            admin::pairing_set(home, mode, true)?;
+            println!("{mode} pairing is on");
+        }
+        PairingCmd::Disable { mode } => {
+            admin::pairing_set(home, mode, false)?;
+            println!("{mode} pairing is off");
+        }
+        PairingCmd::String { user, addrs } => {
+            let ps = admin::pairing_string(home, user.as_deref(), addrs)?;
+            if user.is_none() && !admin::pairing_status(home)?.password_open {
+                println!(
+                    "Note: password open pairing is off; switch it on with \
+                     `tunnel-device pairing enable password-open`."
+                );
+            }
+            print_pairing(&ps);
+        }
+    }
+    Ok(())
+}
+
+fn iam_cmd(home: &DeviceHome, cmd: IamCmd) -> Result<ExitCode, Failure> {
+    match cmd {
+        IamCmd::Explain {
+            user,
+            action,
+            service,
+            remote,
+            target_user,
+            target_role,
+            role,
+        } => {
+            let q = ExplainQuery {
+                user,
+                role,
+                action,
+                service,
+                target_user,
+                target_role,
+                remote,
+            };
+            let (role, attrs, decision) = admin::explain(home, &q)?;
+            let who = q.user.as_deref().unwrap_or("an unpaired key");
+            println!(
+                "{} {who} (role {role}) {} {action}{} from a {} connection",
+                if decision.allowed { "ALLOW:" } else { "DENY:" },
+                if decision.allowed { "may" } else { "may not" },
+                q.service
+                    .as_deref()
+                    .map(|s| format!(" on service '{s}'"))
+                    .unwrap_or_default(),
+                if q.remote { "remote" } else { "local" }
+            );
+            println!("  {decision}");
+            let attrs: Vec<String> = attrs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+            println!("  attributes: {}", attrs.join(", "));
+            let source = if home.iam_path().exists() {
+                home.iam_path().display().to_string()
+            } else {
+                "built-in (print them with `tunnel-device iam defaults`)".into()
+            };
+            println!("  policies: {source}");
+            Ok(if decision.allowed {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+        IamCmd::Defaults => {
+            print!("{DEFAULT_IAM_TOML}");
+            Ok(ExitCode::SUCCESS)
+        }
+        IamCmd::Check => {
+            let (state, iam) = home.load_checked()?;
+            println!(
+                "{}: roles {}; all {} users' roles are defined",
+                iam.source
+                    .as_ref()
+                    .map_or_else(|| "built-in IAM".to_string(), |p| p.display().to_string()),
+                iam.role_ids().join(", "),
+                state.users.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
 }
 
 /// First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.

@@ -1,5 +1,6 @@
-//! The one-command demo: a device and a client in temporary homes, a built-in target, a tunnel,
-//! a few hundred MiB pushed through it with a progress bar and checked by SHA-256.
+//! The one-command demo: a device and a client in temporary homes, a built-in target, pairing
+//! with the device's invitation, a tunnel, and a few hundred MiB pushed through it with a progress
+//! bar and checked by SHA-256.
 //!
 //! `cargo run --release -p tunnel-examples --bin demo [-- --size MIB]`
 //!
@@ -17,8 +18,8 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tunnel_shared::client::ClientHome;
 use tunnel_shared::client::open::{ForwardSpec, OpenOptions, Opener};
+use tunnel_shared::client::{ClientHome, ConnectOptions, pair};
 use tunnel_shared::config::{HostPort, ServiceSpec};
 use tunnel_shared::device::admin::{self, InitOptions};
 use tunnel_shared::device::{self, DeviceHome, RunOptions};
@@ -43,7 +44,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(hash_server(target));
     println!("1. Target service (a built-in hash server) on {target_addr}");
 
-    // 2. Device home: key, device.toml with the service, empty access list.
+    // 2. Device home: key, device.toml with the service, and an invitation for the first user.
     let spec: ServiceSpec = format!("demo={target_addr},type=tcp").parse()?;
     let report = admin::init(
         &device_home,
@@ -52,17 +53,12 @@ async fn main() -> anyhow::Result<()> {
             name: Some("Demo device".into()),
             services: vec![spec.0],
             listen: vec!["127.0.0.1:0".parse()?],
-            force: false,
+            ..InitOptions::default()
         },
     )?;
     println!("2. Device initialised, fingerprint {}", report.fingerprint);
 
-    // 3. Client key, authorized on the device (like adding it to authorized_keys).
-    let client_fp = client_home.identity()?.fingerprint();
-    admin::user_add(&device_home, "demo-user", client_fp, "Owner", None)?;
-    println!("3. Client key {client_fp} authorized as user 'demo-user'");
-
-    // 4. Run the device.
+    // 3. Run the device.
     let shutdown = CancellationToken::new();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
     let device_task = tokio::spawn(device::run(
@@ -73,18 +69,38 @@ async fn main() -> anyhow::Result<()> {
         },
     ));
     let device_addr: SocketAddr = ready_rx.await.context("the device did not start")?;
-    println!("4. Device listening on udp/{device_addr}");
+    println!("3. Device listening on udp/{device_addr}");
 
-    // 5. Pin the device on the client and open a tunnel on an ephemeral local port.
-    client_home.add_device(
-        "demo",
+    // 4. Pair a fresh client key with the owner invitation's pairing string: it pins the device's
+    //    key from the first packet and proves the one-time password with a channel-bound PAKE.
+    let pairing = admin::pairing_string(
+        &device_home,
+        Some("owner"),
         vec![device_addr.to_string().parse::<HostPort>()?],
-        report.fingerprint,
     )?;
+    let paired = pair::pair_with_string(
+        &client_home,
+        &pairing,
+        Some("demo"),
+        None,
+        Some("demo client".into()),
+        &ConnectOptions::default(),
+    )
+    .await?;
+    let client_fp = client_home.identity()?.fingerprint();
+    println!(
+        "4. Client key {} paired as user '{}' (role {})",
+        client_fp.fmt_short(),
+        paired.user.username,
+        paired.user.role
+    );
+
+    // 5. Open a tunnel on an ephemeral local port.
     let forward: ForwardSpec = "0:demo".parse().map_err(anyhow::Error::msg)?;
     let opener = Opener::bind(OpenOptions::new(client_home.clone(), "demo", vec![forward])).await?;
     let local = opener.status().services[0].local;
-    let client_task = tokio::spawn(opener.run(shutdown.clone()));
+    let client_shutdown = CancellationToken::new();
+    let client_task = tokio::spawn(opener.run(client_shutdown.clone()));
     println!("5. Tunnel open: {local} -> device 'demo' -> service 'demo' -> {target_addr}");
 
     // 6. Push data through it and check it arrived intact.
@@ -105,21 +121,22 @@ async fn main() -> anyhow::Result<()> {
         elapsed.as_secs_f64()
     );
 
-    shutdown.cancel();
+    client_shutdown.cancel();
     client_task.await??;
+    shutdown.cancel();
     device_task.await??;
 
     println!();
     println!("The same with the binaries (two machines, or two terminals):");
-    println!("  device$ tunnel-device init --service demo={target_addr}");
-    println!("  client$ tunnel-client fingerprint");
-    println!("  device$ tunnel-device user add demo-user --fingerprint {client_fp}");
+    println!(
+        "  device$ tunnel-device init --service demo={target_addr}    # prints a pairing string"
+    );
     println!("  device$ tunnel-device run");
     println!(
-        "  client$ tunnel-client device add demo --addr DEVICE_HOST:5592 --fingerprint {}",
+        "  client$ tunnel-client pair 'tp1,d=demo-device,f={},a=DEVICE_HOST:5592,u=owner,p=…,s=…'",
         report.fingerprint
     );
-    println!("  client$ tunnel-client open demo -L 2222:demo");
+    println!("  client$ tunnel-client open demo-device -L 2222:demo");
     println!("  client$ your-tcp-client 127.0.0.1 2222");
     Ok(())
 }

@@ -34,6 +34,7 @@ use crate::config::KnownDevice;
 use crate::fsutil;
 use crate::identity::Fingerprint;
 use crate::proto::{self, CloseCode, StreamCode, StreamOpen};
+use crate::proto::{Request, Response};
 use crate::splice::{self, Counters, Kill};
 use crate::transport::{self, Identity};
 
@@ -411,6 +412,10 @@ async fn manage(
         };
         let error = match attempt {
             Ok(session) => {
+                if let Err(e) = session.require_user() {
+                    session.close();
+                    return Err(e);
+                }
                 backoff.reset();
                 info!(
                     device = %device.name,
@@ -419,7 +424,19 @@ async fn manage(
                     role = %session.welcome.role,
                     "connected"
                 );
-                if let Err(e) = opts.home.remember(&device.name, &session.welcome) {
+                // Learn this user's token (needed for remote connections) if we lack it.
+                let sct = if device.sct.is_none() || device.user != session.welcome.user {
+                    match session.call(&Request::GetMe).await {
+                        Ok(Response::Me(Some(me))) => me.sct,
+                        _ => None,
+                    }
+                } else {
+                    None
+                };
+                if let Err(e) = opts
+                    .home
+                    .remember(&device.name, &session.welcome, sct.as_ref())
+                {
                     warn!("could not record the device's id in known_devices.toml: {e}");
                 }
                 if !checked_services {

@@ -32,7 +32,7 @@ async fn raw_connect(s: &Setup) -> Raw {
     let endpoint = transport::client_endpoint(&settings).unwrap();
     let (cfg, _) = transport::client_config(
         &identity_of(s),
-        s.device.fingerprint.parse().unwrap(),
+        Some(s.device.fingerprint.parse().unwrap()),
         &settings,
     )
     .unwrap();
@@ -258,7 +258,7 @@ async fn wrong_alpn_and_missing_client_certificate_fail_the_handshake() {
     let s = setup(&[("echo", echo.addr)]);
     let settings = TransportSettings::default();
     let endpoint = transport::client_endpoint(&settings).unwrap();
-    let fp = s.device.fingerprint.parse().unwrap();
+    let fp = Some(s.device.fingerprint.parse().unwrap());
 
     let (mut tls, _) = transport::client_tls_config(&identity_of(&s), fp).unwrap();
     tls.alpn_protocols = vec![b"tunnel/0".to_vec()];

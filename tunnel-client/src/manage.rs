@@ -1,0 +1,213 @@
+//! User and pairing management over the control channel (`tunnel-client user|pairing|device
+//! rename`). Each request is authorized by the device; an error names what was refused.
+
+use std::io::IsTerminal;
+
+use tunnel_shared::client::{ClientError, ClientHome, ConnectOptions, Session, connect_paired};
+use tunnel_shared::config::KnownDevice;
+use tunnel_shared::pairing::{PairingString, render_qr};
+use tunnel_shared::proto::{Request, Response};
+use tunnel_shared::transport;
+
+use crate::{PairingCmd, UserCmd};
+
+/// Runs `f` on an authenticated session with `device`, then closes it.
+async fn with_session<T>(
+    home: &ClientHome,
+    device: &str,
+    f: impl AsyncFnOnce(&Session, &KnownDevice) -> Result<T, ClientError>,
+) -> Result<T, ClientError> {
+    let identity = home.identity()?;
+    let dev = home.find_device(device)?;
+    let opts = ConnectOptions::default();
+    let endpoint = transport::client_endpoint(&opts.transport)?;
+    let session = connect_paired(home, &endpoint, &identity, &dev, &opts).await?;
+    let out = f(&session, &dev).await;
+    session.close();
+    endpoint.wait_idle().await;
+    out
+}
+
+async fn expect_ok(session: &Session, req: Request) -> Result<(), ClientError> {
+    match session.call(&req).await? {
+        Response::Ok => Ok(()),
+        other => Err(session.unexpected(&other).into()),
+    }
+}
+
+fn print_pairing(ps: &PairingString) {
+    println!("Pairing string (contains a password: share it privately; it works once):");
+    println!();
+    println!("  {ps}");
+    if std::io::stdout().is_terminal()
+        && let Some(qr) = render_qr(&ps.to_string())
+    {
+        println!();
+        println!("{qr}");
+    }
+}
+
+pub(crate) async fn user(home: &ClientHome, device: &str, cmd: UserCmd) -> Result<(), ClientError> {
+    with_session(home, device, async |s, dev| match cmd {
+        UserCmd::List { json } => {
+            let users = match s.call(&Request::ListUsers).await? {
+                Response::Users(u) => u,
+                other => return Err(s.unexpected(&other).into()),
+            };
+            if json {
+                let v: Vec<_> = users
+                    .iter()
+                    .map(|u| {
+                        serde_json::json!({
+                            "username": u.username, "role": u.role, "display_name": u.display_name,
+                            "invited": u.invited,
+                            "fingerprints": u.fingerprints.iter().map(|(f, n)| serde_json::json!({
+                                "fingerprint": f.to_string(), "name": n,
+                            })).collect::<Vec<_>>(),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                println!("{:<16} {:<9} {:<6} KEYS", "USER", "ROLE", "STATE");
+                for u in users {
+                    let keys: Vec<String> =
+                        u.fingerprints.iter().map(|(f, _)| f.fmt_short()).collect();
+                    let state = if u.invited { "invited" } else { "paired" };
+                    let me = if s.welcome.user.as_deref() == Some(u.username.as_str()) {
+                        "  (you)"
+                    } else {
+                        ""
+                    };
+                    println!(
+                        "{:<16} {:<9} {state:<6} {}{me}",
+                        u.username,
+                        u.role,
+                        keys.join(" ")
+                    );
+                }
+            }
+            Ok(())
+        }
+        UserCmd::Remove { username } => {
+            expect_ok(
+                s,
+                Request::DeleteUser {
+                    username: username.clone(),
+                },
+            )
+            .await?;
+            println!("Removed user '{username}' from '{}'", dev.name);
+            Ok(())
+        }
+        UserCmd::SetRole { username, role } => {
+            expect_ok(
+                s,
+                Request::SetUserRole {
+                    username: username.clone(),
+                    role: role.clone(),
+                },
+            )
+            .await?;
+            println!("User '{username}' on '{}' now has role {role}", dev.name);
+            Ok(())
+        }
+        UserCmd::Invite { username, role } => {
+            let invite = match s.call(&Request::CreateUser { username, role }).await? {
+                Response::Invite(i) => i,
+                other => return Err(s.unexpected(&other).into()),
+            };
+            println!(
+                "Invited '{}' (role {}) on '{}'.",
+                invite.username, invite.role, dev.name
+            );
+            if !invite.mode_enabled {
+                println!(
+                    "Note: password invite pairing is off on the device; switch it on with \
+                     `tunnel-client pairing {} enable password-invite`.",
+                    dev.name
+                );
+            }
+            print_pairing(&PairingString {
+                device_id: s.welcome.device_id.clone(),
+                fingerprint: dev.fingerprint,
+                addresses: dev.addresses.clone(),
+                username: Some(invite.username),
+                password: invite.password,
+                sct: Some(invite.sct),
+            });
+            Ok(())
+        }
+    })
+    .await
+}
+
+pub(crate) async fn pairing(
+    home: &ClientHome,
+    device: &str,
+    cmd: PairingCmd,
+) -> Result<(), ClientError> {
+    with_session(home, device, async |s, dev| match cmd {
+        PairingCmd::Status => {
+            let settings = match s.call(&Request::GetSettings).await? {
+                Response::Settings(x) => x,
+                other => return Err(s.unexpected(&other).into()),
+            };
+            for mode in tunnel_shared::pairing::PairingMode::ALL {
+                println!(
+                    "{:<16} {}",
+                    mode.as_str(),
+                    if settings.enabled.contains(&mode) {
+                        "on"
+                    } else {
+                        "off"
+                    }
+                );
+            }
+            println!("open pairing role: {}", settings.open_pairing_role);
+            if settings
+                .enabled
+                .contains(&tunnel_shared::pairing::PairingMode::PasswordOpen)
+            {
+                println!();
+                println!(
+                    "Password open pairing string (anyone holding it can become a {}):",
+                    settings.open_pairing_role
+                );
+                print_pairing(&PairingString {
+                    device_id: s.welcome.device_id.clone(),
+                    fingerprint: dev.fingerprint,
+                    addresses: dev.addresses.clone(),
+                    username: None,
+                    password: settings.open_password,
+                    sct: Some(settings.open_sct),
+                });
+            }
+            Ok(())
+        }
+        PairingCmd::Enable { mode } | PairingCmd::Disable { mode } => {
+            let enabled = matches!(cmd, PairingCmd::Enable { .. });
+            expect_ok(s, Request::SetPairingMode { mode, enabled }).await?;
+            println!(
+                "{mode} pairing on '{}' is {}",
+                dev.name,
+                if enabled { "on" } else { "off" }
+            );
+            Ok(())
+        }
+    })
+    .await
+}
+
+pub(crate) async fn rename(
+    home: &ClientHome,
+    device: &str,
+    name: String,
+) -> Result<(), ClientError> {
+    with_session(home, device, async |s, dev| {
+        expect_ok(s, Request::SetDeviceName { name: name.clone() }).await?;
+        println!("Renamed '{}' to \"{name}\" on the device", dev.name);
+        Ok(())
+    })
+    .await
+}
