@@ -680,7 +680,13 @@ pub async fn connect_to(
         for addr in addrs {
             match connect_addr(endpoint, identity, target, hp, addr, opts).await {
                 Ok(s) => return Ok(s),
-                Err(e @ (ConnectError::FingerprintMismatch(_) | ConnectError::Refused { .. })) => {
+                // A device that answered and refused, or broke the protocol, will not do better
+                // at another address.
+                Err(
+                    e @ (ConnectError::FingerprintMismatch(_)
+                    | ConnectError::Refused { .. }
+                    | ConnectError::Protocol { .. }),
+                ) => {
                     return Err(e);
                 }
                 Err(e) => {

@@ -462,6 +462,24 @@ pub fn device_endpoint(
         .map_err(|source| TransportError::Bind { addr, source })
 }
 
+/// A client endpoint bound to `addr` (e.g. a particular local address of a multi-homed host).
+///
+/// # Errors
+/// [`TransportError::Bind`].
+pub fn client_endpoint_on(
+    addr: SocketAddr,
+    settings: &TransportSettings,
+) -> Result<Endpoint, TransportError> {
+    let socket = bind_udp(addr, settings.socket_buffer)?;
+    Endpoint::new(
+        endpoint_config(None),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| TransportError::Bind { addr, source })
+}
+
 /// A client endpoint on an ephemeral port: dual-stack `[::]:0` where possible, else `0.0.0.0:0`.
 ///
 /// # Errors

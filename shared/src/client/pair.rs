@@ -143,7 +143,7 @@ pub async fn pair_with_string(
             return Err(not_offered(&session, mode, &info.modes).into());
         }
         let pake_user = ps.username.clone().unwrap_or_default();
-        password_pake(&session, &ps.password, &pake_user).await?;
+        prove_password(&session, &ps.password, &pake_user).await?;
         let request = match mode {
             PairingMode::PasswordInvite => Request::PairPasswordInvite { key_name },
             _ => Request::PairPasswordOpen {
@@ -174,8 +174,14 @@ fn open_username(fp: &Fingerprint) -> String {
     format!("user-{}", &fp.to_string()[..8])
 }
 
-/// Runs the PAKE as `username` ("" for the open password) and verifies the device's confirmation.
-async fn password_pake(
+/// Proves `password` on this session with the channel-bound PAKE, as `username` ("" for the open
+/// pairing password), and verifies that the device knows it too.
+///
+/// # Errors
+/// [`ConnectError::Device`] with [`ErrorCode::WRONG_PASSWORD`] or
+/// [`ErrorCode::TOO_MANY_ATTEMPTS`] from the device, or [`ConnectError::Protocol`] when the
+/// device's confirmation does not verify (an intercepted connection).
+pub async fn prove_password(
     session: &Session,
     password: &crate::secret::Secret,
     username: &str,
@@ -280,7 +286,17 @@ pub async fn pair_local(
                 .into_iter()
                 .find(|m| info.modes.contains(m))
                 .ok_or_else(|| {
-                    ClientError::from(not_offered(&session, PairingMode::LocalOpen, &info.modes))
+                    let offered: Vec<&str> = info.modes.iter().map(|m| m.as_str()).collect();
+                    ClientError::from(ConnectError::Device {
+                        device: session.welcome.device_id.clone(),
+                        code: ErrorCode::PAIRING_DISABLED,
+                        message: format!(
+                            "no local pairing mode (local-initial, local-open) is available on this \
+                             connection; the device offers: {}. For password pairing use the \
+                             pairing string: tunnel-client pair PAIRING_STRING",
+                            if offered.is_empty() { "none".to_string() } else { offered.join(", ") }
+                        ),
+                    })
                 })?,
         };
         if !info.modes.contains(&mode) {

@@ -1,0 +1,225 @@
+//! Shared setup: devices in temp homes, clients with fresh keys on chosen addresses.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_util::sync::CancellationToken;
+use tunnel_shared::client::{ConnectError, ConnectOptions, Session, Target, connect_to};
+use tunnel_shared::config::{HostPort, TransportSettings};
+use tunnel_shared::device::admin::{self, InitOptions};
+use tunnel_shared::device::{self, DeviceHome, RunOptions};
+use tunnel_shared::identity::{Fingerprint, SecretKey};
+use tunnel_shared::proto::{self, StreamCode, StreamOpen};
+use tunnel_shared::secret::Secret;
+use tunnel_shared::state::DeviceState;
+use tunnel_shared::transport::{self, Identity};
+
+pub const LOCAL: &str = "127.0.0.1";
+pub const REMOTE: &str = "127.0.0.2";
+
+/// A running device.
+pub struct TestDevice {
+    pub home: DeviceHome,
+    pub addr: SocketAddr,
+    pub fingerprint: Fingerprint,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), device::DeviceError>>,
+    _dir: tempfile::TempDir,
+}
+
+impl TestDevice {
+    /// Starts a device with services `ssh` and `cam` on `echo`, after `prepare` edits its state.
+    pub async fn start(echo: SocketAddr, prepare: impl FnOnce(&mut DeviceState)) -> Self {
+        Self::start_with(echo, prepare, "", None).await
+    }
+
+    /// As [`Self::start`], with extra `device.toml` text and an optional `iam.toml`.
+    pub async fn start_with(
+        echo: SocketAddr,
+        prepare: impl FnOnce(&mut DeviceState),
+        extra_toml: &str,
+        iam_toml: Option<&str>,
+    ) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let home = DeviceHome::new(dir.path().join("device"));
+        let report = admin::init(
+            &home,
+            InitOptions {
+                device_id: Some("dev".into()),
+                name: Some("Test".into()),
+                services: vec![
+                    format!("ssh={echo},type=ssh")
+                        .parse::<tunnel_shared::config::ServiceSpec>()
+                        .unwrap()
+                        .0,
+                    format!("cam={echo},type=rtsp")
+                        .parse::<tunnel_shared::config::ServiceSpec>()
+                        .unwrap()
+                        .0,
+                ],
+                listen: vec!["127.0.0.1:0".parse().unwrap()],
+                owner_invite: None,
+                ..InitOptions::default()
+            },
+        )
+        .unwrap();
+        let mut text = std::fs::read_to_string(home.config_path()).unwrap();
+        text = text.replace(
+            "\n[network]\n",
+            "\n[network]\ntrust_private_networks = false\nlocal_networks = [\"127.0.0.1/32\"]\nmdns = false\n",
+        );
+        text.push_str(extra_toml);
+        std::fs::write(home.config_path(), text).unwrap();
+        if let Some(iam) = iam_toml {
+            std::fs::write(home.iam_path(), iam).unwrap();
+        }
+        home.state_store()
+            .update(|s| {
+                prepare(s);
+                Ok(())
+            })
+            .unwrap();
+        let shutdown = CancellationToken::new();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let mut opts = RunOptions::new(home.dir());
+        opts.reload_interval = Duration::from_millis(100);
+        let task = tokio::spawn(device::run(opts, shutdown.clone(), move |r| {
+            let _ = tx.send(r.listen[0]);
+        }));
+        let addr = rx.await.expect("device started");
+        Self {
+            home,
+            addr,
+            fingerprint: report.fingerprint,
+            shutdown,
+            task,
+            _dir: dir,
+        }
+    }
+
+    pub fn state_path(&self) -> PathBuf {
+        self.home.state_path()
+    }
+
+    pub fn state(&self) -> DeviceState {
+        self.home.state_store().load().unwrap()
+    }
+
+    pub fn state_bytes(&self) -> Vec<u8> {
+        std::fs::read(self.state_path()).unwrap()
+    }
+
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap().unwrap();
+    }
+}
+
+/// A client key bound to one local address.
+pub struct TestClient {
+    pub identity: Identity,
+    pub endpoint: quinn::Endpoint,
+}
+
+impl TestClient {
+    pub fn new(on: &str) -> Self {
+        Self::with_key(on, SecretKey::generate())
+    }
+
+    pub fn with_key(on: &str, key: SecretKey) -> Self {
+        let settings = TransportSettings::default();
+        let endpoint =
+            transport::client_endpoint_on(format!("{on}:0").parse().unwrap(), &settings).unwrap();
+        Self {
+            identity: Identity::new(key).unwrap(),
+            endpoint,
+        }
+    }
+
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.identity.fingerprint()
+    }
+
+    pub async fn connect(
+        &self,
+        dev: &TestDevice,
+        sct: Option<&Secret>,
+    ) -> Result<Session, ConnectError> {
+        let addrs = [HostPort {
+            host: tunnel_shared::config::Host::Ip(dev.addr.ip()),
+            port: dev.addr.port(),
+        }];
+        let opts = ConnectOptions {
+            timeout: Duration::from_secs(10),
+            ..ConnectOptions::default()
+        };
+        connect_to(
+            &self.endpoint,
+            &self.identity,
+            &Target {
+                name: "dev",
+                addresses: &addrs,
+                pin: Some(dev.fingerprint),
+                sct,
+            },
+            &opts,
+        )
+        .await
+    }
+}
+
+/// An echo server on 127.0.0.1:0.
+pub async fn echo_server() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let mut b = [0u8; 1024];
+                while let Ok(n) = s.read(&mut b).await {
+                    if n == 0 || s.write_all(&b[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Opens a tunnel stream to `service`, sends a byte and waits for the echo.
+/// `Ok(())` when it echoed, `Err(code)` when the device reset the stream.
+pub async fn tunnel(session: &Session, service: &str) -> Result<(), StreamCode> {
+    let (mut send, mut recv) = session
+        .conn
+        .open_bi()
+        .await
+        .map_err(|_| StreamCode::CANCELLED)?;
+    let header = proto::encode_to_vec(
+        &StreamOpen::Tunnel {
+            service: service.into(),
+        },
+        proto::MAX_STREAM_OPEN_LEN,
+    )
+    .unwrap();
+    let _ = send.write_all(&header).await;
+    let _ = send.write_all(b"x").await;
+    let mut b = [0u8; 1];
+    match tokio::time::timeout(Duration::from_secs(10), recv.read_exact(&mut b)).await {
+        Ok(Ok(())) => {
+            let _ = send.finish();
+            Ok(())
+        }
+        Ok(Err(quinn::ReadExactError::ReadError(quinn::ReadError::Reset(code)))) => {
+            Err(StreamCode::from_varint(code))
+        }
+        other => panic!("unexpected tunnel outcome {other:?}"),
+    }
+}
+
+/// A user with a key, for `prepare` closures: returns its token.
+pub fn add_user(s: &mut DeviceState, name: &str, role: &str, fp: Fingerprint) -> Secret {
+    s.add_user(name, role, fp, None).unwrap().sct.clone()
+}
