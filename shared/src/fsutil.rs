@@ -15,7 +15,19 @@ use std::path::{Path, PathBuf};
 /// # Errors
 /// Any IO error; the previous file at `path`, if any, is then left untouched.
 pub fn write_atomic(path: &Path, data: &[u8], mode: u32) -> io::Result<()> {
+    write_atomic_with(path, data, mode, || Ok(()))
+}
+
+/// [`write_atomic`] with a hook between the durable temp file and the rename (tests inject
+/// failures there).
+fn write_atomic_with(
+    path: &Path,
+    data: &[u8],
+    mode: u32,
+    before_rename: impl FnOnce() -> io::Result<()>,
+) -> io::Result<()> {
     let (tmp_path, _guard) = write_temp(path, data, mode)?;
+    before_rename()?;
     fs::rename(&tmp_path, path)?;
     sync_parent(path)
 }
@@ -256,6 +268,21 @@ mod tests {
             0o644
         );
         // No temp files are left behind.
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_write_that_fails_before_the_rename_leaves_the_old_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("state.json");
+        write_atomic(&p, b"old", 0o600).unwrap();
+        let err = write_atomic_with(&p, b"new", 0o600, || {
+            Err(io::Error::new(io::ErrorKind::StorageFull, "disk full"))
+        })
+        .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::StorageFull);
+        assert_eq!(fs::read(&p).unwrap(), b"old");
+        // The temp file is cleaned up.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
