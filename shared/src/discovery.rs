@@ -98,10 +98,14 @@ pub fn browse(timeout: Duration) -> Result<Vec<Found>, DiscoveryError> {
             break;
         };
         if let ServiceEvent::ServiceResolved(info) = event {
+            // IPv6 link-local addresses need a scope to be dialled: leave them out.
             let mut addresses: Vec<SocketAddr> = info
                 .get_addresses()
                 .iter()
                 .map(|ip| SocketAddr::new(ip.to_ip_addr(), info.get_port()))
+                .filter(
+                    |a| !matches!(a.ip(), std::net::IpAddr::V6(v6) if v6.is_unicast_link_local()),
+                )
                 .collect();
             addresses.sort();
             let device_id = info

@@ -13,6 +13,7 @@
     reason = "test harness: a panic is a test failure with a message"
 )]
 
+pub mod netns;
 pub mod servers;
 
 use std::collections::HashMap;
@@ -303,6 +304,14 @@ pub struct DeviceHome {
 }
 
 impl DeviceHome {
+    /// A home initialised by hand at `home`, with logs under `logs`.
+    pub fn from_path(home: PathBuf, logs: &Path) -> Self {
+        Self {
+            home,
+            logs: logs.to_owned(),
+        }
+    }
+
     /// Runs `tunnel-device` with this home.
     pub fn cmd(&self, args: &[&str]) -> Output {
         run("tunnel-device", &self.home, args)
@@ -331,13 +340,26 @@ impl DeviceHome {
         ]);
     }
 
-    /// Appends TOML to `device.toml` (e.g. a `[transport]` section).
+    /// Merges TOML into `device.toml`: every key of every table in `toml` is set (e.g.
+    /// `[transport]\nidle_timeout_secs = 5`), the rest of the file is kept.
     pub fn append_config(&self, toml: &str) {
         let path = self.home.join("device.toml");
-        let mut text = fs::read_to_string(&path).expect("device.toml");
-        text.push('\n');
-        text.push_str(toml);
-        fs::write(&path, text).expect("write device.toml");
+        let mut doc: toml_edit::DocumentMut = fs::read_to_string(&path)
+            .expect("device.toml")
+            .parse()
+            .expect("device.toml parses");
+        let extra: toml_edit::DocumentMut = toml.parse().expect("the snippet parses");
+        for (key, item) in extra.iter() {
+            match item.as_table() {
+                Some(table) => {
+                    for (k, v) in table.iter() {
+                        doc[key][k] = v.clone();
+                    }
+                }
+                None => doc[key] = item.clone(),
+            }
+        }
+        fs::write(&path, doc.to_string()).expect("write device.toml");
     }
 
     /// Starts `tunnel-device run` and waits until it listens.
@@ -439,6 +461,17 @@ impl ClientHome {
 
     /// Starts `tunnel-client open DEVICE -L …` and waits until it listens.
     pub fn open(&self, device: &str, forwards: &[&str], extra: &[&str]) -> RunningOpen {
+        self.open_in(None, device, forwards, extra)
+    }
+
+    /// As [`Self::open`], inside a network namespace when `ns` is given.
+    pub fn open_in(
+        &self,
+        ns: Option<&netns::NetNs>,
+        device: &str,
+        forwards: &[&str],
+        extra: &[&str],
+    ) -> RunningOpen {
         let name = self
             .home
             .file_name()
@@ -447,7 +480,10 @@ impl ClientHome {
             .into_owned();
         let tag = format!("{name}-open-{}", rand::random::<u32>());
         let ready = self.logs.join(format!("{tag}.ready"));
-        let mut cmd = Command::new(bin("tunnel-client"));
+        let mut cmd = match ns {
+            Some(ns) => ns.command(bin("tunnel-client")),
+            None => Command::new(bin("tunnel-client")),
+        };
         cmd.arg("--home")
             .arg(&self.home)
             .args(["--log-level", "debug", "open", device, "--ready-file"])

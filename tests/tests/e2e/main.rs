@@ -12,6 +12,7 @@
 mod basic;
 mod cli;
 mod negative;
+mod pairing;
 mod peers;
 mod raw;
 mod resilience;
