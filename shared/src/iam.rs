@@ -315,8 +315,8 @@ pub struct IamError {
 
 /// The built-in access control (used when the device home has no `iam.toml`).
 pub const DEFAULT_IAM_TOML: &str = r#"# tunnel-device access control (built-in defaults).
-# Copy this file to iam.toml in the device home to change it; a running device must be
-# restarted to apply changes. Deny wins; anything not allowed is denied.
+# Copy this file to iam.toml in the device home to change it; a running device reloads it
+# when it changes. Deny wins; anything not allowed is denied.
 version = 1
 
 [settings]
