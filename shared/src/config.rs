@@ -284,6 +284,10 @@ pub struct Limits {
     pub connect_timeout_secs: u64,
     /// Seconds a new connection has to complete the handshake and send its hello.
     pub handshake_timeout_secs: u64,
+    /// Concurrent connections of keys on no user (which can only pair); more are refused.
+    pub max_unpaired_connections: u32,
+    /// Seconds a connection of a key on no user may stay open without pairing.
+    pub unpaired_timeout_secs: u64,
 }
 
 impl Default for Limits {
@@ -294,6 +298,8 @@ impl Default for Limits {
             max_streams_total: 16384,
             connect_timeout_secs: 5,
             handshake_timeout_secs: 10,
+            max_unpaired_connections: 16,
+            unpaired_timeout_secs: 120,
         }
     }
 }
@@ -597,13 +603,22 @@ impl DeviceConfig {
             return Err(ValueError("listen must hold at least one address".into()));
         }
         let l = &self.limits;
-        if l.max_connections == 0 || l.max_streams_per_connection == 0 || l.max_streams_total == 0 {
+        if l.max_connections == 0
+            || l.max_streams_per_connection == 0
+            || l.max_streams_total == 0
+            || l.max_unpaired_connections == 0
+        {
             return Err(ValueError("limits must be at least 1".into()));
         }
         if !(1..=300).contains(&l.connect_timeout_secs)
             || !(1..=300).contains(&l.handshake_timeout_secs)
         {
             return Err(ValueError("limits.*_timeout_secs must be 1-300".into()));
+        }
+        if !(10..=86_400).contains(&l.unpaired_timeout_secs) {
+            return Err(ValueError(
+                "limits.unpaired_timeout_secs must be 10-86400".into(),
+            ));
         }
         self.transport.validate()?;
         let mut seen = HashSet::new();
@@ -661,12 +676,16 @@ impl DeviceConfig {
              # max_streams_per_connection = {}  # concurrent tunnelled TCP connections per client\n\
              # max_streams_total = {}          # concurrent tunnelled TCP connections in all\n\
              # connect_timeout_secs = {}          # to reach a service's target\n\
-             # handshake_timeout_secs = {}       # for a new client to authenticate\n",
+             # handshake_timeout_secs = {}       # for a new client to authenticate\n\
+             # max_unpaired_connections = {}     # keys on no user (they can only pair)\n\
+             # unpaired_timeout_secs = {}       # time such a key has to pair\n",
             l.max_connections,
             l.max_streams_per_connection,
             l.max_streams_total,
             l.connect_timeout_secs,
-            l.handshake_timeout_secs
+            l.handshake_timeout_secs,
+            l.max_unpaired_connections,
+            l.unpaired_timeout_secs
         ));
         out.push_str(
             "\n[network]\n\

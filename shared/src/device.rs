@@ -333,6 +333,13 @@ impl Shared {
         write(&self.config, Arc::new(config));
     }
 
+    fn unpaired_count(&self) -> usize {
+        self.conns()
+            .iter()
+            .filter(|c| c.user.lock().is_ok_and(|u| u.is_none()))
+            .count()
+    }
+
     fn conns(&self) -> Vec<Arc<ConnEntry>> {
         self.conns.lock().map_or_else(
             |p| p.into_inner().values().cloned().collect(),
@@ -561,6 +568,7 @@ pub async fn run(
         &identity,
         &config.transport,
         config.limits.max_streams_per_connection,
+        config.limits.max_connections,
     )?;
     let mut endpoints = Vec::new();
     let mut bound = Vec::new();
@@ -945,7 +953,8 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming, id: u
         auth: Mutex::new(control::PasswordAuth::default()),
     });
     let who = Shared::who(&state, &iam, &entry);
-    if who.user.is_none() && Shared::usable_modes(&state, &iam, &entry).is_empty() {
+    let unpaired = who.user.is_none();
+    if unpaired && Shared::usable_modes(&state, &iam, &entry).is_empty() {
         info!(
             fingerprint = %fingerprint,
             client = hello.client_name.as_deref().unwrap_or("-"),
@@ -954,6 +963,17 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming, id: u
              `tunnel-device user add NAME --fingerprint {fingerprint}` or invite it)"
         );
         conn.close(CloseCode::UNKNOWN_KEY.to_varint(), b"unknown client key");
+        return;
+    }
+    if unpaired && shared.unpaired_count() >= config.limits.max_unpaired_connections as usize {
+        info!(
+            limit = config.limits.max_unpaired_connections,
+            "too many connections of unpaired keys: refusing"
+        );
+        conn.close(
+            CloseCode::BUSY.to_varint(),
+            b"too many unpaired connections",
+        );
         return;
     }
     let welcome = Welcome {
@@ -981,6 +1001,23 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming, id: u
         "client connected"
     );
     drop(state);
+    if unpaired {
+        // Keys on no user can only pair: cap how long they may wait (how many may wait is
+        // checked before the welcome).
+        let timeout = Duration::from_secs(config.limits.unpaired_timeout_secs);
+        let (c, e) = (conn.clone(), entry.clone());
+        shared.tasks.spawn(async move {
+            tokio::select! {
+                () = tokio::time::sleep(timeout) => {
+                    if e.user.lock().map_or(true, |u| u.is_none()) {
+                        info!("an unpaired key did not pair in {timeout:?}: closing");
+                        c.close(CloseCode::PROTOCOL.to_varint(), b"pairing timeout");
+                    }
+                }
+                _ = c.closed() => {}
+            }
+        });
+    }
     if let Ok(mut conns) = shared.conns.lock() {
         conns.insert(id, entry.clone());
     }

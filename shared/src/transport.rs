@@ -344,6 +344,7 @@ pub fn server_config(
     identity: &Identity,
     settings: &TransportSettings,
     max_streams: u32,
+    max_connections: u32,
 ) -> Result<quinn::ServerConfig, TransportError> {
     let provider = provider();
     let verifier = Arc::new(ClientKeyVerifier {
@@ -361,8 +362,13 @@ pub fn server_config(
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(Arc::new(transport_config(settings, max_streams)));
-    // Only connections from the address that completed the handshake may migrate.
     cfg.migration(true);
+    // Bound what strangers can queue before a handshake completes (quinn's defaults, 65536
+    // connections and 100 MiB, suit a server farm, not a device).
+    let max_connections = usize::try_from(max_connections).unwrap_or(usize::MAX);
+    cfg.max_incoming(max_connections.saturating_mul(2).max(16))
+        .incoming_buffer_size(64 * 1024)
+        .incoming_buffer_size_total(4 * 1024 * 1024);
     Ok(cfg)
 }
 

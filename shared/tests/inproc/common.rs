@@ -65,13 +65,21 @@ impl TestDevice {
             },
         )
         .unwrap();
-        let mut text = std::fs::read_to_string(home.config_path()).unwrap();
-        text = text.replace(
-            "\n[network]\n",
-            "\n[network]\ntrust_private_networks = false\nlocal_networks = [\"127.0.0.1/32\"]\nmdns = false\n",
-        );
-        text.push_str(extra_toml);
-        std::fs::write(home.config_path(), text).unwrap();
+        let mut doc: toml_edit::DocumentMut = std::fs::read_to_string(home.config_path())
+            .unwrap()
+            .parse()
+            .unwrap();
+        let extra: toml_edit::DocumentMut = format!(
+            "[network]\ntrust_private_networks = false\nlocal_networks = [\"127.0.0.1/32\"]\nmdns = false\n{extra_toml}"
+        )
+        .parse()
+        .unwrap();
+        for (table, item) in extra.iter() {
+            for (k, v) in item.as_table().unwrap().iter() {
+                doc[table][k] = v.clone();
+            }
+        }
+        std::fs::write(home.config_path(), doc.to_string()).unwrap();
         if let Some(iam) = iam_toml {
             std::fs::write(home.iam_path(), iam).unwrap();
         }

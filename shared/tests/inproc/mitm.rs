@@ -19,7 +19,7 @@ fn start_proxy(dev: &TestDevice) -> (std::net::SocketAddr, tunnel_shared::identi
     let key = SecretKey::generate();
     let id = Identity::new(key.clone()).unwrap();
     let fp = id.fingerprint();
-    let server = transport::server_config(&id, &settings, 16).unwrap();
+    let server = transport::server_config(&id, &settings, 16, 16).unwrap();
     let ep = transport::device_endpoint("127.0.0.1:0".parse().unwrap(), &key, server, &settings)
         .unwrap();
     let addr = ep.local_addr().unwrap();

@@ -200,3 +200,46 @@ async fn remote_access_off_refuses_every_remote_connection() {
     );
     dev.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unpaired_connections_are_capped() {
+    let echo = echo_server().await;
+    let dev = TestDevice::start_with(
+        echo,
+        |s| s.pairing.set(PairingMode::LocalOpen, true),
+        "[limits]\nmax_unpaired_connections = 2\n",
+        None,
+    )
+    .await;
+    let (a, b, c) = (
+        TestClient::new(LOCAL),
+        TestClient::new(LOCAL),
+        TestClient::new(LOCAL),
+    );
+    let _sa = a.connect(&dev, None).await.unwrap();
+    let _sb = b.connect(&dev, None).await.unwrap();
+    let third = c.connect(&dev, None).await;
+    let code = match third {
+        Ok(s) => match tokio::time::timeout(Duration::from_secs(5), s.conn.closed())
+            .await
+            .unwrap()
+        {
+            quinn::ConnectionError::ApplicationClosed(c) => CloseCode::from_varint(c.error_code),
+            other => panic!("{other:?}"),
+        },
+        Err(ConnectError::Refused { code, .. }) => code,
+        Err(e) => panic!("{e}"),
+    };
+    assert_eq!(code, CloseCode::BUSY);
+    // A paired key is not affected by the cap.
+    let d = TestClient::new(LOCAL);
+    let fp = d.fingerprint();
+    dev.home
+        .state_store()
+        .update(|s| s.add_user("dee", "Guest", fp, None).map(|_| ()))
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let s = d.connect(&dev, None).await.unwrap();
+    assert_eq!(s.welcome.user.as_deref(), Some("dee"));
+    dev.stop().await;
+}
