@@ -14,6 +14,7 @@
 //! | [`transport`] | IO | UDP sockets, quinn endpoints, TLS configs, pinning verifiers |
 //! | [`framed`] | IO | frames on QUIC streams |
 //! | [`splice`] | IO | TCP ⇄ QUIC stream copy with the half-close / reset contract |
+//! | [`shutdown`] | IO | SIGINT/SIGTERM: graceful first, immediate second |
 //! | [`device`] | IO | the device's [`device::run`], control requests and file-management commands |
 //! | [`discovery`] | IO | mDNS announcement and browsing (`_tunnel._udp.local`) |
 //! | [`client`] | IO | connecting, control requests, and [`client::open`] (port forwarding) |
@@ -44,6 +45,7 @@ pub mod identity;
 pub mod pairing;
 pub mod proto;
 pub mod secret;
+pub mod shutdown;
 pub mod splice;
 pub mod state;
 pub mod transport;

@@ -137,6 +137,22 @@ pub fn peer_fingerprint(conn: &quinn::Connection) -> Option<Fingerprint> {
 
 const SCHEMES: &[SignatureScheme] = &[SignatureScheme::ECDSA_NISTP256_SHA256];
 
+/// The handshake signature check both verifiers make: ECDSA P-256/SHA-256 only, verified with the
+/// provider's algorithms against the key in `cert`.
+fn verify_tls13(
+    algs: &WebPkiSupportedAlgorithms,
+    message: &[u8],
+    cert: &CertificateDer<'_>,
+    dss: &DigitallySignedStruct,
+) -> Result<HandshakeSignatureValid, rustls::Error> {
+    if !SCHEMES.contains(&dss.scheme) {
+        return Err(rustls::Error::PeerMisbehaved(
+            rustls::PeerMisbehaved::SignedHandshakeWithUnadvertisedSigScheme,
+        ));
+    }
+    rustls::crypto::verify_tls13_signature(message, cert, dss, algs)
+}
+
 fn tls12_refused() -> rustls::Error {
     rustls::Error::PeerIncompatible(rustls::PeerIncompatible::Tls13RequiredForQuic)
 }
@@ -208,12 +224,7 @@ impl ServerCertVerifier for PinnedDeviceVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        if !SCHEMES.contains(&dss.scheme) {
-            return Err(rustls::Error::PeerMisbehaved(
-                rustls::PeerMisbehaved::SignedHandshakeWithUnadvertisedSigScheme,
-            ));
-        }
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+        verify_tls13(&self.algs, message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
@@ -271,12 +282,7 @@ impl ClientCertVerifier for ClientKeyVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        if !SCHEMES.contains(&dss.scheme) {
-            return Err(rustls::Error::PeerMisbehaved(
-                rustls::PeerMisbehaved::SignedHandshakeWithUnadvertisedSigScheme,
-            ));
-        }
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+        verify_tls13(&self.algs, message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {

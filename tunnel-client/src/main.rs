@@ -552,7 +552,7 @@ async fn services_cmd(home: ClientHome, device: &str, json: bool) -> Result<(), 
 async fn open_cmd(opts: OpenOptions) -> Result<(), ClientError> {
     let opener = Opener::bind(opts).await?;
     let shutdown = CancellationToken::new();
-    spawn_signal_handler(shutdown.clone());
+    tunnel_shared::shutdown::spawn_signal_handler(shutdown.clone(), status::clear);
     let display = status::spawn(
         opener.status(),
         std::io::stdout().is_terminal(),
@@ -562,31 +562,4 @@ async fn open_cmd(opts: OpenOptions) -> Result<(), ClientError> {
     shutdown.cancel();
     let _ = display.await;
     result
-}
-
-/// First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.
-fn spawn_signal_handler(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    tokio::spawn(async move {
-        let (Ok(mut int), Ok(mut term)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) else {
-            tracing::warn!("cannot install signal handlers");
-            return;
-        };
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!("signal received: closing (send it again to exit at once)");
-        shutdown.cancel();
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-        status::clear();
-        eprintln!("second signal: exiting now");
-        std::process::exit(130);
-    });
 }

@@ -353,7 +353,7 @@ fn dispatch(command: Command, home: &DeviceHome) -> Result<ExitCode, Failure> {
             opts.drain_timeout = std::time::Duration::from_secs(drain_timeout);
             rt.block_on(async {
                 let shutdown = CancellationToken::new();
-                spawn_signal_handler(shutdown.clone());
+                tunnel_shared::shutdown::spawn_signal_handler(shutdown.clone(), || {});
                 device::run(opts, shutdown, |_| {}).await
             })?;
         }
@@ -703,30 +703,4 @@ fn iam_cmd(home: &DeviceHome, cmd: IamCmd) -> Result<ExitCode, Failure> {
             Ok(ExitCode::SUCCESS)
         }
     }
-}
-
-/// First SIGINT/SIGTERM: graceful shutdown. Second: exit at once.
-fn spawn_signal_handler(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    tokio::spawn(async move {
-        let (Ok(mut int), Ok(mut term)) = (
-            signal(SignalKind::interrupt()),
-            signal(SignalKind::terminate()),
-        ) else {
-            tracing::warn!("cannot install signal handlers; stop the device with SIGKILL");
-            return;
-        };
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-        tracing::info!("signal received: shutting down (send it again to exit at once)");
-        shutdown.cancel();
-        tokio::select! {
-            _ = int.recv() => {}
-            _ = term.recv() => {}
-        }
-        eprintln!("second signal: exiting now");
-        std::process::exit(130);
-    });
 }

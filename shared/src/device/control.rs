@@ -533,53 +533,41 @@ async fn handle(shared: &Arc<Shared>, entry: &Arc<ConnEntry>, req: Request) -> R
             username,
             display_name,
         } => {
-            if !allow(
+            let allowed = allow(
                 Action::IamSetUserDisplayName,
                 &iam_attrs(base.clone(), &username, None),
-            ) {
-                return forbidden();
-            }
-            drop(state);
-            ok_or(
-                shared
-                    .update_state(move |s| s.set_display_name(&username, display_name))
-                    .await,
-            )
+            );
+            apply_if(shared, allowed, move |s| {
+                s.set_display_name(&username, display_name)
+            })
+            .await
         }
         Request::AddFingerprint {
             username,
             fingerprint,
             key_name,
         } => {
-            if !allow(
+            let allowed = allow(
                 Action::IamAddFingerprint,
                 &iam_attrs(base.clone(), &username, None),
-            ) {
-                return forbidden();
-            }
-            drop(state);
-            ok_or(
-                shared
-                    .update_state(move |s| s.add_fingerprint(&username, fingerprint, key_name))
-                    .await,
-            )
+            );
+            apply_if(shared, allowed, move |s| {
+                s.add_fingerprint(&username, fingerprint, key_name)
+            })
+            .await
         }
         Request::RemoveFingerprint {
             username,
             fingerprint,
         } => {
-            if !allow(
+            let allowed = allow(
                 Action::IamRemoveFingerprint,
                 &iam_attrs(base.clone(), &username, None),
-            ) {
-                return forbidden();
-            }
-            drop(state);
-            ok_or(
-                shared
-                    .update_state(move |s| s.remove_fingerprint(&username, &fingerprint))
-                    .await,
-            )
+            );
+            apply_if(shared, allowed, move |s| {
+                s.remove_fingerprint(&username, &fingerprint)
+            })
+            .await
         }
         Request::ListRoles => {
             if !allow(Action::IamListRoles, &base) {
@@ -645,6 +633,18 @@ async fn handle(shared: &Arc<Shared>, entry: &Arc<ConnEntry>, req: Request) -> R
             }
         }
     }
+}
+
+/// Applies `change` when `allowed`, else answers "forbidden" and changes nothing.
+async fn apply_if(
+    shared: &Shared,
+    allowed: bool,
+    change: impl FnOnce(&mut DeviceState) -> Result<(), StateError> + Send + 'static,
+) -> Response {
+    if !allowed {
+        return forbidden();
+    }
+    ok_or(shared.update_state(change).await)
 }
 
 fn ok_or<T>(result: Result<T, StateError>) -> Response {
