@@ -79,28 +79,28 @@ pub struct Welcome {
     pub local: bool,
 }
 
-/// A control request, client → device. Each is authorized by IAM (`iam::Action` in brackets).
+/// A control request, client → device. Each is authorized by IAM (the action in parentheses).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Request {
-    /// List the services this user may see [`Tunnel:ListServices`, filtered by `Tunnel:GetService`].
+    /// List the services this user may see (`Tunnel:ListServices`, filtered by `Tunnel:GetService`).
     ListServices,
-    /// One service [`Tunnel:GetService`].
+    /// One service (`Tunnel:GetService`).
     GetService {
         /// Service id.
         id: String,
     },
     /// This connection's own user, including its server-connect token (no action needed).
     GetMe,
-    /// The pairing modes this connection may use [`Pairing:Get`].
+    /// The pairing modes this connection may use (`Pairing:Get`).
     PairingGet,
-    /// Become the first user [`Pairing:LocalInitial`].
+    /// Become the first user (`Pairing:LocalInitial`).
     PairLocalInitial {
         /// User name (default `owner`).
         username: Option<String>,
         /// Label for this key.
         key_name: Option<String>,
     },
-    /// Become a new user [`Pairing:LocalOpen`].
+    /// Become a new user (`Pairing:LocalOpen`).
     PairLocalOpen {
         /// User name.
         username: String,
@@ -120,52 +120,52 @@ pub enum Request {
         /// HMAC over the TLS exporter value.
         mac: Vec<u8>,
     },
-    /// Claim the invitation the PAKE authenticated [`Pairing:PasswordInvite`].
+    /// Claim the invitation the PAKE authenticated (`Pairing:PasswordInvite`).
     PairPasswordInvite {
         /// Label for this key.
         key_name: Option<String>,
     },
-    /// Become a new user after an open-password PAKE [`Pairing:PasswordOpen`].
+    /// Become a new user after an open-password PAKE (`Pairing:PasswordOpen`).
     PairPasswordOpen {
         /// User name.
         username: String,
         /// Label for this key.
         key_name: Option<String>,
     },
-    /// [`IAM:ListUsers`].
+    /// (`IAM:ListUsers`).
     ListUsers,
-    /// [`IAM:GetUser`].
+    /// (`IAM:GetUser`).
     GetUser {
         /// User name.
         username: String,
     },
-    /// Create a user as an invitation with a one-time password [`IAM:CreateUser`].
+    /// Create a user as an invitation with a one-time password (`IAM:CreateUser`).
     CreateUser {
         /// User name.
         username: String,
         /// Role (default: the open-pairing role).
         role: Option<String>,
     },
-    /// [`IAM:DeleteUser`].
+    /// (`IAM:DeleteUser`).
     DeleteUser {
         /// User name.
         username: String,
     },
-    /// [`IAM:SetUserRole`].
+    /// (`IAM:SetUserRole`).
     SetUserRole {
         /// User name.
         username: String,
         /// New role.
         role: String,
     },
-    /// [`IAM:SetUserDisplayName`].
+    /// (`IAM:SetUserDisplayName`).
     SetUserDisplayName {
         /// User name.
         username: String,
         /// New display name (`None` clears it).
         display_name: Option<String>,
     },
-    /// [`IAM:AddFingerprint`].
+    /// (`IAM:AddFingerprint`).
     AddFingerprint {
         /// User name.
         username: String,
@@ -174,25 +174,25 @@ pub enum Request {
         /// Label.
         key_name: Option<String>,
     },
-    /// [`IAM:RemoveFingerprint`].
+    /// (`IAM:RemoveFingerprint`).
     RemoveFingerprint {
         /// User name.
         username: String,
         /// The key.
         fingerprint: Fingerprint,
     },
-    /// [`IAM:ListRoles`].
+    /// (`IAM:ListRoles`).
     ListRoles,
-    /// Pairing switches and open-pairing secrets [`IAM:GetSettings`].
+    /// Pairing switches and open-pairing secrets (`IAM:GetSettings`).
     GetSettings,
-    /// Switch a pairing mode [`IAM:SetSettings`].
+    /// Switch a pairing mode (`IAM:SetSettings`).
     SetPairingMode {
         /// The mode.
         mode: PairingMode,
         /// On or off.
         enabled: bool,
     },
-    /// [`Device:SetName`].
+    /// (`Device:SetName`).
     SetDeviceName {
         /// New name.
         name: String,

@@ -1,6 +1,6 @@
 //! Control requests on a device connection: services, pairing (with the PAKE) and user
 //! management. Every request is authorized by IAM against the *current* state; changes go through
-//! [`Shared::update_state`] (locked, atomic) and are re-enforced on every live connection.
+//! `Shared::update_state` (locked, atomic) and are re-enforced on every live connection.
 //!
 //! Kind: IO (state reads and writes through `Shared`).
 //!

@@ -137,10 +137,8 @@ fn homes_are_private_whatever_the_umask() {
 #[test]
 fn self_test_reports_each_service() {
     let echo = TestServer::echo();
-    let closed = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // Below 1024: no test (nor an ephemeral port) takes it.
+    let closed: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
     let world = World::new();
     let dev = world.device("dev", &[("up", echo.addr), ("down", closed)]);
     let out = dev.cmd(&["run", "--self-test"]);

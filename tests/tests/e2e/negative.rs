@@ -2,7 +2,7 @@
 //! garbage UDP.
 
 use std::io::{ErrorKind, Read, Write};
-use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::net::{TcpStream, UdpSocket};
 
 use rand::RngCore;
 use tunnel_tests::servers::TestServer;
@@ -128,11 +128,8 @@ fn unknown_service_is_reset_with_a_reason() {
 
 #[test]
 fn unreachable_target_is_reset_with_a_reason() {
-    // A port nobody listens on.
-    let closed = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    // A port nobody listens on: below 1024, so no test (nor an ephemeral port) takes it.
+    let closed: std::net::SocketAddr = "127.0.0.1:1".parse().unwrap();
     let s = setup(&[("down", closed)]);
     let open = s.client.open("cam", &["0:down"], &[]);
     let mut conn = TcpStream::connect(open.local("down")).unwrap();
