@@ -538,6 +538,8 @@ pub async fn run(
     on_ready: impl FnOnce(&Ready),
 ) -> Result<(), DeviceError> {
     let home = DeviceHome::new(opts.home.clone());
+    // Stamped before loading: a change written while we start is then seen by the watcher.
+    let stamps = Stamps::of(&home);
     let config = home.load_config()?;
     let (state, iam) = home.load_checked()?;
     let store = home.state_store();
@@ -677,7 +679,7 @@ pub async fn run(
 
     shared
         .tasks
-        .spawn(watch_files(shared.clone(), opts.reload_interval));
+        .spawn(watch_files(shared.clone(), stamps, opts.reload_interval));
     for ep in &endpoints {
         shared.tasks.spawn(accept_loop(shared.clone(), ep.clone()));
     }
@@ -737,13 +739,32 @@ fn write_ready_file(path: &Path, value: &impl Serialize) -> std::io::Result<()> 
     fsutil::write_atomic(path, &json, 0o644)
 }
 
-async fn watch_files(shared: Arc<Shared>, interval: Duration) {
+/// The versions of the three files a device watches.
+struct Stamps {
+    state: Option<FileStamp>,
+    config: Option<FileStamp>,
+    iam: Option<FileStamp>,
+}
+
+impl Stamps {
+    fn of(home: &DeviceHome) -> Self {
+        Self {
+            state: FileStamp::of(&home.state_path()),
+            config: FileStamp::of(&home.config_path()),
+            iam: FileStamp::of(&home.iam_path()),
+        }
+    }
+}
+
+async fn watch_files(shared: Arc<Shared>, stamps: Stamps, interval: Duration) {
     let state_path = shared.store.path().to_owned();
     let config_path = shared.home.config_path();
     let iam_path = shared.home.iam_path();
-    let mut state_stamp = FileStamp::of(&state_path);
-    let mut config_stamp = FileStamp::of(&config_path);
-    let mut iam_stamp = FileStamp::of(&iam_path);
+    let Stamps {
+        state: mut state_stamp,
+        config: mut config_stamp,
+        iam: mut iam_stamp,
+    } = stamps;
     let mut tick = tokio::time::interval(interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

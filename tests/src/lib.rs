@@ -556,6 +556,25 @@ impl RunningOpen {
     }
 }
 
+/// Writes `payload`, then reads to the end: whether either call saw the connection reset. Linux
+/// reports a received RST once, to whichever call comes first, so both must be looked at.
+pub fn saw_reset(conn: &mut std::net::TcpStream, payload: &[u8]) -> bool {
+    use std::io::{ErrorKind, Read, Write};
+    if let Err(e) = conn.write_all(payload)
+        && matches!(e.kind(), ErrorKind::ConnectionReset | ErrorKind::BrokenPipe)
+    {
+        return true;
+    }
+    let mut buf = [0u8; 4096];
+    loop {
+        match conn.read(&mut buf) {
+            Ok(0) => return false,
+            Ok(_) => {}
+            Err(e) => return e.kind() == ErrorKind::ConnectionReset,
+        }
+    }
+}
+
 /// Whether a command is available on this machine.
 pub fn have(cmd: &str) -> bool {
     Command::new("sh")

@@ -79,7 +79,7 @@ async fn remote_connections_need_a_valid_token() {
         .state_store()
         .update(|st| st.rotate_sct("alice").map(|_| ()))
         .unwrap();
-    let reason = tokio::time::timeout(Duration::from_secs(5), s.conn.closed())
+    let reason = tokio::time::timeout(Duration::from_secs(30), s.conn.closed())
         .await
         .unwrap();
     assert!(
@@ -98,14 +98,14 @@ async fn remote_connections_need_a_valid_token() {
         .state_store()
         .update(|st| st.remove_user("bob").map(|_| ()))
         .unwrap();
-    let reason = tokio::time::timeout(Duration::from_secs(5), s2.conn.closed())
+    let reason = tokio::time::timeout(Duration::from_secs(30), s2.conn.closed())
         .await
         .unwrap();
     assert!(
         matches!(reason, quinn::ConnectionError::ApplicationClosed(_)),
         "{reason:?}"
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The close proves the device reloaded: the token is invalid from now on.
     assert_eq!(
         refused(a.connect(&dev, Some(&b_sct)).await),
         CloseCode::SCT_REJECTED
@@ -220,7 +220,7 @@ async fn unpaired_connections_are_capped() {
     let _sb = b.connect(&dev, None).await.unwrap();
     let third = c.connect(&dev, None).await;
     let code = match third {
-        Ok(s) => match tokio::time::timeout(Duration::from_secs(5), s.conn.closed())
+        Ok(s) => match tokio::time::timeout(Duration::from_secs(30), s.conn.closed())
             .await
             .unwrap()
         {
@@ -238,8 +238,15 @@ async fn unpaired_connections_are_capped() {
         .state_store()
         .update(|s| s.add_user("dee", "Guest", fp, None).map(|_| ()))
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let s = d.connect(&dev, None).await.unwrap();
-    assert_eq!(s.welcome.user.as_deref(), Some("dee"));
+    // Once the device has reloaded its state, the key connects as its user despite the cap.
+    let mut user = None;
+    for _ in 0..200 {
+        if let Ok(s) = d.connect(&dev, None).await {
+            user = s.welcome.user;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(user.as_deref(), Some("dee"));
     dev.stop().await;
 }
