@@ -291,6 +291,16 @@ pub(crate) struct Who<'a> {
     pub(crate) role: String,
 }
 
+/// Outcome of [`Shared::tunnel_check`].
+pub(crate) struct TunnelCheck {
+    /// Whether IAM allows the tunnel.
+    pub(crate) allowed: bool,
+    /// The service, if it exists.
+    pub(crate) service: Option<ServiceConfig>,
+    /// Who asked, for logs.
+    pub(crate) user: String,
+}
+
 /// Decrements the in-progress connection count when a handler ends.
 struct ActiveGuard<'a>(&'a AtomicUsize);
 
@@ -465,62 +475,90 @@ impl Shared {
             .collect()
     }
 
+    /// Whether `entry` may open a tunnel to `service_id` now, against the current state, IAM
+    /// and services. Cheap: one lookup per table, no copies of the connection tables.
+    pub(crate) fn tunnel_check(&self, entry: &ConnEntry, service_id: &str) -> TunnelCheck {
+        let state = self.state();
+        let config = self.config();
+        let iam = self.iam();
+        let who = Self::who(&state, &iam, entry);
+        let service = config.service(service_id);
+        let attrs = Self::service_attrs(Self::base_attrs(entry, &who), service_id, service);
+        TunnelCheck {
+            allowed: Self::authorize(&iam, entry, &who, Action::TunnelConnect, &attrs),
+            service: service.cloned(),
+            user: who
+                .user
+                .map_or("(unpaired)", |u| u.username.as_str())
+                .to_string(),
+        }
+    }
+
     /// Re-checks every live connection and tunnel against the current state, IAM and config.
     pub(crate) fn enforce(&self) {
         let state = self.state();
         let config = self.config();
         let iam = self.iam();
         for entry in self.conns() {
-            let current = state
-                .user_by_fingerprint(&entry.fingerprint)
-                .map(|u| u.username.clone());
-            let previous = entry.user.lock().map(|g| g.clone()).unwrap_or_default();
-            match (&previous, &current) {
-                (Some(prev), cur) if cur.as_ref() != Some(prev) => {
-                    info!(user = %prev, peer = %entry.fingerprint.fmt_short(), "access removed: closing the connection");
-                    entry
-                        .conn
-                        .close(CloseCode::REVOKED.to_varint(), b"access revoked");
-                    continue;
-                }
-                (None, Some(_)) => {
-                    if let Ok(mut u) = entry.user.lock() {
-                        u.clone_from(&current);
-                    }
-                }
-                _ => {}
+            Self::enforce_on(&state, &config, &iam, &entry);
+        }
+    }
+
+    /// Re-checks one connection and its tunnels, as [`Shared::enforce`] does for all.
+    pub(crate) fn enforce_one(&self, entry: &ConnEntry) {
+        Self::enforce_on(&self.state(), &self.config(), &self.iam(), entry);
+    }
+
+    fn enforce_on(state: &DeviceState, config: &DeviceConfig, iam: &IamConfig, entry: &ConnEntry) {
+        let current = state
+            .user_by_fingerprint(&entry.fingerprint)
+            .map(|u| u.username.clone());
+        let previous = entry.user.lock().map(|g| g.clone()).unwrap_or_default();
+        match (&previous, &current) {
+            (Some(prev), cur) if cur.as_ref() != Some(prev) => {
+                info!(user = %prev, peer = %entry.fingerprint.fmt_short(), "access removed: closing the connection");
+                entry
+                    .conn
+                    .close(CloseCode::REVOKED.to_varint(), b"access revoked");
+                return;
             }
-            if !entry.local {
-                if !config.network.remote_access {
-                    entry.conn.close(
-                        CloseCode::REMOTE_DISABLED.to_varint(),
-                        b"remote access disabled",
-                    );
-                    continue;
-                }
-                if !entry.sct.as_ref().is_some_and(|t| state.sct_valid(t)) {
-                    info!(peer = %entry.fingerprint.fmt_short(), "server-connect token no longer valid: closing the connection");
-                    entry
-                        .conn
-                        .close(CloseCode::SCT_REJECTED.to_varint(), b"token revoked");
-                    continue;
+            (None, Some(_)) => {
+                if let Ok(mut u) = entry.user.lock() {
+                    u.clone_from(&current);
                 }
             }
-            let who = Self::who(&state, &iam, &entry);
-            let base = Self::base_attrs(&entry, &who);
-            let streams = entry.streams.lock().map(|g| g.clone()).unwrap_or_default();
-            for (service_id, kill) in streams.values() {
-                let svc = config.service(service_id);
-                if svc.is_none() {
-                    info!(service = %service_id, "service removed: resetting its tunnel");
-                    kill.kill(StreamCode::NO_SUCH_SERVICE);
-                    continue;
-                }
-                let attrs = Self::service_attrs(base.clone(), service_id, svc);
-                if !Self::authorize(&iam, &entry, &who, Action::TunnelConnect, &attrs) {
-                    info!(service = %service_id, role = %who.role, "access to the service removed: resetting the tunnel");
-                    kill.kill(StreamCode::FORBIDDEN);
-                }
+            _ => {}
+        }
+        if !entry.local {
+            if !config.network.remote_access {
+                entry.conn.close(
+                    CloseCode::REMOTE_DISABLED.to_varint(),
+                    b"remote access disabled",
+                );
+                return;
+            }
+            if !entry.sct.as_ref().is_some_and(|t| state.sct_valid(t)) {
+                info!(peer = %entry.fingerprint.fmt_short(), "server-connect token no longer valid: closing the connection");
+                entry
+                    .conn
+                    .close(CloseCode::SCT_REJECTED.to_varint(), b"token revoked");
+                return;
+            }
+        }
+        let who = Self::who(state, iam, entry);
+        let base = Self::base_attrs(entry, &who);
+        let streams = entry.streams.lock().map(|g| g.clone()).unwrap_or_default();
+        for (service_id, kill) in streams.values() {
+            let svc = config.service(service_id);
+            if svc.is_none() {
+                info!(service = %service_id, "service removed: resetting its tunnel");
+                kill.kill(StreamCode::NO_SUCH_SERVICE);
+                continue;
+            }
+            let attrs = Self::service_attrs(base.clone(), service_id, svc);
+            if !Self::authorize(iam, entry, &who, Action::TunnelConnect, &attrs) {
+                info!(service = %service_id, role = %who.role, "access to the service removed: resetting the tunnel");
+                kill.kill(StreamCode::FORBIDDEN);
             }
         }
     }
@@ -1043,7 +1081,7 @@ async fn handle_connection(shared: Arc<Shared>, incoming: quinn::Incoming, id: u
         conns.insert(id, entry.clone());
     }
     // A removal may have landed between the lookup above and the registration.
-    shared.enforce();
+    shared.enforce_one(&entry);
 
     tokio::select! {
         r = control::serve(&shared, &entry, ctl_send, ctl_recv) => {
@@ -1136,19 +1174,11 @@ async fn handle_stream(
     };
 
     // Re-authorize against the current state, IAM and services on every stream.
-    let state = shared.state();
-    let iam = shared.iam();
-    let who = Shared::who(&state, &iam, &entry);
-    let service = config.service(&service_id);
-    let attrs = Shared::service_attrs(Shared::base_attrs(&entry, &who), &service_id, service);
-    let allowed = Shared::authorize(&iam, &entry, &who, Action::TunnelConnect, &attrs);
-    let user = who
-        .user
-        .map_or("(unpaired)", |u| u.username.as_str())
-        .to_string();
+    let check = shared.tunnel_check(&entry, &service_id);
+    let user = check.user;
     // Whether a service exists is only revealed to those who may connect to that id.
-    let Some(service) = service.filter(|_| allowed) else {
-        let code = if allowed {
+    let Some(service) = check.service.filter(|_| check.allowed) else {
+        let code = if check.allowed {
             StreamCode::NO_SUCH_SERVICE
         } else {
             StreamCode::FORBIDDEN
@@ -1157,7 +1187,6 @@ async fn handle_stream(
         splice::reject_stream(&mut send, &mut recv, code);
         return;
     };
-    drop(state);
 
     let target = service.target();
     let connect_timeout = Duration::from_secs(config.limits.connect_timeout_secs);
@@ -1178,8 +1207,13 @@ async fn handle_stream(
     if let Ok(mut streams) = entry.streams.lock() {
         streams.insert(n, (service_id.clone(), kill.clone()));
     }
-    // A revocation may have landed while we connected.
-    shared.enforce();
+    // A revocation may have landed while we connected, before this tunnel was registered
+    // (and so seen by `enforce`): check this one tunnel again.
+    let again = shared.tunnel_check(&entry, &service_id);
+    if !again.allowed || again.service.is_none() {
+        info!(%user, service = %service_id, "access changed while connecting: resetting the tunnel");
+        kill.kill(StreamCode::FORBIDDEN);
+    }
     debug!(%user, service = %service_id, "tunnel open");
     let result = splice::splice(tcp, send, recv, &kill, None).await;
     if let Ok(mut streams) = entry.streams.lock() {

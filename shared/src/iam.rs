@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::sync::Arc;
 
 use serde::Deserialize;
 use toml::Spanned;
@@ -251,8 +252,8 @@ pub struct Statement {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
     /// Its id.
-    pub id: String,
-    statements: Vec<Statement>,
+    pub id: Arc<str>,
+    statements: Vec<Arc<Statement>>,
 }
 
 /// A named list of policies.
@@ -286,7 +287,7 @@ pub struct Decision {
     pub allowed: bool,
     /// `(policy id, statement index from 1, statement)`; `None` means "no statement applied:
     /// denied by default" (or the role does not exist).
-    pub by: Option<(String, usize, Statement)>,
+    pub by: Option<(Arc<str>, usize, Arc<Statement>)>,
 }
 
 impl fmt::Display for Decision {
@@ -488,10 +489,16 @@ impl IamConfig {
             crate::config::check_id("policy id", &id).map_err(|e| err(p.id.span().start, e.0))?;
             let mut statements = Vec::new();
             for s in &p.statements {
-                statements.push(parse_statement(text, s, &err)?);
+                statements.push(Arc::new(parse_statement(text, s, &err)?));
             }
             if policies
-                .insert(id.clone(), Policy { id, statements })
+                .insert(
+                    id.clone(),
+                    Policy {
+                        id: id.into(),
+                        statements,
+                    },
+                )
                 .is_some()
             {
                 return Err(err(
@@ -597,11 +604,11 @@ impl IamConfig {
                     Effect::Deny => {
                         return Decision {
                             allowed: false,
-                            by: Some((policy.id.clone(), i + 1, st.clone())),
+                            by: Some((Arc::clone(&policy.id), i + 1, Arc::clone(st))),
                         };
                     }
                     Effect::Allow if allow.is_none() => {
-                        allow = Some((policy.id.clone(), i + 1, st.clone()));
+                        allow = Some((Arc::clone(&policy.id), i + 1, Arc::clone(st)));
                     }
                     Effect::Allow => {}
                 }
@@ -946,7 +953,7 @@ policies = []
         let d = iam.decide("A", Action::TunnelConnect, &a);
         assert!(!d.allowed);
         let (policy, idx, st) = d.by.clone().unwrap();
-        assert_eq!((policy.as_str(), idx, st.line), ("nocam", 1, 13));
+        assert_eq!((&*policy, idx, st.line), ("nocam", 1, 13));
         assert!(
             d.to_string()
                 .starts_with("DENY by policy 'nocam' statement 1 (line 13)")

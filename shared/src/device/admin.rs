@@ -672,7 +672,7 @@ mod tests {
         let (role, _, d) = explain(&home, &q).unwrap();
         assert_eq!(role, "Guest");
         assert!(d.allowed);
-        assert_eq!(d.by.as_ref().unwrap().0, "TunnelLocalOnly");
+        assert_eq!(&*d.by.as_ref().unwrap().0, "TunnelLocalOnly");
         let (_, _, d) = explain(
             &home,
             &ExplainQuery {
