@@ -1019,6 +1019,23 @@ struct Report {
 }
 
 impl Report {
+    /// Writes `| path | dir | cells |` for every measured path with two ends and direction.
+    fn per_end_rows(&self, s: &mut String, cells: impl Fn(&[Sample]) -> String) {
+        for name in [
+            "ssh -L (default cipher)",
+            "ssh -L aes128-gcm",
+            "tunnel",
+            "tunnel, 8 streams",
+        ] {
+            for rev in [false, true] {
+                if let Some(v) = self.throughput.get(&(name, rev)) {
+                    let dir = if rev { "down" } else { "up" };
+                    s.push_str(&format!("| {name} | {dir} | {} |\n", cells(v)));
+                }
+            }
+        }
+    }
+
     fn gbps(&self, name: &str, reverse: bool) -> Vec<f64> {
         self.throughput
             .get(&(name, reverse))
@@ -1159,30 +1176,18 @@ impl Report {
             &mut s,
             "| path | dir | client end (s) | server end (s) | Gbit/s per core |\n|---|---|---|---|---|",
         );
-        for name in [
-            "ssh -L (default cipher)",
-            "ssh -L aes128-gcm",
-            "tunnel",
-            "tunnel, 8 streams",
-        ] {
-            for rev in [false, true] {
-                if let Some(v) = self.throughput.get(&(name, rev)) {
-                    let c: Vec<f64> = v.iter().map(|x| x.cpu_client).collect();
-                    let d: Vec<f64> = v.iter().map(|x| x.cpu_server).collect();
-                    let eff: Vec<f64> = v
-                        .iter()
-                        .filter_map(|x| Some(x.gbps? / ((x.cpu_client + x.cpu_server) / x.secs)))
-                        .collect();
-                    s.push_str(&format!(
-                        "| {name} | {} | {} | {} | {} |\n",
-                        if rev { "down" } else { "up" },
-                        fmt_stat(&c, 2),
-                        fmt_stat(&d, 2),
-                        fmt_stat(&eff, 2)
-                    ));
-                }
-            }
-        }
+        self.per_end_rows(&mut s, |v| {
+            let eff: Vec<f64> = v
+                .iter()
+                .filter_map(|x| Some(x.gbps? / ((x.cpu_client + x.cpu_server) / x.secs)))
+                .collect();
+            [
+                fmt_stat(&v.iter().map(|x| x.cpu_client).collect::<Vec<_>>(), 2),
+                fmt_stat(&v.iter().map(|x| x.cpu_server).collect::<Vec<_>>(), 2),
+                fmt_stat(&eff, 2),
+            ]
+            .join(" | ")
+        });
         w(&mut s, "");
         w(
             &mut s,
@@ -1247,31 +1252,20 @@ impl Report {
             &mut s,
             "| path | dir | client end | server end |\n|---|---|---|---|",
         );
-        for name in [
-            "ssh -L (default cipher)",
-            "ssh -L aes128-gcm",
-            "tunnel",
-            "tunnel, 8 streams",
-        ] {
-            for rev in [false, true] {
-                if let Some(v) = self.throughput.get(&(name, rev)) {
-                    let c: Vec<f64> = v
-                        .iter()
-                        .map(|x| x.peak_client_kib as f64 / 1024.0)
-                        .collect();
-                    let d: Vec<f64> = v
-                        .iter()
-                        .map(|x| x.peak_server_kib as f64 / 1024.0)
-                        .collect();
-                    s.push_str(&format!(
-                        "| {name} | {} | {} | {} |\n",
-                        if rev { "down" } else { "up" },
-                        fmt_stat(&c, 1),
-                        fmt_stat(&d, 1)
-                    ));
-                }
-            }
-        }
+        self.per_end_rows(&mut s, |v| {
+            let mib = |kib: u64| kib as f64 / 1024.0;
+            [
+                fmt_stat(
+                    &v.iter().map(|x| mib(x.peak_client_kib)).collect::<Vec<_>>(),
+                    1,
+                ),
+                fmt_stat(
+                    &v.iter().map(|x| mib(x.peak_server_kib)).collect::<Vec<_>>(),
+                    1,
+                ),
+            ]
+            .join(" | ")
+        });
         if let Some(m) = &self.idle_many {
             s.push_str(&format!(
                 "\nIdle tunnelled connections (each sent and received one byte, then stays open), with\n\
