@@ -35,6 +35,19 @@ impl TestDevice {
         Self::start_with(echo, prepare, "", None).await
     }
 
+    /// A device with password-invite pairing on and an invitation for a `Guest` user `guest`;
+    /// returns it with the invitation's password.
+    pub async fn with_guest_invite(echo: SocketAddr) -> (Self, Secret) {
+        let dev = Self::start(echo, |s| {
+            s.pairing
+                .set(tunnel_shared::pairing::PairingMode::PasswordInvite, true);
+            s.invite_user("guest", "Guest").unwrap();
+        })
+        .await;
+        let pw = dev.state().user("guest").unwrap().password.clone().unwrap();
+        (dev, pw)
+    }
+
     /// As [`Self::start`], with extra `device.toml` text and an optional `iam.toml`.
     pub async fn start_with(
         echo: SocketAddr,

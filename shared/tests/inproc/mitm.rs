@@ -148,12 +148,7 @@ async fn a_relaying_man_in_the_middle_cannot_complete_password_pairing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_same_password_pairs_directly() {
     let echo = echo_server().await;
-    let dev = TestDevice::start(echo, |s| {
-        s.pairing.set(PairingMode::PasswordInvite, true);
-        s.invite_user("guest", "Guest").unwrap();
-    })
-    .await;
-    let pw = dev.state().user("guest").unwrap().password.clone().unwrap();
+    let (dev, pw) = TestDevice::with_guest_invite(echo).await;
     let c = TestClient::new(LOCAL);
     let s = c.connect(&dev, None).await.unwrap();
     prove_password(&s, &pw, "guest").await.unwrap();

@@ -212,12 +212,7 @@ async fn racing_local_initial_pairing_makes_exactly_one_owner() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_invitation_works_once() {
     let echo = echo_server().await;
-    let dev = TestDevice::start(echo, |s| {
-        s.pairing.set(PairingMode::PasswordInvite, true);
-        s.invite_user("guest", "Guest").unwrap();
-    })
-    .await;
-    let pw = dev.state().user("guest").unwrap().password.clone().unwrap();
+    let (dev, pw) = TestDevice::with_guest_invite(echo).await;
     let first = TestClient::new(LOCAL);
     let s = first.connect(&dev, None).await.unwrap();
     prove_password(&s, &pw, "guest").await.unwrap();
@@ -249,14 +244,8 @@ async fn an_invitation_works_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_passwords_are_limited_per_source_without_locking_out_others() {
     let echo = echo_server().await;
-    let dev = TestDevice::start(echo, |s| {
-        s.pairing.set(PairingMode::PasswordInvite, true);
-        s.invite_user("guest", "Guest").unwrap();
-    })
-    .await;
-    let state = dev.state();
-    let user = state.user("guest").unwrap();
-    let (pw, sct) = (user.password.clone().unwrap(), user.sct.clone());
+    let (dev, pw) = TestDevice::with_guest_invite(echo).await;
+    let sct = dev.state().user("guest").unwrap().sct.clone();
     let before = dev.state_bytes();
 
     // An attacker from one remote address, holding the invitation's token but not its password.
