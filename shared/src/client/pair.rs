@@ -89,11 +89,31 @@ async fn already_paired(
     })
 }
 
-fn expect_paired(session: &Session, r: Response) -> Result<UserInfo, ConnectError> {
-    match r {
-        Response::Paired(u) => Ok(u),
-        other => Err(session.unexpected(&other)),
-    }
+/// Sends the pairing `request` of `mode` and, once the device answers `Paired`, saves `dev` with
+/// the new user and its token (the pairing string's open token when the device sent none).
+async fn request_pairing(
+    home: &ClientHome,
+    session: &Session,
+    request: &Request,
+    dev: KnownDevice,
+    mode: PairingMode,
+    trusted_on_first_use: bool,
+) -> Result<PairOutcome, ClientError> {
+    let user = match session.call(request).await? {
+        Response::Paired(u) => u,
+        other => return Err(session.unexpected(&other).into()),
+    };
+    let device = home.save_paired(KnownDevice {
+        user: Some(user.username.clone()),
+        sct: user.sct.clone().or_else(|| dev.sct.clone()),
+        ..dev
+    })?;
+    Ok(PairOutcome {
+        device,
+        user,
+        mode: Some(mode),
+        trusted_on_first_use,
+    })
 }
 
 /// Pairs using a pairing string printed by `tunnel-device init` / `user invite` / `pairing string`.
@@ -151,18 +171,7 @@ pub async fn pair_with_string(
                 key_name,
             },
         };
-        let user = expect_paired(&session, session.call(&request).await?)?;
-        let device = home.save_paired(KnownDevice {
-            user: Some(user.username.clone()),
-            sct: user.sct.clone().or_else(|| dev.sct.clone()),
-            ..dev
-        })?;
-        Ok(PairOutcome {
-            device,
-            user,
-            mode: Some(mode),
-            trusted_on_first_use: false,
-        })
+        request_pairing(home, &session, &request, dev, mode, false).await
     };
     session.close();
     endpoint.wait_idle().await;
@@ -321,18 +330,8 @@ pub async fn pair_local(
                 )));
             }
         };
-        let user = expect_paired(&session, session.call(&request).await?)?;
-        let device = home.save_paired(KnownDevice {
-            user: Some(user.username.clone()),
-            sct: user.sct.clone(),
-            ..dev
-        })?;
-        Ok(PairOutcome {
-            device,
-            user,
-            mode: Some(mode),
-            trusted_on_first_use: tofu,
-        })
+        // `dev` holds no token here, so the device's is the one saved.
+        request_pairing(home, &session, &request, dev, mode, tofu).await
     };
     session.close();
     endpoint.wait_idle().await;
