@@ -352,6 +352,18 @@ impl Sshd {
             .arg(format!("{}@127.0.0.1", self.user));
         cmd
     }
+
+    /// Runs `command` over `ssh` to `127.0.0.1:port`, asserts that it succeeded and returns its
+    /// standard output.
+    pub fn exec(&self, port: u16, command: &str) -> String {
+        let out = self.ssh(port).arg(command).output().unwrap();
+        assert!(
+            out.status.success(),
+            "ssh failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
 }
 
 /// Python's `http.server` serving a directory on `127.0.0.1:0`.
