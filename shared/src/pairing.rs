@@ -255,6 +255,23 @@ pub fn render_qr(text: &str) -> Option<String> {
     )
 }
 
+impl PairingString {
+    /// The block both CLIs print when they hand out a pairing string: a warning, the string,
+    /// and (when `with_qr`, e.g. stdout is a terminal) its QR code.
+    pub fn to_terminal(&self, with_qr: bool) -> String {
+        let text = self.to_string();
+        let mut out = format!(
+            "Pairing string (contains a password: share it privately; it works once):\n\n  {text}\n"
+        );
+        if with_qr && let Some(qr) = render_qr(&text) {
+            out.push('\n');
+            out.push_str(&qr);
+            out.push('\n');
+        }
+        out
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // PAKE
 // ---------------------------------------------------------------------------------------------
@@ -736,6 +753,24 @@ mod tests {
         let qr = render_qr("tp1,d=cam,f=00").unwrap();
         assert!(qr.lines().count() > 10);
         assert!(render_qr(&"x".repeat(5000)).is_none());
+    }
+
+    #[test]
+    fn terminal_block_has_the_string_and_a_qr_code_only_when_asked() {
+        let p = PairingString {
+            device_id: "cam-1".into(),
+            fingerprint: SecretKey::generate().fingerprint(),
+            addresses: vec!["192.168.1.2:5592".parse().unwrap()],
+            username: Some("owner".into()),
+            password: Secret::generate(SECRET_LEN),
+            sct: None,
+        };
+        let plain = p.to_terminal(false);
+        assert_eq!(plain.lines().nth(2), Some(format!("  {p}").as_str()));
+        assert_eq!(plain.lines().count(), 3);
+        let with_qr = p.to_terminal(true);
+        assert!(with_qr.starts_with(&plain));
+        assert!(with_qr.ends_with(&format!("\n{}\n", render_qr(&p.to_string()).unwrap())));
     }
 
     #[test]

@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 
 use tunnel_shared::client::{ClientError, ClientHome, ConnectOptions, Session, connect_paired};
 use tunnel_shared::config::KnownDevice;
-use tunnel_shared::pairing::{PairingString, render_qr};
+use tunnel_shared::pairing::PairingString;
 use tunnel_shared::proto::{Request, Response};
 use tunnel_shared::transport;
 
@@ -35,16 +35,9 @@ async fn expect_ok(session: &Session, req: Request) -> Result<(), ClientError> {
     }
 }
 
+/// Prints a pairing string, and its QR code when stdout is a terminal.
 fn print_pairing(ps: &PairingString) {
-    println!("Pairing string (contains a password: share it privately; it works once):");
-    println!();
-    println!("  {ps}");
-    if std::io::stdout().is_terminal()
-        && let Some(qr) = render_qr(&ps.to_string())
-    {
-        println!();
-        println!("{qr}");
-    }
+    print!("{}", ps.to_terminal(std::io::stdout().is_terminal()));
 }
 
 pub(crate) async fn user(home: &ClientHome, device: &str, cmd: UserCmd) -> Result<(), ClientError> {

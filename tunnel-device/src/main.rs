@@ -20,7 +20,7 @@ use tunnel_shared::device::admin::{self, AdminError, ExplainQuery, InitOptions};
 use tunnel_shared::device::{self, DeviceError, DeviceHome, RunOptions};
 use tunnel_shared::iam::{Action, DEFAULT_IAM_TOML};
 use tunnel_shared::identity::Fingerprint;
-use tunnel_shared::pairing::{PairingMode, PairingString, render_qr};
+use tunnel_shared::pairing::{PairingMode, PairingString};
 
 /// Publish TCP services (sshd, a camera's RTSP server, a web UI) to paired clients through an
 /// authenticated, encrypted QUIC tunnel.
@@ -418,15 +418,7 @@ fn print_init(home: &DeviceHome, report: &admin::InitReport, addrs: Vec<HostPort
 
 /// Prints a pairing string, and its QR code when stdout is a terminal.
 fn print_pairing(ps: &PairingString) {
-    println!("Pairing string (contains a password: share it privately; it works once):");
-    println!();
-    println!("  {ps}");
-    if std::io::stdout().is_terminal()
-        && let Some(qr) = render_qr(&ps.to_string())
-    {
-        println!();
-        println!("{qr}");
-    }
+    print!("{}", ps.to_terminal(std::io::stdout().is_terminal()));
 }
 
 async fn self_test_cmd(home: &DeviceHome) -> Result<ExitCode, Failure> {
