@@ -99,9 +99,12 @@ pub enum SpliceError {
     /// Ended from outside through a [`Kill`].
     #[error("ended locally: {0}")]
     Killed(StreamCode),
-    /// Any other stream error.
-    #[error("stream error: {0}")]
-    Stream(String),
+    /// Any other error reading the stream.
+    #[error("stream read failed: {0}")]
+    Read(quinn::ReadError),
+    /// Any other error writing the stream.
+    #[error("stream write failed: {0}")]
+    Write(quinn::WriteError),
 }
 
 impl SpliceError {
@@ -125,7 +128,7 @@ fn read_error(e: quinn::ReadError) -> SpliceError {
     match e {
         quinn::ReadError::Reset(code) => SpliceError::Reset(StreamCode::from_varint(code)),
         quinn::ReadError::ConnectionLost(c) => SpliceError::ConnectionLost(c),
-        other => SpliceError::Stream(other.to_string()),
+        other => SpliceError::Read(other),
     }
 }
 
@@ -133,7 +136,7 @@ fn write_error(e: quinn::WriteError) -> SpliceError {
     match e {
         quinn::WriteError::Stopped(code) => SpliceError::Stopped(StreamCode::from_varint(code)),
         quinn::WriteError::ConnectionLost(c) => SpliceError::ConnectionLost(c),
-        other => SpliceError::Stream(other.to_string()),
+        other => SpliceError::Write(other),
     }
 }
 

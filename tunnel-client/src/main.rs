@@ -24,7 +24,7 @@ use tunnel_shared::client::pair::{self, LocalPairing, PairOutcome};
 use tunnel_shared::client::{ClientError, ClientHome, ConnectOptions, connect_paired};
 use tunnel_shared::config::{HostPort, default_client_home};
 use tunnel_shared::discovery;
-use tunnel_shared::identity::Fingerprint;
+use tunnel_shared::identity::{Fingerprint, KeyFileError};
 use tunnel_shared::pairing::{PairingMode, PairingString};
 use tunnel_shared::secret::Secret;
 use tunnel_shared::transport;
@@ -236,15 +236,55 @@ pub(crate) enum PairingCmd {
     },
 }
 
+/// Exit status for every error: 1 for a runtime failure (the network, the device, the OS), 2 for
+/// something the user fixes in arguments or files. One table for the whole binary.
+fn exit_code(e: &ClientError) -> u8 {
+    use ClientError as E;
+    match e {
+        E::Config(_)
+        | E::Lookup(_)
+        | E::Value(_)
+        | E::NoAddress
+        | E::NameTaken { .. }
+        | E::PinnedToOtherKey { .. }
+        | E::NoForwards
+        | E::NeedsUsername
+        | E::NeedsPairingString(_) => 2,
+        E::Key(KeyFileError::Unprotected { .. } | KeyFileError::Invalid { .. }) => 2,
+        E::Key(KeyFileError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            2
+        }
+        E::Key(_)
+        | E::Transport(_)
+        | E::Connect(_)
+        | E::Io { .. }
+        | E::Listen { .. }
+        | E::Discovery(_) => 1,
+    }
+}
+
+/// An error for `main`: the message and the exit status.
 struct Failure {
     code: u8,
     message: String,
 }
 
+impl Failure {
+    /// A usage problem found by the binary itself (status 2).
+    fn usage(message: impl Into<String>) -> Self {
+        Self {
+            code: 2,
+            message: message.into(),
+        }
+    }
+}
+
 impl From<ClientError> for Failure {
     fn from(e: ClientError) -> Self {
         Self {
-            code: e.exit_code(),
+            code: exit_code(&e),
             message: e.to_string(),
         }
     }
@@ -309,7 +349,8 @@ fn dispatch(command: Command, home: ClientHome) -> Result<(), Failure> {
                         key_name,
                         &opts,
                     )
-                    .await;
+                    .await
+                    .map_err(Failure::from);
                 }
                 let addresses = if local {
                     discover_one(device.as_deref(), fingerprint).await?
@@ -329,6 +370,7 @@ fn dispatch(command: Command, home: ClientHome) -> Result<(), Failure> {
                     &opts,
                 )
                 .await
+                .map_err(Failure::from)
             })?;
             print_paired(&outcome);
         }
@@ -423,20 +465,23 @@ fn dispatch(command: Command, home: ClientHome) -> Result<(), Failure> {
 async fn discover_one(
     device: Option<&str>,
     fingerprint: Option<Fingerprint>,
-) -> Result<Vec<HostPort>, ClientError> {
+) -> Result<Vec<HostPort>, Failure> {
     let found = tokio::task::spawn_blocking(|| discovery::browse(Duration::from_secs(2)))
         .await
-        .map_err(|e| ClientError::Usage(format!("discovery failed: {e}")))??;
+        .map_err(|e| Failure {
+            code: 1,
+            message: format!("discovery failed: {e}"),
+        })?
+        .map_err(ClientError::from)?;
     let candidates: Vec<_> = found
         .into_iter()
         .filter(|f| device.is_none_or(|d| f.device_id == d))
         .filter(|f| fingerprint.is_none_or(|fp| f.fingerprint == Some(fp)))
         .collect();
     match candidates.as_slice() {
-        [] => Err(ClientError::Usage(
+        [] => Err(Failure::usage(
             "no matching device answered on the local network (`tunnel-client discover` lists \
-             them; or pair by address with --addr HOST:PORT)"
-                .into(),
+             them; or pair by address with --addr HOST:PORT)",
         )),
         [one] => Ok(one
             .addresses
@@ -446,7 +491,7 @@ async fn discover_one(
                 port: a.port(),
             })
             .collect()),
-        many => Err(ClientError::Usage(format!(
+        many => Err(Failure::usage(format!(
             "several devices answered ({}): choose one with --device ID",
             many.iter()
                 .map(|f| f.device_id.as_str())

@@ -3,10 +3,10 @@
 
 use std::io::IsTerminal;
 
-use tunnel_shared::client::{ClientError, ClientHome, ConnectOptions, Session, connect_paired};
-use tunnel_shared::config::KnownDevice;
-use tunnel_shared::pairing::PairingString;
-use tunnel_shared::proto::{Request, Response};
+use tunnel_shared::client::{
+    ClientError, ClientHome, ConnectOptions, KnownDevice, Session, connect_paired,
+};
+use tunnel_shared::pairing::{PairingMode, PairingString};
 use tunnel_shared::transport;
 
 use crate::{PairingCmd, UserCmd};
@@ -28,13 +28,6 @@ async fn with_session<T>(
     out
 }
 
-async fn expect_ok(session: &Session, req: Request) -> Result<(), ClientError> {
-    match session.call(&req).await? {
-        Response::Ok => Ok(()),
-        other => Err(session.unexpected(&other).into()),
-    }
-}
-
 /// Prints a pairing string, and its QR code when stdout is a terminal.
 fn print_pairing(ps: &PairingString) {
     print!("{}", ps.to_terminal(std::io::stdout().is_terminal()));
@@ -43,10 +36,7 @@ fn print_pairing(ps: &PairingString) {
 pub(crate) async fn user(home: &ClientHome, device: &str, cmd: UserCmd) -> Result<(), ClientError> {
     with_session(home, device, async |s, dev| match cmd {
         UserCmd::List { json } => {
-            let users = match s.call(&Request::ListUsers).await? {
-                Response::Users(u) => u,
-                other => return Err(s.unexpected(&other).into()),
-            };
+            let users = s.users().await?;
             if json {
                 let v: Vec<_> = users
                     .iter()
@@ -83,33 +73,17 @@ pub(crate) async fn user(home: &ClientHome, device: &str, cmd: UserCmd) -> Resul
             Ok(())
         }
         UserCmd::Remove { username } => {
-            expect_ok(
-                s,
-                Request::DeleteUser {
-                    username: username.clone(),
-                },
-            )
-            .await?;
+            s.remove_user(&username).await?;
             println!("Removed user '{username}' from '{}'", dev.name);
             Ok(())
         }
         UserCmd::SetRole { username, role } => {
-            expect_ok(
-                s,
-                Request::SetUserRole {
-                    username: username.clone(),
-                    role: role.clone(),
-                },
-            )
-            .await?;
+            s.set_role(&username, &role).await?;
             println!("User '{username}' on '{}' now has role {role}", dev.name);
             Ok(())
         }
         UserCmd::Invite { username, role } => {
-            let invite = match s.call(&Request::CreateUser { username, role }).await? {
-                Response::Invite(i) => i,
-                other => return Err(s.unexpected(&other).into()),
-            };
+            let invite = s.invite_user(&username, role.as_deref()).await?;
             println!(
                 "Invited '{}' (role {}) on '{}'.",
                 invite.username, invite.role, dev.name
@@ -142,11 +116,8 @@ pub(crate) async fn pairing(
 ) -> Result<(), ClientError> {
     with_session(home, device, async |s, dev| match cmd {
         PairingCmd::Status => {
-            let settings = match s.call(&Request::GetSettings).await? {
-                Response::Settings(x) => x,
-                other => return Err(s.unexpected(&other).into()),
-            };
-            for mode in tunnel_shared::pairing::PairingMode::ALL {
+            let settings = s.settings().await?;
+            for mode in PairingMode::ALL {
                 println!(
                     "{:<16} {}",
                     mode.as_str(),
@@ -158,10 +129,7 @@ pub(crate) async fn pairing(
                 );
             }
             println!("open pairing role: {}", settings.open_pairing_role);
-            if settings
-                .enabled
-                .contains(&tunnel_shared::pairing::PairingMode::PasswordOpen)
-            {
+            if settings.enabled.contains(&PairingMode::PasswordOpen) {
                 println!();
                 println!(
                     "Password open pairing string (anyone holding it can become a {}):",
@@ -180,7 +148,7 @@ pub(crate) async fn pairing(
         }
         PairingCmd::Enable { mode } | PairingCmd::Disable { mode } => {
             let enabled = matches!(cmd, PairingCmd::Enable { .. });
-            expect_ok(s, Request::SetPairingMode { mode, enabled }).await?;
+            s.set_pairing_mode(mode, enabled).await?;
             println!(
                 "{mode} pairing on '{}' is {}",
                 dev.name,
@@ -198,7 +166,7 @@ pub(crate) async fn rename(
     name: String,
 ) -> Result<(), ClientError> {
     with_session(home, device, async |s, dev| {
-        expect_ok(s, Request::SetDeviceName { name: name.clone() }).await?;
+        s.rename_device(&name).await?;
         println!("Renamed '{}' to \"{name}\" on the device", dev.name);
         Ok(())
     })

@@ -16,11 +16,12 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tunnel_shared::config::{HostPort, ServiceSpec, default_device_home};
-use tunnel_shared::device::admin::{self, AdminError, ExplainQuery, InitOptions};
+use tunnel_shared::device::admin::{self, ExplainQuery, InitOptions};
 use tunnel_shared::device::{self, DeviceError, DeviceHome, RunOptions};
 use tunnel_shared::iam::{Action, DEFAULT_IAM_TOML};
-use tunnel_shared::identity::Fingerprint;
+use tunnel_shared::identity::{Fingerprint, KeyFileError};
 use tunnel_shared::pairing::{PairingMode, PairingString};
+use tunnel_shared::state::StateError;
 
 /// Publish TCP services (sshd, a camera's RTSP server, a web UI) to paired clients through an
 /// authenticated, encrypted QUIC tunnel.
@@ -238,25 +239,46 @@ enum IamCmd {
     Check,
 }
 
-/// An error for `main`: the message and the exit code.
+/// Exit status for every error: 1 for a runtime failure (the network, the OS, another process),
+/// 2 for something the user fixes in arguments or files. One table for the whole binary.
+fn exit_code(e: &DeviceError) -> u8 {
+    use DeviceError as E;
+    match e {
+        E::Config(_)
+        | E::Iam(_)
+        | E::Role(_)
+        | E::UnknownRole(_)
+        | E::Value(_)
+        | E::AlreadyInitialised(_)
+        | E::NoInvitation(_)
+        | E::NoAddress => 2,
+        E::State(StateError::Missing(_) | StateError::Corrupt { .. } | StateError::Rejected(_)) => {
+            2
+        }
+        E::Key(KeyFileError::Unprotected { .. } | KeyFileError::Invalid { .. }) => 2,
+        E::Key(KeyFileError::Io { source, .. })
+            if source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            2
+        }
+        E::State(StateError::Io { .. })
+        | E::Key(_)
+        | E::Transport(_)
+        | E::AlreadyRunning(_)
+        | E::Io { .. } => 1,
+    }
+}
+
+/// An error for `main`: the message and the exit status.
 struct Failure {
     code: u8,
     message: String,
 }
 
-impl From<AdminError> for Failure {
-    fn from(e: AdminError) -> Self {
-        Self {
-            code: e.exit_code(),
-            message: e.to_string(),
-        }
-    }
-}
-
 impl From<DeviceError> for Failure {
     fn from(e: DeviceError) -> Self {
         Self {
-            code: e.exit_code(),
+            code: exit_code(&e),
             message: e.to_string(),
         }
     }
@@ -586,7 +608,7 @@ fn pairing_cmd(home: &DeviceHome, cmd: PairingCmd) -> Result<(), Failure> {
     match cmd {
         PairingCmd::Status => {
             let p = admin::pairing_status(home)?;
-            let iam = home.load_iam().map_err(AdminError::from)?;
+            let iam = home.load_iam().map_err(DeviceError::from)?;
             for mode in PairingMode::ALL {
                 let note = if mode == PairingMode::LocalInitial && p.initial_done {
                     " (already used)"

@@ -16,13 +16,14 @@ use indicatif::{ProgressBar, ProgressStyle};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tunnel_shared::client::open::{ForwardSpec, OpenOptions, Opener};
 use tunnel_shared::client::{ClientHome, ConnectOptions, pair};
 use tunnel_shared::config::{HostPort, ServiceSpec};
 use tunnel_shared::device::admin::{self, InitOptions};
 use tunnel_shared::device::{self, DeviceHome, RunOptions};
+use tunnel_testkit::servers::TestServer;
 
 const CHUNK: usize = 256 * 1024;
 
@@ -39,9 +40,7 @@ async fn main() -> anyhow::Result<()> {
     let client_home = ClientHome::new(dir.path().join("client"));
 
     // 1. A target service: reads everything, answers with its SHA-256.
-    let target = TcpListener::bind("127.0.0.1:0").await?;
-    let target_addr = target.local_addr()?;
-    tokio::spawn(hash_server(target));
+    let target_addr = TestServer::hasher().addr;
     println!("1. Target service (a built-in hash server) on {target_addr}");
 
     // 2. Device home: key, device.toml with the service, and an invitation for the first user.
@@ -201,30 +200,6 @@ async fn push(addr: SocketAddr, total: u64) -> anyhow::Result<(Duration, String,
     let elapsed = started.elapsed();
     bar.finish_and_clear();
     Ok((elapsed, hex(&hasher.finalize()), reply))
-}
-
-async fn hash_server(listener: TcpListener) {
-    while let Ok((mut conn, _)) = listener.accept().await {
-        tokio::spawn(async move {
-            let mut hasher = Sha256::new();
-            let mut buf = vec![0u8; CHUNK];
-            let mut n = 0u64;
-            loop {
-                match conn.read(&mut buf).await {
-                    Ok(0) => break,
-                    Ok(k) => {
-                        hasher.update(&buf[..k]);
-                        n += k as u64;
-                    }
-                    Err(_) => return,
-                }
-            }
-            let _ = conn
-                .write_all(format!("{n} {}\n", hex(&hasher.finalize())).as_bytes())
-                .await;
-            let _ = conn.shutdown().await;
-        });
-    }
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -19,7 +19,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use bytes::Bytes;
 use rand::Rng;
 use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
@@ -29,14 +28,14 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::{ClientError, ClientHome, ConnectError, ConnectOptions, connect, connection_error};
-use crate::config::KnownDevice;
+use super::session::{connection_error, learn};
+use super::{ClientError, ClientHome, ConnectError, ConnectOptions, KnownDevice, Session, connect};
 use crate::fsutil;
 use crate::identity::Fingerprint;
-use crate::proto::{self, CloseCode, StreamCode, StreamOpen};
-use crate::proto::{Request, Response};
+use crate::proto::{CloseCode, StreamCode};
 use crate::splice::{self, Counters, Kill};
 use crate::transport::{self, Identity};
+use crate::wire;
 
 /// One `-L [BIND:]PORT:SERVICE`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,9 +209,7 @@ impl Opener {
     /// [`ClientError`] (unknown device, port in use, …).
     pub async fn bind(opts: OpenOptions) -> Result<Self, ClientError> {
         if opts.forwards.is_empty() {
-            return Err(ClientError::Usage(
-                "nothing to open: give at least one -L [BIND:]PORT:SERVICE".into(),
-            ));
+            return Err(ClientError::NoForwards);
         }
         let identity = opts.home.identity()?;
         let device = opts.home.find_device(&opts.device)?;
@@ -425,43 +422,10 @@ async fn manage(
                     "connected"
                 );
                 // Learn this user's token (needed for remote connections) if we lack it.
-                let sct = if device.sct.is_none() || device.user != session.welcome.user {
-                    match session.call(&Request::GetMe).await {
-                        Ok(Response::Me(Some(me))) => me.sct,
-                        _ => None,
-                    }
-                } else {
-                    None
-                };
-                if let Err(e) = opts
-                    .home
-                    .remember(&device.name, &session.welcome, sct.as_ref())
-                {
-                    warn!("could not record the device's id in known_devices.toml: {e}");
-                }
+                learn(&opts.home, &session, device).await;
                 if !checked_services {
                     checked_services = true;
-                    match session.services().await {
-                        Ok(list) => {
-                            for f in &opts.forwards {
-                                if !list.iter().any(|s| s.id == f.service) {
-                                    let known: Vec<&str> =
-                                        list.iter().map(|s| s.id.as_str()).collect();
-                                    warn!(
-                                        "device '{}' offers no service '{}' to you (it offers: {}); connections to it will be refused",
-                                        device.name,
-                                        f.service,
-                                        if known.is_empty() {
-                                            "none".to_string()
-                                        } else {
-                                            known.join(", ")
-                                        }
-                                    );
-                                }
-                            }
-                        }
-                        Err(e) => debug!("could not list services: {e}"),
-                    }
+                    warn_unoffered(&session, &opts.forwards).await;
                 }
                 link_tx.send_replace(LinkState::Connected {
                     conn: session.conn.clone(),
@@ -496,6 +460,33 @@ async fn manage(
                 tokio::time::sleep_until(earliest).await;
             } => debug!("a local connection is waiting: retrying now"),
             () = stop.cancelled() => return Ok(()),
+        }
+    }
+}
+
+/// Warns about every forward whose service the device does not offer to this user.
+async fn warn_unoffered(session: &Session, forwards: &[ForwardSpec]) {
+    let list = match session.services().await {
+        Ok(list) => list,
+        Err(e) => {
+            debug!("could not list services: {e}");
+            return;
+        }
+    };
+    for f in forwards {
+        if !list.iter().any(|s| s.id == f.service) {
+            let known: Vec<&str> = list.iter().map(|s| s.id.as_str()).collect();
+            warn!(
+                "device '{}' offers no service '{}' to you (it offers: {}); connections to it \
+                 will be refused",
+                session.device(),
+                f.service,
+                if known.is_empty() {
+                    "none".to_string()
+                } else {
+                    known.join(", ")
+                }
+            );
         }
     }
 }
@@ -541,13 +532,8 @@ async fn handle_local(ctx: Arc<Ctx>, svc: Arc<ServiceStatus>, tcp: TcpStream) {
     svc.open.fetch_add(1, Ordering::Relaxed);
     let _guard = OpenGuard(&svc.open);
     let deadline = Instant::now() + ctx.connect_wait;
-    let header = match proto::encode_to_vec(
-        &StreamOpen::Tunnel {
-            service: svc.service.clone(),
-        },
-        proto::MAX_STREAM_OPEN_LEN,
-    ) {
-        Ok(h) => Bytes::from(h),
+    let header = match wire::tunnel_header(&svc.service) {
+        Ok(h) => h,
         Err(e) => {
             warn!("cannot encode the stream header: {e}");
             splice::abort_tcp(tcp);
@@ -568,11 +554,8 @@ async fn handle_local(ctx: Arc<Ctx>, svc: Arc<ServiceStatus>, tcp: TcpStream) {
                 return;
             }
         };
-        match conn.open_bi().await {
-            Ok((mut send, recv)) => match send.write_chunk(header.clone()).await {
-                Ok(()) => break (send, recv),
-                Err(e) => debug!("stream failed at once: {e}; waiting for a new connection"),
-            },
+        match wire::open_tunnel(&conn, header.clone()).await {
+            Ok(streams) => break streams,
             Err(e) => debug!("cannot open a stream: {e}; waiting for a new connection"),
         }
         if Instant::now() >= deadline {

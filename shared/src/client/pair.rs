@@ -13,11 +13,13 @@
 
 use tracing::info;
 
-use super::{ClientError, ClientHome, ConnectError, ConnectOptions, Session, Target, connect_to};
-use crate::config::{HostPort, KnownDevice};
+use super::{
+    ClientError, ClientHome, ConnectError, ConnectOptions, KnownDevice, Session, Target, connect_to,
+};
+use crate::config::HostPort;
 use crate::identity::Fingerprint;
 use crate::pairing::{Channel, ClientPake, EXPORTER_LABEL, PairingMode, PairingString};
-use crate::proto::{ErrorCode, Request, Response, UserInfo};
+use crate::proto::{ErrorCode, Request, UserInfo};
 use crate::transport;
 
 /// What pairing achieved.
@@ -73,10 +75,10 @@ async fn already_paired(
     session: &Session,
     mut dev: KnownDevice,
 ) -> Result<PairOutcome, ClientError> {
-    let me = session
-        .me()
-        .await?
-        .ok_or_else(|| session.unexpected(&Response::Me(None)))?;
+    let me = session.me().await?.ok_or_else(|| ConnectError::Protocol {
+        device: session.device().to_string(),
+        reason: "the device welcomed this key as a user but has no user for it".into(),
+    })?;
     dev.user = Some(me.username.clone());
     dev.sct.clone_from(&me.sct);
     dev.device_id = Some(session.welcome.device_id.clone());
@@ -99,10 +101,7 @@ async fn request_pairing(
     mode: PairingMode,
     trusted_on_first_use: bool,
 ) -> Result<PairOutcome, ClientError> {
-    let user = match session.call(request).await? {
-        Response::Paired(u) => u,
-        other => return Err(session.unexpected(&other).into()),
-    };
+    let user = session.pair(request).await?;
     let device = home.save_paired(KnownDevice {
         user: Some(user.username.clone()),
         sct: user.sct.clone().or_else(|| dev.sct.clone()),
@@ -132,7 +131,7 @@ pub async fn pair_with_string(
     opts: &ConnectOptions,
 ) -> Result<PairOutcome, ClientError> {
     let name = name.unwrap_or(&ps.device_id).to_string();
-    crate::config::check_id("device name", &name).map_err(|e| ClientError::Usage(e.0))?;
+    crate::config::check_id("device name", &name)?;
     let identity = home.identity()?;
     let endpoint = transport::client_endpoint(&opts.transport)?;
     let target = Target {
@@ -209,16 +208,7 @@ pub async fn prove_password(
         exporter: &exporter,
     };
     let (pake, msg) = ClientPake::start(password, username, ch);
-    let reply = match session
-        .call(&Request::PakeStart {
-            username: username.to_string(),
-            msg,
-        })
-        .await?
-    {
-        Response::PakeReply { msg } => msg,
-        other => return Err(session.unexpected(&other)),
-    };
+    let reply = session.pake_start(username, msg).await?;
     let protocol = |reason: &str| ConnectError::Protocol {
         device: session.welcome.device_id.clone(),
         reason: reason.to_string(),
@@ -226,13 +216,7 @@ pub async fn prove_password(
     let (confirm, mac) = pake
         .finish(&reply)
         .map_err(|_| protocol("malformed key-exchange reply"))?;
-    let device_mac = match session
-        .call(&Request::PakeConfirm { mac: mac.to_vec() })
-        .await?
-    {
-        Response::PakeConfirmed { mac } => mac,
-        other => return Err(session.unexpected(&other)),
-    };
+    let device_mac = session.pake_confirm(mac.to_vec()).await?;
     confirm.verify(&device_mac).map_err(|_| {
         protocol(
             "the device could not prove that it knows the password: the connection may be \
@@ -266,7 +250,7 @@ pub async fn pair_local(
         .name
         .clone()
         .unwrap_or_else(|| session.welcome.device_id.clone());
-    crate::config::check_id("device name", &name).map_err(|e| ClientError::Usage(e.0))?;
+    crate::config::check_id("device name", &name)?;
     let dev = KnownDevice {
         name,
         fingerprint: session.device_fingerprint,
@@ -317,18 +301,10 @@ pub async fn pair_local(
                 key_name: opts.key_name.clone(),
             },
             PairingMode::LocalOpen => Request::PairLocalOpen {
-                username: opts.username.clone().ok_or_else(|| {
-                    ClientError::Usage(
-                        "local open pairing creates a new user: give --username NAME".into(),
-                    )
-                })?,
+                username: opts.username.clone().ok_or(ClientError::NeedsUsername)?,
                 key_name: opts.key_name.clone(),
             },
-            other => {
-                return Err(ClientError::Usage(format!(
-                    "{other} pairing needs a pairing string: tunnel-client pair PAIRING_STRING"
-                )));
-            }
+            other => return Err(ClientError::NeedsPairingString(other)),
         };
         // `dev` holds no token here, so the device's is the one saved.
         request_pairing(home, &session, &request, dev, mode, tofu).await

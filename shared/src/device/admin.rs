@@ -7,59 +7,17 @@
 //! files within half a second and applies them (a removed user's connections are closed at once).
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
 
 use crate::config::{
-    self, ConfigError, DeviceConfig, HostPort, Limits, NetworkSettings, ServiceConfig,
-    TransportSettings,
+    self, DeviceConfig, HostPort, Limits, NetworkSettings, ServiceConfig, TransportSettings,
 };
-use crate::device::DeviceHome;
-use crate::fsutil::{self, LockFile};
-use crate::iam::{self, Action, Attrs, Decision, IamConfig, IamError, Value};
-use crate::identity::{self, Fingerprint, KeyFileError};
+use crate::device::{DeviceError, DeviceHome};
+use crate::fsutil;
+use crate::iam::{self, Action, Attrs, Decision, IamConfig, Value};
+use crate::identity::{self, Fingerprint};
 use crate::pairing::{PairingMode, PairingString};
 use crate::secret::Secret;
-use crate::state::{DeviceState, PairingState, StateError, User};
-
-/// A management command failed.
-#[derive(Debug, thiserror::Error)]
-pub enum AdminError {
-    /// A configuration file is missing or invalid.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
-    /// The state file is missing or invalid, or the change was rejected.
-    #[error(transparent)]
-    State(#[from] StateError),
-    /// `iam.toml` is invalid.
-    #[error(transparent)]
-    Iam(#[from] IamError),
-    /// The key file is unusable.
-    #[error(transparent)]
-    Key(#[from] KeyFileError),
-    /// Bad arguments.
-    #[error("{0}")]
-    Usage(String),
-    /// IO on a named file.
-    #[error("'{path}': {source}", path = .path.display())]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        source: std::io::Error,
-    },
-}
-
-impl AdminError {
-    /// Exit code: 2 for usage and file-content problems, 1 for IO failures.
-    pub fn exit_code(&self) -> u8 {
-        match self {
-            Self::Io { .. }
-            | Self::State(StateError::Io { .. })
-            | Self::Key(KeyFileError::Io { .. }) => 1,
-            _ => 2,
-        }
-    }
-}
+use crate::state::{DeviceState, PairingState, Rejection, User};
 
 /// Options of [`init`].
 #[derive(Debug, Clone)]
@@ -109,19 +67,15 @@ pub struct InitReport {
 /// owner invitation (password invite on, every other mode off).
 ///
 /// # Errors
-/// [`AdminError`]; an existing home without `force` is [`AdminError::Usage`].
-pub fn init(home: &DeviceHome, opts: InitOptions) -> Result<InitReport, AdminError> {
-    fsutil::ensure_private_dir(home.dir()).map_err(|source| AdminError::Io {
+/// [`DeviceError`]; an existing home without `force` is [`DeviceError::AlreadyInitialised`].
+pub fn init(home: &DeviceHome, opts: InitOptions) -> Result<InitReport, DeviceError> {
+    fsutil::ensure_private_dir(home.dir()).map_err(|source| DeviceError::Io {
         path: home.dir().to_owned(),
         source,
     })?;
-    let _lock = lock_config(home)?;
+    let _lock = home.lock_config()?;
     if !opts.force && (home.config_path().exists() || home.state_path().exists()) {
-        return Err(AdminError::Usage(format!(
-            "'{}' is already initialised; use --force to overwrite device.toml and state.json \
-             (this removes all users; the key is kept)",
-            home.dir().display()
-        )));
+        return Err(DeviceError::AlreadyInitialised(home.dir().to_owned()));
     }
     let iam = home.load_iam()?;
     let (key, key_created) = identity::load_or_create_key(&home.key_path())?;
@@ -131,12 +85,7 @@ pub fn init(home: &DeviceHome, opts: InitOptions) -> Result<InitReport, AdminErr
         .unwrap_or_else(|| format!("dev-{}", &fingerprint.to_string()[..8]));
     let name = opts.name.unwrap_or_else(default_name);
     let services = if opts.services.is_empty() {
-        vec![
-            "ssh=127.0.0.1:22"
-                .parse::<config::ServiceSpec>()
-                .map(|s| s.0)
-                .map_err(|e| AdminError::Usage(e.0))?,
-        ]
+        vec!["ssh=127.0.0.1:22".parse::<config::ServiceSpec>()?.0]
     } else {
         opts.services
     };
@@ -153,7 +102,7 @@ pub fn init(home: &DeviceHome, opts: InitOptions) -> Result<InitReport, AdminErr
         network: NetworkSettings::default(),
         services,
     };
-    cfg.validate().map_err(|e| AdminError::Usage(e.0))?;
+    cfg.validate()?;
     let mut state = DeviceState::new_device();
     let invite = match opts.owner_invite {
         Some(owner) => {
@@ -170,7 +119,7 @@ pub fn init(home: &DeviceHome, opts: InitOptions) -> Result<InitReport, AdminErr
     };
     let text = cfg.to_commented_toml();
     fsutil::write_atomic(&home.config_path(), text.as_bytes(), 0o600).map_err(|source| {
-        AdminError::Io {
+        DeviceError::Io {
             path: home.config_path(),
             source,
         }
@@ -192,37 +141,30 @@ fn default_name() -> String {
         .unwrap_or_else(|| "tunnel-device".to_string())
 }
 
-fn lock_config(home: &DeviceHome) -> Result<LockFile, AdminError> {
-    LockFile::acquire(&home.config_lock_path()).map_err(|source| AdminError::Io {
-        path: home.config_lock_path(),
-        source,
-    })
-}
-
 /// The device key's fingerprint.
 ///
 /// # Errors
-/// [`AdminError::Key`].
-pub fn fingerprint(home: &DeviceHome) -> Result<Fingerprint, AdminError> {
+/// [`DeviceError::Key`].
+pub fn fingerprint(home: &DeviceHome) -> Result<Fingerprint, DeviceError> {
     Ok(identity::load_key(&home.key_path())?.fingerprint())
 }
 
-fn role(iam: &IamConfig, role: &str) -> Result<String, AdminError> {
-    iam.parse_role(role).map_err(AdminError::Usage)
+fn role(iam: &IamConfig, role: &str) -> Result<String, DeviceError> {
+    Ok(iam.parse_role(role)?)
 }
 
 /// Adds a user with one key. `role` `None` gives the initial role to the first user with a key
 /// and the open-pairing role to later ones.
 ///
 /// # Errors
-/// [`AdminError`]; the state file is unchanged on error.
+/// [`DeviceError`]; the state file is unchanged on error.
 pub fn user_add(
     home: &DeviceHome,
     username: &str,
     fingerprint: Fingerprint,
     role_name: Option<&str>,
     key_name: Option<String>,
-) -> Result<User, AdminError> {
+) -> Result<User, DeviceError> {
     let iam = home.load_iam()?;
     let explicit = role_name.map(|r| role(&iam, r)).transpose()?;
     let (_, user) = home.state_store().update(|s| {
@@ -242,12 +184,12 @@ pub fn user_add(
 /// user with its new password.
 ///
 /// # Errors
-/// [`AdminError`].
+/// [`DeviceError`].
 pub fn user_invite(
     home: &DeviceHome,
     username: &str,
     role_name: Option<&str>,
-) -> Result<(User, Secret), AdminError> {
+) -> Result<(User, Secret), DeviceError> {
     let iam = home.load_iam()?;
     let r = role(&iam, role_name.unwrap_or(&iam.open_pairing_role))?;
     let (state, password) = home.state_store().update(|s| match s.user(username) {
@@ -262,35 +204,36 @@ pub fn user_invite(
     let user = state
         .user(username)
         .cloned()
-        .ok_or_else(|| AdminError::Usage(format!("user '{username}' vanished")))?;
+        .ok_or_else(|| Rejection::NoSuchUser(username.to_string()))
+        .map_err(crate::state::StateError::from)?;
     Ok((user, password))
 }
 
 /// All users.
 ///
 /// # Errors
-/// [`AdminError::State`].
-pub fn user_list(home: &DeviceHome) -> Result<Vec<User>, AdminError> {
+/// [`DeviceError::State`].
+pub fn user_list(home: &DeviceHome) -> Result<Vec<User>, DeviceError> {
     Ok(home.state_store().load()?.users)
 }
 
 /// Removes a user; a running device closes their connections.
 ///
 /// # Errors
-/// [`AdminError`].
-pub fn user_remove(home: &DeviceHome, username: &str) -> Result<User, AdminError> {
+/// [`DeviceError`].
+pub fn user_remove(home: &DeviceHome, username: &str) -> Result<User, DeviceError> {
     Ok(home.state_store().update(|s| s.remove_user(username))?.1)
 }
 
 /// Changes a user's role.
 ///
 /// # Errors
-/// [`AdminError`].
+/// [`DeviceError`].
 pub fn user_set_role(
     home: &DeviceHome,
     username: &str,
     role_name: &str,
-) -> Result<String, AdminError> {
+) -> Result<String, DeviceError> {
     let iam = home.load_iam()?;
     let r = role(&iam, role_name)?;
     home.state_store().update(|s| s.set_role(username, &r))?;
@@ -300,16 +243,16 @@ pub fn user_set_role(
 /// The pairing switches.
 ///
 /// # Errors
-/// [`AdminError::State`].
-pub fn pairing_status(home: &DeviceHome) -> Result<PairingState, AdminError> {
+/// [`DeviceError::State`].
+pub fn pairing_status(home: &DeviceHome) -> Result<PairingState, DeviceError> {
     Ok(home.state_store().load()?.pairing)
 }
 
 /// Switches a pairing mode; a running device applies it within half a second.
 ///
 /// # Errors
-/// [`AdminError::State`].
-pub fn pairing_set(home: &DeviceHome, mode: PairingMode, on: bool) -> Result<(), AdminError> {
+/// [`DeviceError::State`].
+pub fn pairing_set(home: &DeviceHome, mode: PairingMode, on: bool) -> Result<(), DeviceError> {
     home.state_store().update(|s| {
         s.pairing.set(mode, on);
         if mode == PairingMode::LocalInitial && on {
@@ -326,8 +269,8 @@ pub fn pairing_set(home: &DeviceHome, mode: PairingMode, on: bool) -> Result<(),
 /// port.
 ///
 /// # Errors
-/// [`AdminError::Usage`] when no usable address can be found.
-pub fn advertised_addresses(config: &DeviceConfig) -> Result<Vec<HostPort>, AdminError> {
+/// [`DeviceError::NoAddress`] when no usable address can be found.
+pub fn advertised_addresses(config: &DeviceConfig) -> Result<Vec<HostPort>, DeviceError> {
     if !config.network.advertise.is_empty() {
         return Ok(config.network.advertise.clone());
     }
@@ -359,11 +302,7 @@ pub fn advertised_addresses(config: &DeviceConfig) -> Result<Vec<HostPort>, Admi
     }
     out.dedup();
     if out.is_empty() {
-        return Err(AdminError::Usage(
-            "cannot tell which address clients should use: pass --addr HOST:PORT or set \
-             network.advertise in device.toml"
-                .into(),
-        ));
+        return Err(DeviceError::NoAddress);
     }
     Ok(out)
 }
@@ -379,12 +318,12 @@ fn is_link_local(ip: IpAddr) -> bool {
 /// `username` is `None`.
 ///
 /// # Errors
-/// [`AdminError::Usage`] when there is no pending invitation or no address.
+/// [`DeviceError::NoInvitation`] or [`DeviceError::NoAddress`].
 pub fn pairing_string(
     home: &DeviceHome,
     username: Option<&str>,
     addresses: Vec<HostPort>,
-) -> Result<PairingString, AdminError> {
+) -> Result<PairingString, DeviceError> {
     let config = home.load_config()?;
     let state = home.state_store().load()?;
     let addresses = if addresses.is_empty() {
@@ -397,13 +336,11 @@ pub fn pairing_string(
         Some(u) => {
             let user = state
                 .user(u)
-                .ok_or_else(|| AdminError::Usage(format!("there is no user '{u}'")))?;
-            let password = user.password.clone().ok_or_else(|| {
-                AdminError::Usage(format!(
-                    "user '{u}' has no pending invitation; create one with \
-                     `tunnel-device user invite {u}`"
-                ))
-            })?;
+                .ok_or_else(|| crate::state::StateError::from(Rejection::NoSuchUser(u.into())))?;
+            let password = user
+                .password
+                .clone()
+                .ok_or_else(|| DeviceError::NoInvitation(u.to_string()))?;
             (password, user.sct.clone())
         }
         None => (state.pairing.open_password, state.pairing.open_sct),
@@ -421,49 +358,33 @@ pub fn pairing_string(
 /// The configured services.
 ///
 /// # Errors
-/// [`AdminError::Config`].
-pub fn service_list(home: &DeviceHome) -> Result<Vec<ServiceConfig>, AdminError> {
+/// [`DeviceError::Config`].
+pub fn service_list(home: &DeviceHome) -> Result<Vec<ServiceConfig>, DeviceError> {
     Ok(home.load_config()?.services)
 }
 
 /// Adds a service to `device.toml`, keeping its comments.
 ///
 /// # Errors
-/// [`AdminError`].
-pub fn service_add(home: &DeviceHome, svc: &ServiceConfig) -> Result<(), AdminError> {
-    edit_config(home, |text| config::add_service_to_toml(text, svc))
+/// [`DeviceError`].
+pub fn service_add(home: &DeviceHome, svc: &ServiceConfig) -> Result<(), DeviceError> {
+    home.edit_config(|text| config::add_service_to_toml(text, svc))
 }
 
 /// Removes a service from `device.toml`; a running device resets its live tunnels.
 ///
 /// # Errors
-/// [`AdminError`].
-pub fn service_remove(home: &DeviceHome, id: &str) -> Result<(), AdminError> {
-    edit_config(home, |text| config::remove_service_from_toml(text, id))
+/// [`DeviceError`].
+pub fn service_remove(home: &DeviceHome, id: &str) -> Result<(), DeviceError> {
+    home.edit_config(|text| config::remove_service_from_toml(text, id))
 }
 
 /// Renames the device in `device.toml`, keeping its comments.
 ///
 /// # Errors
-/// [`AdminError`].
-pub fn set_device_name(home: &DeviceHome, name: &str) -> Result<(), AdminError> {
-    edit_config(home, |text| config::set_name_in_toml(text, name))
-}
-
-fn edit_config(
-    home: &DeviceHome,
-    edit: impl FnOnce(&str) -> Result<String, config::ValueError>,
-) -> Result<(), AdminError> {
-    let _lock = lock_config(home)?;
-    home.load_config()?;
-    let path = home.config_path();
-    let text = std::fs::read_to_string(&path).map_err(|source| AdminError::Io {
-        path: path.clone(),
-        source,
-    })?;
-    let new = edit(&text).map_err(|e| AdminError::Usage(e.0))?;
-    fsutil::write_atomic(&path, new.as_bytes(), 0o600)
-        .map_err(|source| AdminError::Io { path, source })
+/// [`DeviceError`].
+pub fn set_device_name(home: &DeviceHome, name: &str) -> Result<(), DeviceError> {
+    home.edit_config(|text| config::set_name_in_toml(text, name))
 }
 
 /// What `iam explain` evaluates.
@@ -488,11 +409,11 @@ pub struct ExplainQuery {
 /// Evaluates a query against the device's current IAM, state and services.
 ///
 /// # Errors
-/// [`AdminError`] for unknown users, roles or services.
+/// [`DeviceError`] for unknown users, roles or services.
 pub fn explain(
     home: &DeviceHome,
     q: &ExplainQuery,
-) -> Result<(String, Attrs, Decision), AdminError> {
+) -> Result<(String, Attrs, Decision), DeviceError> {
     let iam = home.load_iam()?;
     let state = home.state_store().load()?;
     let config = home.load_config()?;
@@ -500,7 +421,7 @@ pub fn explain(
         Some(u) => Some(
             state
                 .user(u)
-                .ok_or_else(|| AdminError::Usage(format!("there is no user '{u}'")))?,
+                .ok_or_else(|| crate::state::StateError::from(Rejection::NoSuchUser(u.clone())))?,
         ),
         None => None,
     };
@@ -588,7 +509,7 @@ mod tests {
         );
         assert!(matches!(
             init(&home, InitOptions::default()),
-            Err(AdminError::Usage(_))
+            Err(DeviceError::AlreadyInitialised(_))
         ));
     }
 
@@ -624,7 +545,7 @@ mod tests {
                 Some("Admin"),
                 None
             ),
-            Err(AdminError::Usage(_))
+            Err(DeviceError::UnknownRole(_))
         ));
         assert_eq!(user_set_role(&home, "bob", "standard").unwrap(), "Standard");
         let (inv, pw) = user_invite(&home, "dave", Some("guest")).unwrap();

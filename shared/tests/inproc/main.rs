@@ -2,7 +2,7 @@
 //! permission matrix, pairing (every mode, races, rate limits, a man in the middle), and
 //! server-connect tokens.
 //!
-//! Locality: the test devices count only `127.0.0.1` as local (`trust_private_networks = false`,
+//! The devices and clients are `tunnel_testkit::inproc`'s. Locality: the test devices count only `127.0.0.1` as local (`trust_private_networks = false`,
 //! `local_networks = ["127.0.0.1/32"]`), so a client bound to `127.0.0.2` is remote.
 
 #![allow(
@@ -13,7 +13,6 @@
     reason = "tests: a panic is a failure with a message"
 )]
 
-mod common;
 mod matrix;
 mod mitm;
 mod pairing;

@@ -12,7 +12,9 @@ use tunnel_shared::identity::SecretKey;
 use tunnel_shared::pairing::PairingMode;
 use tunnel_shared::proto::{ErrorCode, Request, Response};
 
-use crate::common::{LOCAL, REMOTE, TestClient, TestDevice, add_user, echo_server, tunnel};
+use tunnel_testkit::inproc::{
+    LOCAL, REMOTE, TestClient, TestDevice, add_user, echo_server, tunnel,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Who {

@@ -11,7 +11,7 @@ use tunnel_shared::pairing::PairingMode;
 use tunnel_shared::proto::{self, ErrorCode, Hello, Request, Response};
 use tunnel_shared::transport::{self, Identity};
 
-use crate::common::{LOCAL, TestClient, TestDevice, echo_server};
+use tunnel_testkit::inproc::{LOCAL, TestClient, TestDevice, echo_server};
 
 /// Runs a relaying proxy on 127.0.0.1:0; returns its address and key fingerprint.
 fn start_proxy(dev: &TestDevice) -> (std::net::SocketAddr, tunnel_shared::identity::Fingerprint) {
@@ -19,8 +19,8 @@ fn start_proxy(dev: &TestDevice) -> (std::net::SocketAddr, tunnel_shared::identi
     let key = SecretKey::generate();
     let id = Identity::new(key.clone()).unwrap();
     let fp = id.fingerprint();
-    let server = transport::server_config(&id, &settings, 16, 16).unwrap();
-    let ep = transport::device_endpoint("127.0.0.1:0".parse().unwrap(), &key, server, &settings)
+    let server = transport::server_config(&id, proto::ALPN, &settings, 16, 16).unwrap();
+    let ep = transport::server_endpoint("127.0.0.1:0".parse().unwrap(), &key, server, &settings)
         .unwrap();
     let addr = ep.local_addr().unwrap();
     // The proxy's own client key towards the real device.

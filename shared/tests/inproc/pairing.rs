@@ -10,7 +10,7 @@ use tunnel_shared::pairing::PairingMode;
 use tunnel_shared::proto::{ErrorCode, Request, Response};
 use tunnel_shared::secret::Secret;
 
-use crate::common::{LOCAL, REMOTE, TestClient, TestDevice, add_user, echo_server};
+use tunnel_testkit::inproc::{LOCAL, REMOTE, TestClient, TestDevice, add_user, echo_server};
 
 fn code(r: &Response) -> Option<ErrorCode> {
     match r {
@@ -303,7 +303,7 @@ async fn an_owner_manages_users_over_the_channel_and_changes_apply_at_once() {
         .unwrap();
     let gc = TestClient::with_key(LOCAL, guest);
     let g = gc.connect(&dev, None).await.unwrap();
-    assert_eq!(crate::common::tunnel(&g, "ssh").await, Ok(()));
+    assert_eq!(tunnel_testkit::inproc::tunnel(&g, "ssh").await, Ok(()));
 
     // Answers never carry another user's token.
     let Response::Users(users) = o.request(&Request::ListUsers).await.unwrap() else {
@@ -339,7 +339,7 @@ async fn an_owner_manages_users_over_the_channel_and_changes_apply_at_once() {
         .unwrap();
     assert_eq!(r, Response::Ok);
     assert_eq!(
-        crate::common::tunnel(&g, "ssh").await,
+        tunnel_testkit::inproc::tunnel(&g, "ssh").await,
         Ok(()),
         "Guest may still tunnel locally"
     );

@@ -9,7 +9,9 @@ use tunnel_shared::pairing::PairingMode;
 use tunnel_shared::proto::{CloseCode, ErrorCode, Request, Response};
 use tunnel_shared::secret::Secret;
 
-use crate::common::{LOCAL, REMOTE, TestClient, TestDevice, add_user, echo_server, tunnel};
+use tunnel_testkit::inproc::{
+    LOCAL, REMOTE, TestClient, TestDevice, add_user, echo_server, tunnel,
+};
 
 fn refused(r: Result<tunnel_shared::client::Session, ConnectError>) -> CloseCode {
     match r {

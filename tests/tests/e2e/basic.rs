@@ -3,7 +3,7 @@
 use std::io::{Read, Write};
 use std::net::TcpStream;
 
-use tunnel_tests::servers::TestServer;
+use tunnel_testkit::servers::TestServer;
 
 use crate::setup;
 
@@ -38,7 +38,7 @@ fn echo_round_trip_services_and_devices() {
     let mut rest = Vec::new();
     conn.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty());
-    let outcomes = echo.record.wait_outcomes(1, tunnel_tests::SOON);
+    let outcomes = echo.record.wait_outcomes(1, tunnel_testkit::SOON);
     assert_eq!(outcomes[0], Ok((24, String::new())));
 
     assert!(s.device.proc.log().contains("client connected"));

@@ -1,4 +1,4 @@
-//! End-to-end tests of the real binaries. See `tunnel_tests` for the harness.
+//! End-to-end tests of the real binaries. The harness is `tunnel_testkit`.
 //!
 //! Build the binaries first (`cargo build --workspace --bins`; `bash .ci/run` does it).
 
@@ -20,15 +20,15 @@ mod transfer;
 
 use std::net::SocketAddr;
 
-use tunnel_tests::{ClientHome, DeviceHome, RunningDevice, World};
+use tunnel_testkit::{ClientFixture, DeviceFixture, RunningDevice, World};
 
 /// A device with `services`, a client paired as `alice` (Owner) and pinned as `cam`.
 #[derive(Debug)]
 pub struct Setup {
     pub world: World,
-    pub device_home: DeviceHome,
+    pub device_home: DeviceFixture,
     pub device: RunningDevice,
-    pub client: ClientHome,
+    pub client: ClientFixture,
 }
 
 pub fn setup(services: &[(&str, SocketAddr)]) -> Setup {

@@ -5,8 +5,8 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpStream, UdpSocket};
 
 use rand::RngCore;
-use tunnel_tests::servers::TestServer;
-use tunnel_tests::{SOON, World, saw_reset, wait_for};
+use tunnel_testkit::servers::TestServer;
+use tunnel_testkit::{SOON, World, saw_reset, wait_for};
 
 use crate::{setup, stderr};
 

@@ -5,10 +5,11 @@
 use std::io::{ErrorKind, Read, Write};
 use std::net::{TcpListener, TcpStream};
 
-use tunnel_shared::config::{HostPort, KnownDevices};
-use tunnel_tests::netns::NetNs;
-use tunnel_tests::servers::{Sshd, TestServer};
-use tunnel_tests::{SOON, World, wait_for};
+use tunnel_shared::client::KnownDevices;
+use tunnel_shared::config::HostPort;
+use tunnel_testkit::netns::NetNs;
+use tunnel_testkit::servers::{Sshd, TestServer};
+use tunnel_testkit::{SOON, World, wait_for};
 
 use crate::stderr;
 
@@ -43,7 +44,7 @@ fn init_prints_a_pairing_string_that_pairs_and_then_ssh_works() {
         .port();
     let listen = format!("127.0.0.1:{port}");
     let home = world.path("dev");
-    let out = tunnel_tests::run_ok(
+    let out = tunnel_testkit::run_ok(
         "tunnel-device",
         &home,
         &[
@@ -63,7 +64,7 @@ fn init_prints_a_pairing_string_that_pairs_and_then_ssh_works() {
         "{out}"
     );
     let string = pairing_line(&out);
-    let dev = tunnel_tests::DeviceHome::from_path(home, world.root.path());
+    let dev = tunnel_testkit::DeviceFixture::from_path(home, world.root.path());
     let _device = dev.start_with(&[]);
 
     let client = world.client("laptop");
@@ -141,7 +142,10 @@ fn a_guest_tunnels_locally_but_not_remotely_and_removal_cuts_its_tunnel() {
         &[],
     );
     let mut c = TcpStream::connect(remote_open.local("echo")).unwrap();
-    assert!(tunnel_tests::saw_reset(&mut c, b"ping"), "expected a reset");
+    assert!(
+        tunnel_testkit::saw_reset(&mut c, b"ping"),
+        "expected a reset"
+    );
     let mut b = [0u8; 4];
     wait_for("the refusal in the client log", SOON, || {
         remote_open
@@ -201,7 +205,7 @@ fn discovery_finds_the_device_and_local_open_pairing_works() {
 
     let client = world.client("cli");
     let run = |args: &[&str]| {
-        ns.command(tunnel_tests::bin("tunnel-client"))
+        ns.command(tunnel_testkit::bin("tunnel-client"))
             .arg("--home")
             .arg(&client.home)
             .args(args)

@@ -3,7 +3,7 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use tunnel_tests::servers::{HashWriter, HttpServer, Pattern, Sshd};
+use tunnel_testkit::servers::{HashWriter, HttpServer, Pattern, Sshd};
 
 use crate::setup;
 
@@ -68,7 +68,7 @@ fn ssh_runs_a_command_and_copies_50_mib_both_ways() {
 #[test]
 fn curl_fetches_a_page_and_a_file() {
     assert!(
-        tunnel_tests::have("curl"),
+        tunnel_testkit::have("curl"),
         "curl is required (bash .ci/run installs it)"
     );
     let scratch = tempfile::tempdir().unwrap();

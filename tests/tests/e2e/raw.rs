@@ -7,13 +7,13 @@ use std::time::Duration;
 
 use quinn::crypto::rustls::QuicClientConfig;
 use tunnel_shared::config::TransportSettings;
-use tunnel_shared::framed;
 use tunnel_shared::identity;
 use tunnel_shared::proto::{
-    self, CloseCode, ErrorCode, Hello, Request, Response, StreamCode, StreamOpen, Welcome,
+    self, CloseCode, ErrorCode, Hello, Request, Response, StreamCode, Welcome, crc32,
 };
 use tunnel_shared::transport::{self, Identity};
-use tunnel_tests::servers::TestServer;
+use tunnel_shared::wire;
+use tunnel_testkit::servers::TestServer;
 
 use crate::{Setup, setup};
 
@@ -32,6 +32,7 @@ async fn raw_connect(s: &Setup) -> Raw {
     let endpoint = transport::client_endpoint(&settings).unwrap();
     let (cfg, _) = transport::client_config(
         &identity_of(s),
+        proto::ALPN,
         Some(s.device.fingerprint.parse().unwrap()),
         &settings,
     )
@@ -54,10 +55,10 @@ async fn raw_hello(raw: &Raw) -> (quinn::SendStream, quinn::RecvStream, Welcome)
         sct: None,
         client_name: Some("raw".into()),
     };
-    framed::write_frame(&mut send, &hello, proto::MAX_FRAME_LEN)
+    wire::write_frame(&mut send, &hello, proto::MAX_FRAME_LEN)
         .await
         .unwrap();
-    let welcome = framed::read_frame::<Welcome>(&mut recv, proto::MAX_FRAME_LEN)
+    let welcome = wire::read_frame::<Welcome>(&mut recv, proto::MAX_FRAME_LEN)
         .await
         .unwrap()
         .unwrap();
@@ -115,13 +116,7 @@ async fn a_data_stream_cannot_skip_the_hello() {
     let s = setup(&[("echo", echo.addr)]);
     let raw = raw_connect(&s).await;
     let (mut send, _recv) = raw.conn.open_bi().await.unwrap();
-    let header = proto::encode_to_vec(
-        &StreamOpen::Tunnel {
-            service: "echo".into(),
-        },
-        proto::MAX_STREAM_OPEN_LEN,
-    )
-    .unwrap();
+    let header = wire::tunnel_header("echo").unwrap();
     send.write_all(&header).await.unwrap();
     send.write_all(b"payload").await.unwrap();
     assert_eq!(close_code(&raw.conn).await, CloseCode::PROTOCOL);
@@ -139,7 +134,7 @@ async fn a_newer_protocol_version_is_refused_with_its_code() {
         sct: None,
         client_name: None,
     };
-    framed::write_frame(&mut send, &hello, proto::MAX_FRAME_LEN)
+    wire::write_frame(&mut send, &hello, proto::MAX_FRAME_LEN)
         .await
         .unwrap();
     assert_eq!(close_code(&raw.conn).await, CloseCode::VERSION);
@@ -160,35 +155,23 @@ async fn an_unknown_request_gets_an_error_reply_and_the_connection_stays() {
     let crc = crc32(&frame[4..5]);
     frame[5..9].copy_from_slice(&crc.to_be_bytes());
     send.write_all(&frame).await.unwrap();
-    match framed::read_frame::<Response>(&mut recv, proto::MAX_FRAME_LEN)
+    match wire::read_frame::<Response>(&mut recv, proto::MAX_FRAME_LEN)
         .await
         .unwrap()
     {
         Some(Response::Error(e)) => assert_eq!(e.code, ErrorCode::UNKNOWN_REQUEST),
         other => panic!("expected an error reply, got {other:?}"),
     }
-    framed::write_frame(&mut send, &Request::ListServices, proto::MAX_FRAME_LEN)
+    wire::write_frame(&mut send, &Request::ListServices, proto::MAX_FRAME_LEN)
         .await
         .unwrap();
-    match framed::read_frame::<Response>(&mut recv, proto::MAX_FRAME_LEN)
+    match wire::read_frame::<Response>(&mut recv, proto::MAX_FRAME_LEN)
         .await
         .unwrap()
     {
         Some(Response::Services(list)) => assert_eq!(list[0].id, "echo"),
         other => panic!("expected services, got {other:?}"),
     }
-}
-
-/// CRC-32 (IEEE), as the frame codec uses.
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = (crc >> 1) ^ (0xEDB8_8320 & (crc & 1).wrapping_neg());
-        }
-    }
-    !crc
 }
 
 async fn stream_reset_code(raw: &Raw, payload: &[u8]) -> StreamCode {
@@ -221,13 +204,7 @@ async fn bad_headers_and_unconfigured_targets_are_reset_with_codes() {
         "127.0.0.1:22".to_string(),
         "ECHO".to_string(),
     ] {
-        let header = proto::encode_to_vec(
-            &StreamOpen::Tunnel {
-                service: target.clone(),
-            },
-            proto::MAX_STREAM_OPEN_LEN,
-        )
-        .unwrap();
+        let header = wire::tunnel_header(&target).unwrap();
         assert_eq!(
             stream_reset_code(&raw, &header).await,
             StreamCode::NO_SUCH_SERVICE,
@@ -237,13 +214,7 @@ async fn bad_headers_and_unconfigured_targets_are_reset_with_codes() {
     assert_eq!(echo.record.accepted(), 0);
 
     // The connection survived all of it.
-    let header = proto::encode_to_vec(
-        &StreamOpen::Tunnel {
-            service: "echo".into(),
-        },
-        proto::MAX_STREAM_OPEN_LEN,
-    )
-    .unwrap();
+    let header = wire::tunnel_header("echo").unwrap();
     let (mut send, mut recv) = raw.conn.open_bi().await.unwrap();
     send.write_all(&header).await.unwrap();
     send.write_all(b"ok").await.unwrap();
@@ -260,7 +231,7 @@ async fn wrong_alpn_and_missing_client_certificate_fail_the_handshake() {
     let endpoint = transport::client_endpoint(&settings).unwrap();
     let fp = Some(s.device.fingerprint.parse().unwrap());
 
-    let (mut tls, _) = transport::client_tls_config(&identity_of(&s), fp).unwrap();
+    let (mut tls, _) = transport::client_tls_config(&identity_of(&s), proto::ALPN, fp).unwrap();
     tls.alpn_protocols = vec![b"tunnel/0".to_vec()];
     let cfg = quinn::ClientConfig::new(Arc::new(QuicClientConfig::try_from(tls).unwrap()));
     let r = endpoint
@@ -270,7 +241,7 @@ async fn wrong_alpn_and_missing_client_certificate_fail_the_handshake() {
     assert!(r.is_err(), "wrong ALPN was accepted");
 
     // Same verifier, but no client certificate.
-    let (verifier, _) = transport::PinnedDeviceVerifier::new(fp);
+    let (verifier, _) = transport::PinnedKeyVerifier::new(fp);
     let no_cert = quinn::rustls::ClientConfig::builder_with_provider(Arc::new(
         quinn::rustls::crypto::ring::default_provider(),
     ))

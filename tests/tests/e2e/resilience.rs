@@ -5,8 +5,8 @@ use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use tunnel_tests::servers::{Pattern, TestServer};
-use tunnel_tests::{SOON, wait_for};
+use tunnel_testkit::servers::{Pattern, TestServer};
+use tunnel_testkit::{SOON, wait_for};
 
 use crate::{FAST_IDLE, setup_with};
 

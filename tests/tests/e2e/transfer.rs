@@ -5,8 +5,8 @@ use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::time::Duration;
 
-use tunnel_tests::SOON;
-use tunnel_tests::servers::{Pattern, TestServer, hash_reader, send_and_hash};
+use tunnel_testkit::SOON;
+use tunnel_testkit::servers::{Pattern, TestServer, hash_reader, send_and_hash};
 
 use crate::setup;
 
@@ -63,7 +63,7 @@ fn two_hundred_concurrent_connections_each_hash_checked() {
                 let reply = reply.join().unwrap().unwrap();
                 let mut expected = vec![b'x'];
                 expected.extend_from_slice(&data);
-                let mut h = tunnel_tests::servers::HashWriter::default();
+                let mut h = tunnel_testkit::servers::HashWriter::default();
                 h.write_all(&expected).unwrap();
                 assert_eq!(
                     reply.trim(),

@@ -17,15 +17,13 @@
 //! - one stream through a user-space UDP relay adding 25 ms each way (this kernel has no netem),
 //!   with the tunnel's windows and with quinn's defaults.
 
-mod helpers;
 mod sys;
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -33,6 +31,9 @@ use serde_json::{Value, json};
 use sys::{
     Child, cpu_seconds_tree, free_port, peak_kib, reset_peak, rss_kib, wait_file, wait_port,
 };
+use tunnel_testkit::impair::{self, Impairment};
+use tunnel_testkit::inproc;
+use tunnel_testkit::servers::Sshd;
 
 #[derive(Clone)]
 struct Opts {
@@ -61,7 +62,13 @@ fn main() -> anyhow::Result<()> {
     match args.first().map(String::as_str) {
         Some("echo-server") => {
             let port_file = PathBuf::from(args.get(1).context("echo-server PORT_FILE")?);
-            return runtime()?.block_on(helpers::echo_server(port_file));
+            let _ = rlimit::increase_nofile_limit(u64::MAX);
+            return runtime()?.block_on(async {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                std::fs::write(&port_file, listener.local_addr()?.port().to_string())?;
+                inproc::serve_echo(listener).await;
+                Ok(())
+            });
         }
         Some("relay") => {
             let upstream: SocketAddr = args
@@ -73,11 +80,11 @@ fn main() -> anyhow::Result<()> {
                 .context("relay UPSTREAM MS PORT_FILE")?
                 .parse()?;
             let port_file = PathBuf::from(args.get(3).context("relay UPSTREAM MS PORT_FILE")?);
-            return runtime()?.block_on(helpers::relay(
+            return Ok(runtime()?.block_on(impair::relay(
                 upstream,
-                Duration::from_millis(ms),
-                port_file,
-            ));
+                Impairment::delay(Duration::from_millis(ms)),
+                &port_file,
+            ))?);
         }
         _ => {}
     }
@@ -337,66 +344,8 @@ fn start_tunnel(b: &Bench, name: &str, extra_toml: &str) -> anyhow::Result<Tunne
     Ok(t)
 }
 
-/// A private sshd in inetd mode behind a harness listener; remembers every sshd it starts.
-struct Sshd {
-    port: u16,
-    dir: PathBuf,
-    pids: Arc<Mutex<Vec<u32>>>,
-}
-
 fn start_sshd(dir: &Path) -> anyhow::Result<Sshd> {
-    std::fs::create_dir_all(dir)?;
-    for k in ["host", "client"] {
-        let _ = std::fs::remove_file(dir.join(k));
-        let ok = Command::new("ssh-keygen")
-            .args(["-q", "-t", "ed25519", "-N", "", "-f"])
-            .arg(dir.join(k))
-            .status()?
-            .success();
-        if !ok {
-            bail!("ssh-keygen failed");
-        }
-    }
-    std::fs::copy(dir.join("client.pub"), dir.join("authorized_keys"))?;
-    std::fs::write(
-        dir.join("sshd_config"),
-        format!(
-            "HostKey {d}/host\nAuthorizedKeysFile {d}/authorized_keys\nStrictModes no\nUsePAM no\n\
-             PasswordAuthentication no\nKbdInteractiveAuthentication no\nPermitRootLogin prohibit-password\n\
-             PidFile none\nLogLevel ERROR\nAllowTcpForwarding yes\n",
-            d = dir.display()
-        ),
-    )?;
-    let _ = std::fs::create_dir_all("/run/sshd");
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    let port = listener.local_addr()?.port();
-    let pids: Arc<Mutex<Vec<u32>>> = Arc::default();
-    let cfg = dir.join("sshd_config");
-    let p = pids.clone();
-    std::thread::spawn(move || {
-        for s in listener.incoming().flatten() {
-            let Ok(out) = s.try_clone() else { continue };
-            let child = Command::new("/usr/sbin/sshd")
-                .arg("-i")
-                .arg("-f")
-                .arg(&cfg)
-                .stdin(Stdio::from(std::os::fd::OwnedFd::from(s)))
-                .stdout(Stdio::from(std::os::fd::OwnedFd::from(out)))
-                .stderr(Stdio::null())
-                .spawn();
-            if let Ok(mut c) = child {
-                if let Ok(mut v) = p.lock() {
-                    v.push(c.id());
-                }
-                std::thread::spawn(move || c.wait());
-            }
-        }
-    });
-    Ok(Sshd {
-        port,
-        dir: dir.to_owned(),
-        pids,
-    })
+    Sshd::start(dir).context("OpenSSH (sshd, ssh, ssh-keygen) is required")
 }
 
 fn ssh_forward(
@@ -405,28 +354,9 @@ fn ssh_forward(
     forwards: &[(u16, u16)],
     log: &str,
 ) -> anyhow::Result<(Child, u32)> {
-    let before = b.sshd.pids.lock().map_or(0, |v| v.len());
-    let mut cmd = Command::new("ssh");
-    cmd.arg("-F")
-        .arg("/dev/null")
-        .arg("-i")
-        .arg(b.sshd.dir.join("client"));
-    cmd.args(["-p", &b.sshd.port.to_string()])
-        .args([
-            "-o",
-            "StrictHostKeyChecking=no",
-            "-o",
-            "UserKnownHostsFile=/dev/null",
-        ])
-        .args([
-            "-o",
-            "LogLevel=ERROR",
-            "-o",
-            "BatchMode=yes",
-            "-o",
-            "ExitOnForwardFailure=yes",
-        ])
-        .arg("-N");
+    let before = b.sshd.pids().len();
+    let mut cmd = b.sshd.ssh_options(b.sshd.addr.port());
+    cmd.args(["-o", "ExitOnForwardFailure=yes"]).arg("-N");
     if let Some(c) = cipher {
         cmd.args(["-c", c]);
     }
@@ -434,17 +364,16 @@ fn ssh_forward(
         cmd.arg("-L")
             .arg(format!("127.0.0.1:{local}:127.0.0.1:{remote}"));
     }
-    cmd.arg(format!("{}@127.0.0.1", sys::sh("id -un")));
+    cmd.arg(b.sshd.destination());
     let child = Child::spawn("ssh", &mut cmd, &b.path(log))?;
     for (local, _) in forwards {
         wait_port(*local, Duration::from_secs(20))?;
     }
     let sshd_pid = b
         .sshd
-        .pids
-        .lock()
-        .ok()
-        .and_then(|v| v.get(before).copied())
+        .pids()
+        .get(before)
+        .copied()
         .context("sshd did not start")?;
     Ok((child, sshd_pid))
 }
@@ -585,7 +514,7 @@ fn fmt_stat(v: &[f64], digits: usize) -> String {
 
 fn run(opts: &Opts) -> anyhow::Result<()> {
     for tool in ["iperf3", "ssh", "ssh-keygen", "socat"] {
-        if !sys::have(tool) {
+        if !tunnel_testkit::have(tool) {
             bail!(
                 "{tool} is not installed: run bench/run.sh, which installs iperf3, openssh and socat"
             );
@@ -774,27 +703,11 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
         drop(child);
         let port = free_port()?;
         let t0 = Instant::now();
-        let mut cmd = Command::new("ssh");
-        cmd.arg("-F")
-            .arg("/dev/null")
-            .arg("-i")
-            .arg(b.sshd.dir.join("client"))
-            .args([
-                "-p",
-                &b.sshd.port.to_string(),
-                "-o",
-                "StrictHostKeyChecking=no",
-                "-o",
-                "UserKnownHostsFile=/dev/null",
-                "-o",
-                "LogLevel=ERROR",
-                "-o",
-                "BatchMode=yes",
-                "-N",
-            ])
+        let mut cmd = b.sshd.ssh_options(b.sshd.addr.port());
+        cmd.arg("-N")
             .arg("-L")
             .arg(format!("127.0.0.1:{port}:127.0.0.1:{echo_port}"))
-            .arg(format!("{}@127.0.0.1", sys::sh("id -un")));
+            .arg(b.sshd.destination());
         let child = Child::spawn("ssh -N -L", &mut cmd, &b.path("startup-ssh.log"))?;
         if let Some(d) = first_byte(port, t0) {
             report.startup.entry("ssh -N -L").or_default().push(d);
@@ -1335,8 +1248,8 @@ const LIMITS: &str = "## What limits each figure
   tunnel ends) share the cores, and the sending end's single thread is saturated (~1 core). The
   tunnel's per-byte work is AES-128-GCM plus QUIC packetization, ACK processing and the UDP
   syscalls; ssh's is its cipher plus TCP. Raw TCP and socat show the ceiling without encryption.
-- **Tunnel settings that matter** (see the commit history of `shared/src/transport.rs` and
-  `shared/src/splice.rs` for each measured effect): a single-threaded runtime per process (no
+- **Tunnel settings that matter** (see the commit history of `core/src/transport/` (before it,
+  `shared/src/transport.rs`) and `shared/src/splice.rs` for each measured effect): a single-threaded runtime per process (no
   cross-thread wake-ups between quinn's connection driver and the splice tasks), path MTU
   discovery up to 6500 bytes (10 datagrams per GSO batch stay below the kernel's 64 KiB limit),
   4 MiB UDP socket buffers, zero-copy chunks both ways (`write_chunk` / `read_chunks` + `writev`).

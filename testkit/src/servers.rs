@@ -258,6 +258,7 @@ pub struct Sshd {
     pub addr: SocketAddr,
     dir: PathBuf,
     user: String,
+    pids: Arc<Mutex<Vec<u32>>>,
 }
 
 impl Sshd {
@@ -282,7 +283,8 @@ impl Sshd {
         let config = format!(
             "HostKey {dir}/host_key\nAuthorizedKeysFile {dir}/authorized_keys\nStrictModes no\n\
              UsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
-             PermitRootLogin prohibit-password\nPidFile none\nLogLevel ERROR\n",
+             PermitRootLogin prohibit-password\nPidFile none\nLogLevel ERROR\n\
+             AllowTcpForwarding yes\n",
             dir = dir.display()
         );
         std::fs::write(dir.join("sshd_config"), config).expect("sshd_config");
@@ -296,6 +298,8 @@ impl Sshd {
         let addr = listener.local_addr().expect("addr");
         let cfg = dir.join("sshd_config");
         let log = dir.join("sshd.log");
+        let pids: Arc<Mutex<Vec<u32>>> = Arc::default();
+        let started = pids.clone();
         std::thread::spawn(move || {
             for stream in listener.incoming() {
                 let Ok(stream) = stream else { continue };
@@ -314,6 +318,9 @@ impl Sshd {
                     cmd.stderr(err);
                 }
                 if let Ok(mut child) = cmd.spawn() {
+                    if let Ok(mut p) = started.lock() {
+                        p.push(child.id());
+                    }
                     std::thread::spawn(move || child.wait());
                 }
             }
@@ -322,11 +329,30 @@ impl Sshd {
             addr,
             dir: dir.to_owned(),
             user,
+            pids,
         })
+    }
+
+    /// Process ids of the `sshd -i` processes started so far, in order.
+    pub fn pids(&self) -> Vec<u32> {
+        self.pids.lock().map(|p| p.clone()).unwrap_or_default()
+    }
+
+    /// `user@127.0.0.1`, the destination argument for [`Self::ssh_options`].
+    pub fn destination(&self) -> String {
+        format!("{}@127.0.0.1", self.user)
     }
 
     /// An `ssh` command to `127.0.0.1:port` (the tunnel's local end) with this server's key.
     pub fn ssh(&self, port: u16) -> Command {
+        let mut cmd = self.ssh_options(port);
+        cmd.arg(self.destination());
+        cmd
+    }
+
+    /// As [`Self::ssh`] without the destination, so options (`-N`, `-L`, `-c`) can follow; add
+    /// [`Self::destination`] last.
+    pub fn ssh_options(&self, port: u16) -> Command {
         let mut cmd = Command::new("ssh");
         cmd.arg("-F")
             .arg("/dev/null")
@@ -348,8 +374,7 @@ impl Sshd {
                 "LogLevel=ERROR",
                 "-o",
                 "ConnectTimeout=20",
-            ])
-            .arg(format!("{}@127.0.0.1", self.user));
+            ]);
         cmd
     }
 

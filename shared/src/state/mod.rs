@@ -1,6 +1,7 @@
 //! The device's machine-written state (`state.json`): users and their key fingerprints.
 //!
-//! Kind: pure model and validation ([`DeviceState`]) plus [`StateStore`], which does the file IO.
+//! Kind: pure model and validation ([`DeviceState`]) plus [`StateStore`] (in `store`), which does
+//! the file IO.
 //!
 //! Invariants:
 //! - A missing, truncated or corrupt file is an error naming the file. It never becomes an empty
@@ -9,12 +10,14 @@
 //!   change, validate, write atomically (mode 0600). The running device and `tunnel-device user …`
 //!   therefore never overwrite each other's changes; the device notices the new file and reloads.
 
-use std::path::{Path, PathBuf};
+mod store;
+
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::check_id;
-use crate::fsutil::{self, LockFile};
+use crate::config::{ValueError, check_id};
+use crate::iam::RoleError;
 use crate::identity::Fingerprint;
 use crate::pairing::{PairingMode, SECRET_LEN};
 use crate::secret::Secret;
@@ -130,7 +133,7 @@ pub enum StateError {
         /// The file.
         path: PathBuf,
         /// What is wrong.
-        reason: String,
+        reason: CorruptState,
     },
     /// Reading, writing or locking failed.
     #[error("'{path}': {source}", path = .path.display())]
@@ -140,13 +143,100 @@ pub enum StateError {
         /// The OS error.
         source: std::io::Error,
     },
-    /// A requested change is not valid (e.g. the user exists).
-    #[error("{0}")]
-    Rejected(String),
+    /// A requested change is not valid (e.g. the user exists); nothing changed.
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
 }
 
-fn rejected(msg: impl Into<String>) -> StateError {
-    StateError::Rejected(msg.into())
+/// Why a state file cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CorruptState {
+    /// Group or others may read it.
+    #[error("permissions {0:04o} are too open for a file holding secrets (chmod 600 it)")]
+    TooOpen(u32),
+    /// Not valid JSON of the expected shape.
+    #[error("{0}")]
+    Json(String),
+    /// A format version this program does not read.
+    #[error("version {0} is not supported (expected {STATE_VERSION})")]
+    Version(u32),
+    /// The content breaks an invariant.
+    #[error(transparent)]
+    Invalid(#[from] InvalidState),
+}
+
+/// An invariant of [`DeviceState`] that does not hold.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum InvalidState {
+    /// A user name or role is not a valid identifier.
+    #[error(transparent)]
+    Name(#[from] ValueError),
+    /// Two users share a name.
+    #[error("user '{0}' appears twice")]
+    DuplicateUser(String),
+    /// A display name over 64 characters.
+    #[error("user '{0}': display name longer than 64")]
+    DisplayName(String),
+    /// A user without a usable server-connect token.
+    #[error("user '{0}' has no valid server-connect token")]
+    NoToken(String),
+    /// A key on two users.
+    #[error("key {key} belongs to both '{first}' and '{second}'")]
+    SharedKey {
+        /// The key.
+        key: Fingerprint,
+        /// One user.
+        first: String,
+        /// The other.
+        second: String,
+    },
+    /// The open-pairing secrets are missing.
+    #[error("the open-pairing password or token is missing")]
+    NoOpenSecrets,
+}
+
+/// A change the state refuses; the state is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Rejection {
+    /// A user of that name exists.
+    #[error("user '{0}' already exists")]
+    UserExists(String),
+    /// No user of that name.
+    #[error("there is no user '{0}'")]
+    NoSuchUser(String),
+    /// The key belongs to another user.
+    #[error("this key already belongs to user '{0}'")]
+    KeyTaken(String),
+    /// The user has no pending invitation.
+    #[error("user '{0}' has no pending invitation")]
+    NoInvitation(String),
+    /// The user has no such key.
+    #[error("user '{0}' has no such key")]
+    NoSuchKey(String),
+    /// A display name over 64 characters or with control characters.
+    #[error("a display name is at most 64 printable characters")]
+    DisplayName,
+    /// A name that is not a valid identifier.
+    #[error(transparent)]
+    Name(#[from] ValueError),
+    /// Local initial pairing lost a race, or was used already.
+    #[error("the first user exists already")]
+    FirstUserExists,
+    /// The invitation proven by the PAKE was replaced or claimed meanwhile.
+    #[error("the invitation was replaced or claimed meanwhile; ask for a new one")]
+    InvitationChanged,
+    /// The open-pairing password proven by the PAKE changed meanwhile.
+    #[error("the open pairing password changed meanwhile")]
+    OpenPasswordChanged,
+    /// The change would leave a user with a role `iam.toml` does not define.
+    #[error(transparent)]
+    Role(#[from] RoleError),
+    /// The result breaks an invariant of the state.
+    #[error(transparent)]
+    Invalid(#[from] InvalidState),
+    /// `create` found a state file already there.
+    #[error("'{}' already exists", .0.display())]
+    Exists(PathBuf),
 }
 
 fn new_secret() -> Secret {
@@ -174,14 +264,12 @@ impl DeviceState {
     /// Parses and validates the file content.
     ///
     /// # Errors
-    /// A reason string for [`StateError::Corrupt`].
-    pub fn from_json(bytes: &[u8]) -> Result<Self, String> {
-        let state: Self = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    /// The [`CorruptState`] reason.
+    pub fn from_json(bytes: &[u8]) -> Result<Self, CorruptState> {
+        let state: Self =
+            serde_json::from_slice(bytes).map_err(|e| CorruptState::Json(e.to_string()))?;
         if state.version != STATE_VERSION {
-            return Err(format!(
-                "version {} is not supported (expected {STATE_VERSION})",
-                state.version
-            ));
+            return Err(CorruptState::Version(state.version));
         }
         state.validate()?;
         Ok(state)
@@ -198,42 +286,37 @@ impl DeviceState {
     /// Checks names, uniqueness of users and keys, and that secrets are present.
     ///
     /// # Errors
-    /// A message naming the problem.
-    pub fn validate(&self) -> Result<(), String> {
+    /// The first [`InvalidState`] found.
+    pub fn validate(&self) -> Result<(), InvalidState> {
         let mut names = std::collections::HashSet::new();
         let mut fps = std::collections::HashMap::new();
         for u in &self.users {
-            check_id("user name", &u.username).map_err(|e| e.0)?;
-            check_id("role", &u.role).map_err(|e| e.0)?;
+            check_id("user name", &u.username)?;
+            check_id("role", &u.role)?;
             if !names.insert(u.username.as_str()) {
-                return Err(format!("user '{}' appears twice", u.username));
+                return Err(InvalidState::DuplicateUser(u.username.clone()));
             }
             if u.display_name
                 .as_ref()
                 .is_some_and(|d| d.chars().count() > 64)
             {
-                return Err(format!(
-                    "user '{}': display name longer than 64",
-                    u.username
-                ));
+                return Err(InvalidState::DisplayName(u.username.clone()));
             }
             if u.sct.len() < 8 {
-                return Err(format!(
-                    "user '{}' has no valid server-connect token",
-                    u.username
-                ));
+                return Err(InvalidState::NoToken(u.username.clone()));
             }
             for k in &u.fingerprints {
                 if let Some(other) = fps.insert(k.fingerprint, u.username.as_str()) {
-                    return Err(format!(
-                        "key {} belongs to both '{other}' and '{}'",
-                        k.fingerprint, u.username
-                    ));
+                    return Err(InvalidState::SharedKey {
+                        key: k.fingerprint,
+                        first: other.to_string(),
+                        second: u.username.clone(),
+                    });
                 }
             }
         }
         if self.pairing.open_password.len() < 8 || self.pairing.open_sct.len() < 8 {
-            return Err("the open-pairing password or token is missing".into());
+            return Err(InvalidState::NoOpenSecrets);
         }
         Ok(())
     }
@@ -254,7 +337,7 @@ impl DeviceState {
         self.users
             .iter_mut()
             .find(|u| u.username == name)
-            .ok_or_else(|| rejected(format!("there is no user '{name}'")))
+            .ok_or_else(|| Rejection::NoSuchUser(name.to_string()).into())
     }
 
     fn check_free(
@@ -262,15 +345,12 @@ impl DeviceState {
         username: &str,
         fingerprint: Option<&Fingerprint>,
     ) -> Result<(), StateError> {
-        check_id("user name", username).map_err(|e| rejected(e.0))?;
+        check_id("user name", username).map_err(Rejection::Name)?;
         if self.user(username).is_some() {
-            return Err(rejected(format!("user '{username}' already exists")));
+            return Err(Rejection::UserExists(username.to_string()).into());
         }
         if let Some(owner) = fingerprint.and_then(|fp| self.user_by_fingerprint(fp)) {
-            return Err(rejected(format!(
-                "this key already belongs to user '{}'",
-                owner.username
-            )));
+            return Err(Rejection::KeyTaken(owner.username.clone()).into());
         }
         Ok(())
     }
@@ -342,16 +422,11 @@ impl DeviceState {
         if let Some(owner) = self.user_by_fingerprint(&fingerprint)
             && owner.username != username
         {
-            return Err(rejected(format!(
-                "this key already belongs to user '{}'",
-                owner.username
-            )));
+            return Err(Rejection::KeyTaken(owner.username.clone()).into());
         }
         let user = self.user_mut(username)?;
         if user.password.take().is_none() {
-            return Err(rejected(format!(
-                "user '{username}' has no pending invitation"
-            )));
+            return Err(Rejection::NoInvitation(username.to_string()).into());
         }
         if !user
             .fingerprints
@@ -377,10 +452,7 @@ impl DeviceState {
         key_name: Option<String>,
     ) -> Result<(), StateError> {
         if let Some(owner) = self.user_by_fingerprint(&fingerprint) {
-            return Err(rejected(format!(
-                "this key already belongs to user '{}'",
-                owner.username
-            )));
+            return Err(Rejection::KeyTaken(owner.username.clone()).into());
         }
         self.user_mut(username)?.fingerprints.push(UserKey {
             fingerprint,
@@ -402,7 +474,7 @@ impl DeviceState {
         let before = user.fingerprints.len();
         user.fingerprints.retain(|k| k.fingerprint != *fingerprint);
         if user.fingerprints.len() == before {
-            return Err(rejected(format!("user '{username}' has no such key")));
+            return Err(Rejection::NoSuchKey(username.to_string()).into());
         }
         Ok(())
     }
@@ -416,7 +488,7 @@ impl DeviceState {
             .users
             .iter()
             .position(|u| u.username == username)
-            .ok_or_else(|| rejected(format!("there is no user '{username}'")))?;
+            .ok_or_else(|| Rejection::NoSuchUser(username.to_string()))?;
         Ok(self.users.remove(idx))
     }
 
@@ -425,7 +497,7 @@ impl DeviceState {
     /// # Errors
     /// [`StateError::Rejected`] when there is no such user.
     pub fn set_role(&mut self, username: &str, role: &str) -> Result<(), StateError> {
-        check_id("role", role).map_err(|e| rejected(e.0))?;
+        check_id("role", role).map_err(Rejection::Name)?;
         self.user_mut(username)?.role = role.to_string();
         Ok(())
     }
@@ -443,9 +515,7 @@ impl DeviceState {
             .as_ref()
             .is_some_and(|n| n.chars().count() > 64 || n.chars().any(char::is_control))
         {
-            return Err(rejected(
-                "a display name is at most 64 printable characters",
-            ));
+            return Err(Rejection::DisplayName.into());
         }
         self.user_mut(username)?.display_name = name;
         Ok(())
@@ -480,115 +550,7 @@ impl DeviceState {
     }
 }
 
-/// `state.json` on disk, with its lock file.
-#[derive(Debug, Clone)]
-pub struct StateStore {
-    path: PathBuf,
-    lock_path: PathBuf,
-}
-
-impl StateStore {
-    /// The store for `path` (its lock is `path` with extension `lock`).
-    pub fn new(path: PathBuf) -> Self {
-        let lock_path = path.with_extension("lock");
-        Self { path, lock_path }
-    }
-
-    /// The state file's path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
-    /// Reads and validates the file.
-    ///
-    /// # Errors
-    /// [`StateError::Missing`], [`StateError::Corrupt`] or [`StateError::Io`].
-    pub fn load(&self) -> Result<DeviceState, StateError> {
-        let bytes = match fsutil::read_private(&self.path) {
-            Ok(b) => b,
-            Err(fsutil::PrivateReadError::Io(e)) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(StateError::Missing(self.path.clone()));
-            }
-            Err(fsutil::PrivateReadError::TooOpen(mode)) => {
-                return Err(StateError::Corrupt {
-                    path: self.path.clone(),
-                    reason: format!(
-                        "permissions {mode:04o} are too open for a file holding secrets \
-                         (chmod 600 it)"
-                    ),
-                });
-            }
-            Err(fsutil::PrivateReadError::Io(source)) => {
-                return Err(StateError::Io {
-                    path: self.path.clone(),
-                    source,
-                });
-            }
-        };
-        DeviceState::from_json(&bytes).map_err(|reason| StateError::Corrupt {
-            path: self.path.clone(),
-            reason,
-        })
-    }
-
-    /// Creates the file with `state` unless it exists.
-    ///
-    /// # Errors
-    /// [`StateError::Rejected`] when a state file already exists, or IO errors.
-    pub fn create(&self, state: &DeviceState) -> Result<(), StateError> {
-        let _lock = self.lock()?;
-        let created = fsutil::create_new_atomic(&self.path, &state.to_json(), 0o600)
-            .map_err(|source| self.io(source))?;
-        if created {
-            Ok(())
-        } else {
-            Err(StateError::Rejected(format!(
-                "'{}' already exists",
-                self.path.display()
-            )))
-        }
-    }
-
-    /// Overwrites the file with `state` (used by `init --force`).
-    ///
-    /// # Errors
-    /// IO errors.
-    pub fn replace(&self, state: &DeviceState) -> Result<(), StateError> {
-        let _lock = self.lock()?;
-        fsutil::write_atomic(&self.path, &state.to_json(), 0o600).map_err(|e| self.io(e))
-    }
-
-    /// Locked read-modify-write. `change` sees the current file content; when it returns `Ok`, the
-    /// validated result is written atomically and returned with `change`'s value.
-    ///
-    /// # Errors
-    /// `change`'s error, or load/validation/IO errors; the file is then unchanged.
-    pub fn update<R>(
-        &self,
-        change: impl FnOnce(&mut DeviceState) -> Result<R, StateError>,
-    ) -> Result<(DeviceState, R), StateError> {
-        let _lock = self.lock()?;
-        let mut state = self.load()?;
-        let out = change(&mut state)?;
-        state.validate().map_err(StateError::Rejected)?;
-        fsutil::write_atomic(&self.path, &state.to_json(), 0o600).map_err(|e| self.io(e))?;
-        Ok((state, out))
-    }
-
-    fn lock(&self) -> Result<LockFile, StateError> {
-        LockFile::acquire(&self.lock_path).map_err(|source| StateError::Io {
-            path: self.lock_path.clone(),
-            source,
-        })
-    }
-
-    fn io(&self, source: std::io::Error) -> StateError {
-        StateError::Io {
-            path: self.path.clone(),
-            source,
-        }
-    }
-}
+pub use store::StateStore;
 
 #[cfg(test)]
 mod tests {
@@ -725,43 +687,5 @@ mod tests {
                 }
             }
         }
-    }
-
-    #[test]
-    fn store_refuses_missing_and_corrupt_files() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::new(dir.path().join("state.json"));
-        assert!(matches!(store.load(), Err(StateError::Missing(_))));
-        store.create(&sample()).unwrap();
-        assert!(store.create(&sample()).is_err());
-        let bytes = std::fs::read(store.path()).unwrap();
-        fsutil::write_atomic(store.path(), &bytes[..bytes.len() / 2], 0o600).unwrap();
-        let err = store.load().unwrap_err();
-        assert!(matches!(err, StateError::Corrupt { .. }), "{err}");
-        assert!(err.to_string().contains("state.json"));
-        fsutil::write_atomic(store.path(), b"", 0o600).unwrap();
-        assert!(matches!(store.load(), Err(StateError::Corrupt { .. })));
-    }
-
-    #[test]
-    fn update_is_read_modify_write() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = StateStore::new(dir.path().join("state.json"));
-        store.create(&DeviceState::new_device()).unwrap();
-        let fp = SecretKey::generate().fingerprint();
-        store
-            .update(|s| s.add_user("alice", "Owner", fp, None).map(|_| ()))
-            .unwrap();
-        // A failed change leaves the file byte-identical.
-        let before = std::fs::read(store.path()).unwrap();
-        assert!(
-            store
-                .update(|s| s.add_user("alice", "Guest", fp, None).map(|_| ()))
-                .is_err()
-        );
-        assert_eq!(std::fs::read(store.path()).unwrap(), before);
-        let (state, removed) = store.update(|s| s.remove_user("alice")).unwrap();
-        assert_eq!(removed.username, "alice");
-        assert!(state.users.is_empty());
     }
 }

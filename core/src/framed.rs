@@ -1,4 +1,4 @@
-//! Reading and writing [`proto`] frames on QUIC streams.
+//! Reading and writing [`crate::codec`] frames on QUIC streams.
 //!
 //! Kind: IO. Reads are exact (length prefix, then exactly one frame), so the bytes that follow a
 //! data-stream header stay in the stream for the splice. Nothing is allocated before the length
@@ -7,7 +7,7 @@
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
-use crate::proto::{self, DecodeError, EncodeError, FRAME_OVERHEAD};
+use crate::codec::{self, DecodeError, EncodeError, FRAME_OVERHEAD};
 
 /// A frame could not be read or written.
 #[derive(Debug, thiserror::Error)]
@@ -24,6 +24,9 @@ pub enum FrameError {
     /// Writing to the stream failed.
     #[error(transparent)]
     Write(#[from] quinn::WriteError),
+    /// The stream could not be opened or accepted: the connection is gone.
+    #[error(transparent)]
+    Connection(#[from] quinn::ConnectionError),
 }
 
 impl FrameError {
@@ -31,7 +34,8 @@ impl FrameError {
     pub fn connection_error(&self) -> Option<&quinn::ConnectionError> {
         match self {
             Self::Read(quinn::ReadError::ConnectionLost(e))
-            | Self::Write(quinn::WriteError::ConnectionLost(e)) => Some(e),
+            | Self::Write(quinn::WriteError::ConnectionLost(e))
+            | Self::Connection(e) => Some(e),
             _ => None,
         }
     }
@@ -55,7 +59,7 @@ pub async fn read_frame<T: DeserializeOwned>(
         Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(DecodeError::Truncated.into()),
         Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
     }
-    let total = proto::frame_len(&prefix, max)?.unwrap_or(FRAME_OVERHEAD);
+    let total = codec::frame_len(&prefix, max)?.unwrap_or(FRAME_OVERHEAD);
     let mut frame = vec![0u8; total];
     frame[..4].copy_from_slice(&prefix);
     match recv.read_exact(&mut frame[4..]).await {
@@ -63,7 +67,7 @@ pub async fn read_frame<T: DeserializeOwned>(
         Err(quinn::ReadExactError::FinishedEarly(_)) => return Err(DecodeError::Truncated.into()),
         Err(quinn::ReadExactError::ReadError(e)) => return Err(e.into()),
     }
-    Ok(Some(proto::decode_exact(&frame, max)?))
+    Ok(Some(codec::decode_exact(&frame, max)?))
 }
 
 /// Writes one frame.
@@ -75,7 +79,7 @@ pub async fn write_frame<T: Serialize>(
     msg: &T,
     max: usize,
 ) -> Result<(), FrameError> {
-    let bytes = proto::encode_to_vec(msg, max)?;
+    let bytes = codec::encode_to_vec(msg, max)?;
     send.write_all(&bytes).await?;
     Ok(())
 }

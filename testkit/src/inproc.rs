@@ -1,4 +1,7 @@
-//! Shared setup: devices in temp homes, clients with fresh keys on chosen addresses.
+//! Devices and clients in this process, for the library's in-process tests: a device running
+//! [`tunnel_shared::device::run`] in a temporary home, clients with fresh keys bound to a chosen
+//! local address (127.0.0.1 is local to the test device, 127.0.0.2 remote), an async echo server,
+//! and a raw tunnel stream that skips the client's own checks.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -11,18 +14,25 @@ use tunnel_shared::config::{HostPort, TransportSettings};
 use tunnel_shared::device::admin::{self, InitOptions};
 use tunnel_shared::device::{self, DeviceHome, RunOptions};
 use tunnel_shared::identity::{Fingerprint, SecretKey};
-use tunnel_shared::proto::{self, StreamCode, StreamOpen};
+use tunnel_shared::proto::StreamCode;
 use tunnel_shared::secret::Secret;
 use tunnel_shared::state::DeviceState;
 use tunnel_shared::transport::{self, Identity};
+use tunnel_shared::wire;
 
+/// A client address the test device counts as local.
 pub const LOCAL: &str = "127.0.0.1";
+/// A client address the test device counts as remote (its `local_networks` is 127.0.0.1/32).
 pub const REMOTE: &str = "127.0.0.2";
 
-/// A running device.
+/// A device running in this process.
+#[derive(Debug)]
 pub struct TestDevice {
+    /// Its home.
     pub home: DeviceHome,
+    /// Where it listens.
     pub addr: SocketAddr,
+    /// Its key.
     pub fingerprint: Fingerprint,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), device::DeviceError>>,
@@ -120,18 +130,22 @@ impl TestDevice {
         }
     }
 
+    /// Its `state.json`.
     pub fn state_path(&self) -> PathBuf {
         self.home.state_path()
     }
 
+    /// Its state, read from the file.
     pub fn state(&self) -> DeviceState {
         self.home.state_store().load().unwrap()
     }
 
+    /// Its `state.json` bytes (denied requests must leave them identical).
     pub fn state_bytes(&self) -> Vec<u8> {
         std::fs::read(self.state_path()).unwrap()
     }
 
+    /// Shuts it down and checks that `run` ended without error.
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.task.await.unwrap().unwrap();
@@ -139,16 +153,21 @@ impl TestDevice {
 }
 
 /// A client key bound to one local address.
+#[derive(Debug)]
 pub struct TestClient {
+    /// Its key and certificate.
     pub identity: Identity,
+    /// Its endpoint.
     pub endpoint: quinn::Endpoint,
 }
 
 impl TestClient {
+    /// A fresh key on `on` (an IP address).
     pub fn new(on: &str) -> Self {
         Self::with_key(on, SecretKey::generate())
     }
 
+    /// `key` on `on`.
     pub fn with_key(on: &str, key: SecretKey) -> Self {
         let settings = TransportSettings::default();
         let endpoint =
@@ -159,10 +178,15 @@ impl TestClient {
         }
     }
 
+    /// Its key's fingerprint.
     pub fn fingerprint(&self) -> Fingerprint {
         self.identity.fingerprint()
     }
 
+    /// Connects to `dev`, pinned, presenting `sct`.
+    ///
+    /// # Errors
+    /// The connection error.
     pub async fn connect(
         &self,
         dev: &TestDevice,
@@ -191,41 +215,40 @@ impl TestClient {
     }
 }
 
-/// An echo server on 127.0.0.1:0.
+/// An echo server on 127.0.0.1:0, on the current runtime.
 pub async fn echo_server() -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut s, _)) = l.accept().await {
-            tokio::spawn(async move {
-                let mut b = [0u8; 1024];
-                while let Ok(n) = s.read(&mut b).await {
-                    if n == 0 || s.write_all(&b[..n]).await.is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-    });
+    tokio::spawn(serve_echo(l));
     addr
+}
+
+/// Echoes every connection `listener` accepts until the listener fails.
+pub async fn serve_echo(listener: tokio::net::TcpListener) {
+    loop {
+        let Ok((mut s, _)) = listener.accept().await else {
+            // EMFILE and friends: back off briefly instead of spinning.
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        };
+        tokio::spawn(async move {
+            let mut b = [0u8; 4096];
+            while let Ok(n) = s.read(&mut b).await {
+                if n == 0 || s.write_all(&b[..n]).await.is_err() {
+                    break;
+                }
+            }
+        });
+    }
 }
 
 /// Opens a tunnel stream to `service`, sends a byte and waits for the echo.
 /// `Ok(())` when it echoed, `Err(code)` when the device reset the stream.
 pub async fn tunnel(session: &Session, service: &str) -> Result<(), StreamCode> {
-    let (mut send, mut recv) = session
-        .conn
-        .open_bi()
+    let header = wire::tunnel_header(service).unwrap();
+    let (mut send, mut recv) = wire::open_tunnel(&session.conn, header)
         .await
         .map_err(|_| StreamCode::CANCELLED)?;
-    let header = proto::encode_to_vec(
-        &StreamOpen::Tunnel {
-            service: service.into(),
-        },
-        proto::MAX_STREAM_OPEN_LEN,
-    )
-    .unwrap();
-    let _ = send.write_all(&header).await;
     let _ = send.write_all(b"x").await;
     let mut b = [0u8; 1];
     match tokio::time::timeout(Duration::from_secs(10), recv.read_exact(&mut b)).await {
@@ -241,6 +264,9 @@ pub async fn tunnel(session: &Session, service: &str) -> Result<(), StreamCode> 
 }
 
 /// A user with a key, for `prepare` closures: returns its token.
+///
+/// # Panics
+/// When the name or key is taken.
 pub fn add_user(s: &mut DeviceState, name: &str, role: &str, fp: Fingerprint) -> Secret {
     s.add_user(name, role, fp, None).unwrap().sct.clone()
 }

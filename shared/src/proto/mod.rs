@@ -1,14 +1,13 @@
 //! Wire protocol: ALPN, control messages, the data-stream header, the frame codec, and the stable
 //! close and reject codes.
 //!
-//! Kind: pure. No IO, no clock. Reading frames from a QUIC stream lives in [`crate::framed`].
+//! Kind: pure. No IO, no clock. Opening and accepting streams, and exchanging these messages on
+//! them, lives in [`crate::wire`]; the frame codec is `tunnel_core::codec`.
 //!
 //! # Frames
-//! Every message is one frame: `len: u32 BE | body: postcard | crc32(body): u32 BE`. `len` is
-//! checked against the caller's maximum before anything is buffered, and trailing bytes, a wrong
-//! checksum or a malformed body are errors, so every truncation and every byte flip of a frame is
-//! rejected. The checksum is not security (QUIC already authenticates every byte); it catches
-//! framing bugs and makes a desynchronised stream fail loudly.
+//! Every message is one frame: `len: u32 BE | body: postcard | crc32(body): u32 BE` (see
+//! `tunnel_core::codec`). `len` is checked against the caller's maximum before anything is
+//! buffered, and every truncation and every byte flip of a frame is rejected.
 //!
 //! # Conversation
 //! The client opens the **control stream** (its first bidirectional stream) and sends [`Hello`];
@@ -25,11 +24,10 @@
 //! Enum variants are encoded by position: append new variants at the end, never reorder. The
 //! `golden_encodings` test pins the bytes.
 
-use std::collections::BTreeMap;
-use std::fmt;
+pub mod codes;
 
-use bytes::{Buf, BufMut, BytesMut};
-use serde::de::DeserializeOwned;
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::identity::Fingerprint;
@@ -48,8 +46,11 @@ pub const MAX_FRAME_LEN: usize = 64 * 1024;
 /// Largest data-stream header body.
 pub const MAX_STREAM_OPEN_LEN: usize = 1024;
 
-/// Bytes of framing around a body: length prefix and checksum.
-pub const FRAME_OVERHEAD: usize = 8;
+pub use codes::{CloseCode, ErrorCode, StreamCode};
+pub use tunnel_core::codec::{
+    DecodeError, EncodeError, FRAME_OVERHEAD, crc32, decode, decode_exact, encode, encode_to_vec,
+    frame_len,
+};
 
 /// First message of a connection, client → device.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -326,321 +327,10 @@ pub enum StreamOpen {
     },
 }
 
-/// Machine-readable reason of an [`ErrorReply`]. Unknown values from newer peers are kept.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-pub struct ErrorCode(pub u16);
-
-impl ErrorCode {
-    /// The device could not decode the request (it may be older than the client).
-    pub const UNKNOWN_REQUEST: Self = Self(1);
-    /// Access control denied the request.
-    pub const FORBIDDEN: Self = Self(2);
-    /// The named object does not exist.
-    pub const NOT_FOUND: Self = Self(3);
-    /// The request was malformed.
-    pub const BAD_REQUEST: Self = Self(4);
-    /// The device failed internally (details are in its log).
-    pub const INTERNAL: Self = Self(5);
-    /// The pairing mode is switched off (or not usable on this connection).
-    pub const PAIRING_DISABLED: Self = Self(6);
-    /// This key is already paired, or the first user exists already.
-    pub const ALREADY_PAIRED: Self = Self(7);
-    /// The password (PAKE) did not verify.
-    pub const WRONG_PASSWORD: Self = Self(8);
-    /// Too many failed attempts; the message says when to retry.
-    pub const TOO_MANY_ATTEMPTS: Self = Self(9);
-    /// The name is taken.
-    pub const CONFLICT: Self = Self(10);
-    /// A password pairing request came before a successful PAKE.
-    pub const NOT_AUTHENTICATED: Self = Self(11);
-}
-
-impl fmt::Display for ErrorCode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let s = match *self {
-            Self::UNKNOWN_REQUEST => "unknown request",
-            Self::FORBIDDEN => "forbidden",
-            Self::NOT_FOUND => "not found",
-            Self::BAD_REQUEST => "bad request",
-            Self::INTERNAL => "internal error",
-            Self::PAIRING_DISABLED => "pairing mode not available",
-            Self::ALREADY_PAIRED => "already paired",
-            Self::WRONG_PASSWORD => "wrong password",
-            Self::TOO_MANY_ATTEMPTS => "too many attempts",
-            Self::CONFLICT => "conflict",
-            Self::NOT_AUTHENTICATED => "not authenticated",
-            Self(n) => return write!(f, "error {n}"),
-        };
-        f.write_str(s)
-    }
-}
-
-/// Application close code of a QUIC connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct CloseCode(pub u32);
-
-impl CloseCode {
-    /// Closed on purpose, nothing wrong (client exit).
-    pub const NORMAL: Self = Self(0);
-    /// The peer broke the protocol (bad frame, unexpected message, timeout in the handshake).
-    pub const PROTOCOL: Self = Self(1);
-    /// The device does not know the client's key.
-    pub const UNKNOWN_KEY: Self = Self(2);
-    /// A remote connection without a valid server-connect token.
-    pub const SCT_REJECTED: Self = Self(3);
-    /// The user's access was removed or changed while connected.
-    pub const REVOKED: Self = Self(4);
-    /// The device refuses remote connections.
-    pub const REMOTE_DISABLED: Self = Self(5);
-    /// The device is shutting down.
-    pub const SHUTDOWN: Self = Self(6);
-    /// The protocol versions are incompatible.
-    pub const VERSION: Self = Self(7);
-    /// The device is at its connection limit.
-    pub const BUSY: Self = Self(8);
-
-    /// The code as a QUIC varint.
-    pub fn to_varint(self) -> quinn_proto::VarInt {
-        quinn_proto::VarInt::from_u32(self.0)
-    }
-
-    /// Converts a received code; codes above `u32::MAX` map to [`Self::PROTOCOL`].
-    pub fn from_varint(v: quinn_proto::VarInt) -> Self {
-        u32::try_from(v.into_inner()).map_or(Self::PROTOCOL, Self)
-    }
-
-    /// A sentence for users.
-    pub fn describe(self) -> &'static str {
-        match self {
-            Self::NORMAL => "the connection was closed",
-            Self::PROTOCOL => "protocol error",
-            Self::UNKNOWN_KEY => "the device does not know this client's key",
-            Self::SCT_REJECTED => {
-                "the device requires a valid server-connect token for remote connections"
-            }
-            Self::REVOKED => "access was revoked by the device's owner",
-            Self::REMOTE_DISABLED => "the device does not accept remote connections",
-            Self::SHUTDOWN => "the device is shutting down",
-            Self::VERSION => "incompatible protocol versions",
-            Self::BUSY => "the device is at its connection limit",
-            _ => "closed with an unknown code",
-        }
-    }
-}
-
-impl fmt::Display for CloseCode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (code {})", self.describe(), self.0)
-    }
-}
-
-/// Reset / stop code of a data stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub struct StreamCode(pub u32);
-
-impl StreamCode {
-    /// Cancelled without a specific reason.
-    pub const CANCELLED: Self = Self(0);
-    /// Access control denied the tunnel.
-    pub const FORBIDDEN: Self = Self(1);
-    /// The device has no such service.
-    pub const NO_SUCH_SERVICE: Self = Self(2);
-    /// The device could not connect to the service's target.
-    pub const TARGET_UNREACHABLE: Self = Self(3);
-    /// A stream or connection limit was reached.
-    pub const LIMIT_REACHED: Self = Self(4);
-    /// The TCP connection on the other end failed or was reset.
-    pub const PEER_RESET: Self = Self(5);
-    /// The far end is shutting down.
-    pub const SHUTDOWN: Self = Self(6);
-    /// The stream header was malformed or missing.
-    pub const BAD_HEADER: Self = Self(7);
-
-    /// The code as a QUIC varint.
-    pub fn to_varint(self) -> quinn_proto::VarInt {
-        quinn_proto::VarInt::from_u32(self.0)
-    }
-
-    /// Converts a received code; codes above `u32::MAX` map to [`Self::CANCELLED`].
-    pub fn from_varint(v: quinn_proto::VarInt) -> Self {
-        u32::try_from(v.into_inner()).map_or(Self::CANCELLED, Self)
-    }
-
-    /// A sentence for users.
-    pub fn describe(self) -> &'static str {
-        match self {
-            Self::CANCELLED => "cancelled",
-            Self::FORBIDDEN => "forbidden by the device's access control",
-            Self::NO_SUCH_SERVICE => "no such service on the device",
-            Self::TARGET_UNREACHABLE => "the device could not reach the service's target",
-            Self::LIMIT_REACHED => "a connection or stream limit was reached",
-            Self::PEER_RESET => "the connection on the other end was reset",
-            Self::SHUTDOWN => "the other end is shutting down",
-            Self::BAD_HEADER => "malformed stream header",
-            _ => "reset with an unknown code",
-        }
-    }
-}
-
-impl fmt::Display for StreamCode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} (code {})", self.describe(), self.0)
-    }
-}
-
-/// Encoding failed.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum EncodeError {
-    /// The body would exceed the maximum frame size.
-    #[error("message of {len} bytes exceeds the {max}-byte frame limit")]
-    TooLarge {
-        /// Body length.
-        len: usize,
-        /// The limit.
-        max: usize,
-    },
-    /// Serialization failed.
-    #[error("cannot encode message: {0}")]
-    Serialize(String),
-}
-
-/// Decoding failed. None of these ever panics or allocates more than the frame limit.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum DecodeError {
-    /// The length prefix exceeds the limit.
-    #[error("frame of {len} bytes exceeds the {max}-byte limit")]
-    TooLarge {
-        /// Announced body length.
-        len: usize,
-        /// The limit.
-        max: usize,
-    },
-    /// The input ended inside a frame.
-    #[error("truncated frame")]
-    Truncated,
-    /// Bytes follow the frame where none may.
-    #[error("trailing bytes after the frame")]
-    TrailingBytes,
-    /// The checksum does not match the body.
-    #[error("frame checksum mismatch")]
-    Checksum,
-    /// The body is not a valid message.
-    #[error("malformed message: {0}")]
-    Malformed(String),
-}
-
-/// Appends `msg` as one frame to `out`.
-///
-/// # Errors
-/// [`EncodeError::TooLarge`] when the body exceeds `max`.
-pub fn encode<T: Serialize>(msg: &T, max: usize, out: &mut BytesMut) -> Result<(), EncodeError> {
-    let body = postcard::to_stdvec(msg).map_err(|e| EncodeError::Serialize(e.to_string()))?;
-    if body.len() > max {
-        return Err(EncodeError::TooLarge {
-            len: body.len(),
-            max,
-        });
-    }
-    let len = u32::try_from(body.len()).map_err(|_| EncodeError::TooLarge {
-        len: body.len(),
-        max,
-    })?;
-    out.reserve(body.len() + FRAME_OVERHEAD);
-    out.put_u32(len);
-    out.put_slice(&body);
-    out.put_u32(crc32(&body));
-    Ok(())
-}
-
-/// Encodes `msg` into a fresh buffer.
-///
-/// # Errors
-/// As [`encode`].
-pub fn encode_to_vec<T: Serialize>(msg: &T, max: usize) -> Result<Vec<u8>, EncodeError> {
-    let mut out = BytesMut::new();
-    encode(msg, max, &mut out)?;
-    Ok(out.to_vec())
-}
-
-/// The total frame length (prefix + body + checksum) announced by the start of `buf`, once the
-/// prefix is complete. `Ok(None)` means "need more bytes".
-///
-/// # Errors
-/// [`DecodeError::TooLarge`] as soon as the prefix exceeds `max`.
-pub fn frame_len(buf: &[u8], max: usize) -> Result<Option<usize>, DecodeError> {
-    let Some(prefix) = buf.get(..4) else {
-        return Ok(None);
-    };
-    let mut p = [0u8; 4];
-    p.copy_from_slice(prefix);
-    let len = usize::try_from(u32::from_be_bytes(p)).unwrap_or(usize::MAX);
-    if len > max {
-        return Err(DecodeError::TooLarge { len, max });
-    }
-    Ok(Some(len + FRAME_OVERHEAD))
-}
-
-/// Takes one frame off the front of `buf` if it is complete.
-///
-/// `Ok(None)` means more bytes are needed; `buf` is then untouched.
-///
-/// # Errors
-/// [`DecodeError`] for an oversized, corrupt or malformed frame.
-pub fn decode<T: DeserializeOwned>(
-    buf: &mut BytesMut,
-    max: usize,
-) -> Result<Option<T>, DecodeError> {
-    let Some(total) = frame_len(buf, max)? else {
-        return Ok(None);
-    };
-    if buf.len() < total {
-        return Ok(None);
-    }
-    let frame = buf.split_to(total);
-    decode_body(&frame[4..total - 4], &frame[total - 4..]).map(Some)
-}
-
-/// Decodes a buffer that must hold exactly one frame.
-///
-/// # Errors
-/// [`DecodeError`], including [`DecodeError::Truncated`] and [`DecodeError::TrailingBytes`].
-pub fn decode_exact<T: DeserializeOwned>(bytes: &[u8], max: usize) -> Result<T, DecodeError> {
-    let total = frame_len(bytes, max)?.ok_or(DecodeError::Truncated)?;
-    match bytes.len().cmp(&total) {
-        std::cmp::Ordering::Less => Err(DecodeError::Truncated),
-        std::cmp::Ordering::Greater => Err(DecodeError::TrailingBytes),
-        std::cmp::Ordering::Equal => decode_body(&bytes[4..total - 4], &bytes[total - 4..]),
-    }
-}
-
-fn decode_body<T: DeserializeOwned>(body: &[u8], mut crc: &[u8]) -> Result<T, DecodeError> {
-    if crc.get_u32() != crc32(body) {
-        return Err(DecodeError::Checksum);
-    }
-    let (msg, rest) =
-        postcard::take_from_bytes(body).map_err(|e| DecodeError::Malformed(e.to_string()))?;
-    if !rest.is_empty() {
-        return Err(DecodeError::TrailingBytes);
-    }
-    Ok(msg)
-}
-
-/// CRC-32 (IEEE 802.3), bitwise: control frames are small and rare, so no table.
-fn crc32(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &byte in data {
-        crc ^= u32::from(byte);
-        for _ in 0..8 {
-            let mask = (crc & 1).wrapping_neg();
-            crc = (crc >> 1) ^ (0xEDB8_8320 & mask);
-        }
-    }
-    !crc
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use bytes::{BufMut, BytesMut};
     use proptest::prelude::*;
 
     fn sample_messages() -> Vec<Vec<u8>> {
@@ -694,12 +384,6 @@ mod tests {
             decode_exact::<StreamOpen>(bytes, MAX_FRAME_LEN).is_ok(),
             decode_exact::<Request>(bytes, MAX_FRAME_LEN).is_ok(),
         ]
-    }
-
-    #[test]
-    fn crc32_known_vector() {
-        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
-        assert_eq!(crc32(b""), 0);
     }
 
     #[test]
@@ -817,22 +501,6 @@ mod tests {
         )
         .unwrap();
         assert_eq!(&hello[..7], &[0, 0, 0, 3, 1, 0, 0]);
-    }
-
-    #[test]
-    fn codes_round_trip_and_describe() {
-        for c in [CloseCode::UNKNOWN_KEY, CloseCode::REVOKED, CloseCode(999)] {
-            assert_eq!(CloseCode::from_varint(c.to_varint()), c);
-        }
-        assert!(CloseCode::UNKNOWN_KEY.to_string().contains("does not know"));
-        assert_eq!(
-            StreamCode::from_varint(StreamCode::TARGET_UNREACHABLE.to_varint()),
-            StreamCode::TARGET_UNREACHABLE
-        );
-        assert_eq!(
-            CloseCode::from_varint(quinn_proto::VarInt::from_u64(1 << 40).unwrap()),
-            CloseCode::PROTOCOL
-        );
     }
 
     proptest! {

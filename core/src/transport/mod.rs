@@ -1,0 +1,283 @@
+//! QUIC transport: quinn endpoints and TLS configuration with pinned keys.
+//!
+//! Kind: IO (sockets, in [`socket`]); the verifiers ([`verify`]) and settings are pure.
+//!
+//! Trust comes only from key fingerprints ([`verify`]). Certificates are self-signed wrappers
+//! made with `rcgen`; names, dates and issuers are ignored. TLS 1.3 only, one ALPN per protocol
+//! (the caller's), 0-RTT off. Everything that speaks QUIC in the project builds its configs and
+//! endpoints here: device and client (ALPN `tunnel/1`) and, later, the relay and its legs.
+
+pub mod settings;
+pub mod socket;
+pub mod verify;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Endpoint, EndpointConfig, IdleTimeout, TransportConfig, VarInt};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+
+use crate::identity::{Fingerprint, SecretKey};
+pub use settings::{SettingsError, TransportSettings};
+pub use socket::bind_udp;
+use verify::provider;
+pub use verify::{
+    ClientKeyVerifier, ObservedKey, PinnedKeyVerifier, cert_fingerprint, peer_fingerprint,
+};
+
+/// TLS server name the client asks for. Never checked: trust is the pinned fingerprint.
+pub const SERVER_NAME: &str = "tunnel-device";
+
+/// Errors building the transport.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The certificate or TLS configuration could not be built.
+    #[error("TLS setup failed: {0}")]
+    Tls(String),
+    /// A UDP socket could not be created or bound.
+    #[error("cannot bind UDP {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// A key and its self-signed certificate, ready for rustls.
+#[derive(Debug)]
+pub struct Identity {
+    key: SecretKey,
+    cert: CertificateDer<'static>,
+}
+
+impl Identity {
+    /// Wraps `key` in a self-signed certificate.
+    ///
+    /// # Errors
+    /// [`TransportError::Tls`] if rcgen cannot use the key.
+    pub fn new(key: SecretKey) -> Result<Self, TransportError> {
+        let der = key.to_pkcs8_der();
+        let pkcs8 = PrivatePkcs8KeyDer::from(der.as_slice());
+        let kp =
+            rcgen::KeyPair::from_pkcs8_der_and_sign_algo(&pkcs8, &rcgen::PKCS_ECDSA_P256_SHA256)
+                .map_err(|e| TransportError::Tls(e.to_string()))?;
+        let params = rcgen::CertificateParams::new(vec![SERVER_NAME.to_string()])
+            .map_err(|e| TransportError::Tls(e.to_string()))?;
+        let cert = params
+            .self_signed(&kp)
+            .map_err(|e| TransportError::Tls(e.to_string()))?;
+        Ok(Self {
+            key,
+            cert: cert.der().clone(),
+        })
+    }
+
+    /// The key's fingerprint.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.key.fingerprint()
+    }
+
+    /// The secret key.
+    pub fn secret_key(&self) -> &SecretKey {
+        &self.key
+    }
+
+    fn cert_chain(&self) -> Vec<CertificateDer<'static>> {
+        vec![self.cert.clone()]
+    }
+
+    fn private_key(&self) -> PrivateKeyDer<'static> {
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(self.key.to_pkcs8_der().to_vec()))
+    }
+}
+
+/// QUIC transport parameters for any end. `max_bidi_streams` is how many streams the *peer*
+/// may open concurrently (a device allows many, a client none).
+///
+/// # Panics
+/// Never: the settings were range-checked by [`TransportSettings::validate`] and out-of-range
+/// values are clamped.
+pub fn transport_config(settings: &TransportSettings, max_bidi_streams: u32) -> TransportConfig {
+    let mut t = TransportConfig::default();
+    let idle = IdleTimeout::try_from(Duration::from_secs(settings.idle_timeout_secs))
+        .unwrap_or_else(|_| IdleTimeout::from(VarInt::from_u32(15_000)));
+    t.max_idle_timeout(Some(idle))
+        .keep_alive_interval(Some(Duration::from_secs(settings.keep_alive_secs)))
+        .max_concurrent_bidi_streams(VarInt::from_u32(max_bidi_streams))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .stream_receive_window(varint(settings.stream_window))
+        .receive_window(varint(settings.connection_window))
+        .send_window(settings.connection_window)
+        .datagram_receive_buffer_size(None)
+        .mtu_discovery_config(Some(mtu_discovery()));
+    t
+}
+
+/// Largest UDP payload either end sends or accepts.
+///
+/// Path MTU discovery starts at 1200 bytes and probes up to this size, so on an Ethernet path it
+/// settles at 1452 and on loopback or a jumbo-frame LAN it grows. Why 6500: quinn sends at most 10
+/// datagrams per GSO batch, and the kernel refuses a GSO send whose total exceeds the largest
+/// UDP payload (65487 bytes on an IPv6 socket); 10 × 6500 fits, 10 × 6550 does not (quinn then
+/// falls back to one datagram per syscall). Measured on loopback with iperf3 (docs/BENCHMARKS.md):
+/// 1452 → 6.4 Gbit/s, 3000 → 8.9, 6000 → 10.8, 6500 → 11.2, 6550 → 9.1, 8952 → 5.7.
+pub const MAX_UDP_PAYLOAD: u16 = 6500;
+
+fn varint(v: u64) -> VarInt {
+    VarInt::from_u64(v).unwrap_or(VarInt::MAX)
+}
+
+fn mtu_discovery() -> quinn::MtuDiscoveryConfig {
+    let mut m = quinn::MtuDiscoveryConfig::default();
+    m.upper_bound(MAX_UDP_PAYLOAD);
+    m
+}
+
+fn endpoint_config(reset_key: Option<Arc<dyn quinn_proto::crypto::HmacKey>>) -> EndpointConfig {
+    let mut config = match reset_key {
+        Some(key) => EndpointConfig::new(key),
+        None => EndpointConfig::default(),
+    };
+    // Cannot fail: the value is within QUIC's 1200..=65527 range.
+    let _ = config.max_udp_payload_size(MAX_UDP_PAYLOAD);
+    config
+}
+
+/// quinn server configuration (a device's, a relay's) speaking `alpn`. `max_streams` is how many
+/// streams each client may open at once; `max_connections` bounds what strangers can queue before
+/// a handshake completes.
+///
+/// # Errors
+/// [`TransportError::Tls`].
+pub fn server_config(
+    identity: &Identity,
+    alpn: &[u8],
+    settings: &TransportSettings,
+    max_streams: u32,
+    max_connections: u32,
+) -> Result<quinn::ServerConfig, TransportError> {
+    let provider = provider();
+    let verifier = ClientKeyVerifier::new();
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TransportError::Tls(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.cert_chain(), identity.private_key())
+        .map_err(|e| TransportError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls.max_early_data_size = 0;
+    tls.send_half_rtt_data = false;
+    let quic = QuicServerConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
+    let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
+    cfg.transport_config(Arc::new(transport_config(settings, max_streams)));
+    cfg.migration(true);
+    // Bound what strangers can queue before a handshake completes (quinn's defaults, 65536
+    // connections and 100 MiB, suit a server farm, not a device).
+    let max_connections = usize::try_from(max_connections).unwrap_or(usize::MAX);
+    cfg.max_incoming(max_connections.saturating_mul(2).max(16))
+        .incoming_buffer_size(64 * 1024)
+        .incoming_buffer_size_total(4 * 1024 * 1024);
+    Ok(cfg)
+}
+
+/// A quinn client configuration speaking `alpn` that pins `expected` (`None`: trust on first use),
+/// and the slot where the verifier records the fingerprint the server actually presented.
+///
+/// # Errors
+/// [`TransportError::Tls`].
+pub fn client_config(
+    identity: &Identity,
+    alpn: &[u8],
+    expected: Option<Fingerprint>,
+    settings: &TransportSettings,
+) -> Result<(quinn::ClientConfig, ObservedKey), TransportError> {
+    let (tls, observed) = client_tls_config(identity, alpn, expected)?;
+    let quic = QuicClientConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
+    let mut cfg = quinn::ClientConfig::new(Arc::new(quic));
+    cfg.transport_config(Arc::new(transport_config(settings, 0)));
+    Ok((cfg, observed))
+}
+
+/// The rustls half of [`client_config`] (exposed so tests can build deviant clients).
+///
+/// # Errors
+/// [`TransportError::Tls`].
+pub fn client_tls_config(
+    identity: &Identity,
+    alpn: &[u8],
+    expected: Option<Fingerprint>,
+) -> Result<(rustls::ClientConfig, ObservedKey), TransportError> {
+    let (verifier, observed) = PinnedKeyVerifier::new(expected);
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TransportError::Tls(e.to_string()))?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier)
+        .with_client_auth_cert(identity.cert_chain(), identity.private_key())
+        .map_err(|e| TransportError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls.enable_early_data = false;
+    tls.resumption = rustls::client::Resumption::disabled();
+    Ok((tls, observed))
+}
+
+/// A server endpoint (a device's, a relay's) on `addr`. The stateless-reset key is derived from
+/// the server's key, so a restarted server makes clients drop their old connection at once instead
+/// of waiting for the idle timeout.
+///
+/// # Errors
+/// [`TransportError`].
+pub fn server_endpoint(
+    addr: SocketAddr,
+    key: &SecretKey,
+    server: quinn::ServerConfig,
+    settings: &TransportSettings,
+) -> Result<Endpoint, TransportError> {
+    let socket = bind_udp(addr, settings.socket_buffer)?;
+    let reset_secret = key.derive_secret(b"tunnel/1 stateless reset key");
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_secret.as_slice());
+    let config = endpoint_config(Some(Arc::new(reset_key)));
+    Endpoint::new(config, Some(server), socket, Arc::new(quinn::TokioRuntime))
+        .map_err(|source| TransportError::Bind { addr, source })
+}
+
+/// A client endpoint bound to `addr` (e.g. a particular local address of a multi-homed host).
+///
+/// # Errors
+/// [`TransportError::Bind`].
+pub fn client_endpoint_on(
+    addr: SocketAddr,
+    settings: &TransportSettings,
+) -> Result<Endpoint, TransportError> {
+    let socket = bind_udp(addr, settings.socket_buffer)?;
+    Endpoint::new(
+        endpoint_config(None),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| TransportError::Bind { addr, source })
+}
+
+/// A client endpoint on an ephemeral port: dual-stack `[::]:0` where possible, else `0.0.0.0:0`.
+///
+/// # Errors
+/// [`TransportError::Bind`].
+pub fn client_endpoint(settings: &TransportSettings) -> Result<Endpoint, TransportError> {
+    let v6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
+    let v4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0));
+    let (socket, addr) = match bind_udp(v6, settings.socket_buffer) {
+        Ok(s) => (s, v6),
+        Err(_) => (bind_udp(v4, settings.socket_buffer)?, v4),
+    };
+    Endpoint::new(
+        endpoint_config(None),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| TransportError::Bind { addr, source })
+}

@@ -1,0 +1,129 @@
+//! QUIC transport settings shared by every end (`[transport]` in `device.toml`), range-checked.
+//!
+//! Kind: pure.
+
+use serde::{Deserialize, Serialize};
+
+/// QUIC transport tuning shared by both ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TransportSettings {
+    /// A connection with no packets for this long is dead.
+    pub idle_timeout_secs: u64,
+    /// Interval of keep-alive packets (keeps NAT bindings open).
+    pub keep_alive_secs: u64,
+    /// Per-stream receive window in bytes (bounds one stream's in-flight data).
+    pub stream_window: u64,
+    /// Per-connection receive window in bytes (bounds all streams' in-flight data).
+    pub connection_window: u64,
+    /// Requested UDP socket buffer size in bytes.
+    pub socket_buffer: usize,
+}
+
+impl Default for TransportSettings {
+    fn default() -> Self {
+        Self {
+            idle_timeout_secs: 15,
+            keep_alive_secs: 4,
+            stream_window: 8 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+            socket_buffer: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// A transport setting out of its range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SettingsError {
+    /// `idle_timeout_secs`.
+    #[error("transport.idle_timeout_secs must be 1-600")]
+    IdleTimeout,
+    /// `keep_alive_secs`.
+    #[error("transport.keep_alive_secs must be at least 1 and below idle_timeout_secs")]
+    KeepAlive,
+    /// `stream_window`.
+    #[error("transport.stream_window must be between 64 KiB and 1 GiB")]
+    StreamWindow,
+    /// `connection_window`.
+    #[error("transport.connection_window must be at least stream_window and at most 4 GiB")]
+    ConnectionWindow,
+    /// `socket_buffer`.
+    #[error("transport.socket_buffer must be between 64 KiB and 256 MiB")]
+    SocketBuffer,
+}
+
+impl TransportSettings {
+    /// Checks the ranges.
+    ///
+    /// # Errors
+    /// The first setting out of range.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        if !(1..=600).contains(&self.idle_timeout_secs) {
+            return Err(SettingsError::IdleTimeout);
+        }
+        if self.keep_alive_secs == 0 || self.keep_alive_secs >= self.idle_timeout_secs {
+            return Err(SettingsError::KeepAlive);
+        }
+        if !(64 * 1024..=1 << 30).contains(&self.stream_window) {
+            return Err(SettingsError::StreamWindow);
+        }
+        if self.connection_window < self.stream_window || self.connection_window > 1 << 32 {
+            return Err(SettingsError::ConnectionWindow);
+        }
+        if !(64 * 1024..=256 * 1024 * 1024).contains(&self.socket_buffer) {
+            return Err(SettingsError::SocketBuffer);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_each_range_is_checked() {
+        assert_eq!(TransportSettings::default().validate(), Ok(()));
+        let d = TransportSettings::default;
+        let cases = [
+            (
+                TransportSettings {
+                    idle_timeout_secs: 0,
+                    ..d()
+                },
+                SettingsError::IdleTimeout,
+            ),
+            (
+                TransportSettings {
+                    keep_alive_secs: 15,
+                    ..d()
+                },
+                SettingsError::KeepAlive,
+            ),
+            (
+                TransportSettings {
+                    stream_window: 1,
+                    ..d()
+                },
+                SettingsError::StreamWindow,
+            ),
+            (
+                TransportSettings {
+                    connection_window: 1 << 20,
+                    ..d()
+                },
+                SettingsError::ConnectionWindow,
+            ),
+            (
+                TransportSettings {
+                    socket_buffer: 1,
+                    ..d()
+                },
+                SettingsError::SocketBuffer,
+            ),
+        ];
+        for (s, e) in cases {
+            assert_eq!(s.validate(), Err(e));
+        }
+    }
+}

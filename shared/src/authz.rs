@@ -1,0 +1,703 @@
+//! The authorization core: given the facts of a connection and of a request, and the device's
+//! current state, IAM and configuration, decide; given every live connection, say what to close
+//! and what to reset.
+//!
+//! Kind: pure. No quinn types, no clock, no IO, no logging: the device gathers the facts
+//! ([`ConnFacts`]: key, locality, token), asks, logs the [`Verdict`] and applies the
+//! [`Enforcement`]s. Every function here is a table test away from being checked.
+//!
+//! Order of checks for a new connection ([`Policy::admit`], DESIGN §4–§9):
+//! remote access switch → server-connect token (remote only, before any IAM work) → the key's
+//! user (a key on no user is *unpaired* and is admitted only while some pairing mode is usable
+//! for it, and only below the cap on unpaired connections).
+
+use crate::config::{DeviceConfig, ServiceConfig};
+use crate::iam::{self, Action, Attrs, Decision, IamConfig, Value};
+use crate::identity::Fingerprint;
+use crate::pairing::PairingMode;
+use crate::proto::{CloseCode, StreamCode};
+use crate::secret::Secret;
+use crate::state::{DeviceState, User};
+
+/// What the device knows about a connection.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnFacts<'a> {
+    /// The key the client proved in the TLS handshake.
+    pub fingerprint: &'a Fingerprint,
+    /// Whether the connection is local (DESIGN §6).
+    pub local: bool,
+    /// The server-connect token presented in `Hello` (kept for remote connections only).
+    pub token: Option<&'a Secret>,
+}
+
+/// Who a connection is under the current state.
+#[derive(Debug, Clone, Copy)]
+pub struct Who<'a> {
+    /// The user the key belongs to, if any.
+    pub user: Option<&'a User>,
+    /// That user's role, or the unpaired role.
+    pub role: &'a str,
+}
+
+impl Who<'_> {
+    /// The user name for logs: the name, or `(unpaired)`.
+    pub fn name(&self) -> &str {
+        self.user.map_or("(unpaired)", |u| u.username.as_str())
+    }
+}
+
+/// What a request is about, beyond the connection.
+#[derive(Debug, Clone, Copy)]
+pub enum Subject<'a> {
+    /// Nothing more (list services, pairing, settings…).
+    None,
+    /// A service id, which may name no service.
+    Service(&'a str),
+    /// A user (and, for role changes and invitations, the role involved).
+    User {
+        /// The user the request is about.
+        name: &'a str,
+        /// The role it sets or creates.
+        role: Option<&'a str>,
+    },
+}
+
+/// One IAM decision with what it was about, for the device's debug log.
+#[derive(Debug, Clone)]
+pub struct Verdict {
+    /// The outcome.
+    pub allowed: bool,
+    /// The action asked.
+    pub action: Action,
+    /// The deciding statement.
+    pub decision: Decision,
+    /// The attributes it was evaluated with.
+    pub attrs: Attrs,
+}
+
+/// Why a new connection is refused: the close code the client sees and a short reason for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    /// The close code.
+    pub code: CloseCode,
+    /// The close reason (peer-visible, so it names no detail).
+    pub reason: &'static str,
+}
+
+/// Why a pairing request is refused before any pairing work.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PairingRefusal {
+    /// The key is already a user.
+    AlreadyPaired(String),
+    /// The mode needs a local connection.
+    NeedsLocal(PairingMode),
+    /// IAM does not allow this mode to this connection.
+    Forbidden,
+    /// The mode is switched off.
+    Disabled(PairingMode),
+    /// Remote password open pairing without the open-pairing token.
+    NeedsOpenToken,
+}
+
+/// What the device must do to a live connection after a change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enforcement {
+    /// Close the connection with this code and reason.
+    Close(Refusal),
+    /// The key became this user (it paired, or an owner added it): record it.
+    Adopt(String),
+    /// Reset this tunnel (the caller's id) with this code.
+    Reset {
+        /// The tunnel's id, as given in [`LiveConn::tunnels`].
+        tunnel: u64,
+        /// The code the client sees.
+        code: StreamCode,
+    },
+}
+
+/// A live connection as [`Policy::enforce`] sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct LiveConn<'a> {
+    /// Its facts.
+    pub facts: ConnFacts<'a>,
+    /// The user it was welcomed (or has since paired) as.
+    pub user: Option<&'a str>,
+    /// Its open tunnels: the caller's id and the service id.
+    pub tunnels: &'a [(u64, String)],
+}
+
+/// The device's current policy: one consistent view of state, IAM and configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy<'a> {
+    /// Users, tokens, pairing switches.
+    pub state: &'a DeviceState,
+    /// Roles and policies.
+    pub iam: &'a IamConfig,
+    /// Services and network policy.
+    pub config: &'a DeviceConfig,
+}
+
+impl<'a> Policy<'a> {
+    /// A view of these three.
+    pub fn new(state: &'a DeviceState, iam: &'a IamConfig, config: &'a DeviceConfig) -> Self {
+        Self { state, iam, config }
+    }
+
+    /// Who `fingerprint` is now.
+    pub fn who(&self, fingerprint: &Fingerprint) -> Who<'a> {
+        let user = self.state.user_by_fingerprint(fingerprint);
+        Who {
+            role: user.map_or(self.iam.unpaired_role.as_str(), |u| u.role.as_str()),
+            user,
+        }
+    }
+
+    /// Whether a remote connection presenting `token` may proceed: remote access is on and the
+    /// token is valid (constant-time). Local connections always may.
+    fn gate(&self, conn: &ConnFacts<'_>) -> Result<(), Refusal> {
+        if conn.local {
+            return Ok(());
+        }
+        if !self.config.network.remote_access {
+            return Err(Refusal {
+                code: CloseCode::REMOTE_DISABLED,
+                reason: "remote access disabled",
+            });
+        }
+        if !conn.token.is_some_and(|t| self.state.sct_valid(t)) {
+            return Err(Refusal {
+                code: CloseCode::SCT_REJECTED,
+                reason: "server-connect token required",
+            });
+        }
+        Ok(())
+    }
+
+    /// Decides whether a new connection may proceed past `Hello`. `unpaired_conns` is how many
+    /// connections of keys on no user are open already.
+    ///
+    /// # Errors
+    /// The [`Refusal`] to close the connection with.
+    pub fn admit(&self, conn: &ConnFacts<'_>, unpaired_conns: usize) -> Result<Who<'a>, Refusal> {
+        self.gate(conn)?;
+        let who = self.who(conn.fingerprint);
+        if who.user.is_none() {
+            if self.usable_modes(conn).is_empty() {
+                return Err(Refusal {
+                    code: CloseCode::UNKNOWN_KEY,
+                    reason: "unknown client key",
+                });
+            }
+            if unpaired_conns >= self.config.limits.max_unpaired_connections as usize {
+                return Err(Refusal {
+                    code: CloseCode::BUSY,
+                    reason: "too many unpaired connections",
+                });
+            }
+        }
+        Ok(who)
+    }
+
+    /// The attributes every request of `conn` carries.
+    pub fn base_attrs(conn: &ConnFacts<'_>, who: &Who<'_>) -> Attrs {
+        let mut a = Attrs::new();
+        a.insert(iam::attr::CONNECTION_IS_LOCAL, Value::Bool(conn.local));
+        a.insert(
+            iam::attr::CONNECTION_FINGERPRINT,
+            Value::Str(conn.fingerprint.to_string()),
+        );
+        if let Some(u) = who.user {
+            a.insert(
+                iam::attr::CONNECTION_USERNAME,
+                Value::Str(u.username.clone()),
+            );
+        }
+        a
+    }
+
+    /// `base` plus the attributes of `subject`.
+    fn subject_attrs(&self, mut a: Attrs, subject: Subject<'_>) -> Attrs {
+        match subject {
+            Subject::None => {}
+            Subject::Service(id) => {
+                a.insert(iam::attr::TUNNEL_SERVICE_ID, Value::Str(id.to_string()));
+                if let Some(s) = self.config.service(id) {
+                    a.insert(
+                        iam::attr::TUNNEL_SERVICE_TYPE,
+                        Value::Str(s.service_type.clone()),
+                    );
+                }
+            }
+            Subject::User { name, role } => {
+                a.insert(iam::attr::IAM_USERNAME, Value::Str(name.to_string()));
+                if let Some(r) = role {
+                    a.insert(iam::attr::IAM_ROLE_ID, Value::Str(r.to_string()));
+                }
+            }
+        }
+        a
+    }
+
+    /// Decides `action` on `subject` for `conn`, as its key is *now*.
+    pub fn decide(&self, conn: &ConnFacts<'_>, action: Action, subject: Subject<'_>) -> Verdict {
+        let who = self.who(conn.fingerprint);
+        self.decide_as(conn, &who, action, subject)
+    }
+
+    fn decide_as(
+        &self,
+        conn: &ConnFacts<'_>,
+        who: &Who<'_>,
+        action: Action,
+        subject: Subject<'_>,
+    ) -> Verdict {
+        let attrs = self.subject_attrs(Self::base_attrs(conn, who), subject);
+        let decision = self.iam.decide(who.role, action, &attrs);
+        Verdict {
+            allowed: decision.allowed,
+            action,
+            decision,
+            attrs,
+        }
+    }
+
+    /// Whether `conn` may open a tunnel to `service` now: the service, or the code to reset the
+    /// stream with. Whether a service exists is only revealed to those who may connect to that
+    /// id (an unknown id is `FORBIDDEN` to everyone else).
+    ///
+    /// # Errors
+    /// [`StreamCode::FORBIDDEN`] or [`StreamCode::NO_SUCH_SERVICE`], with the verdict for logs.
+    pub fn tunnel(
+        &self,
+        conn: &ConnFacts<'_>,
+        service: &str,
+    ) -> (Result<&'a ServiceConfig, StreamCode>, Verdict) {
+        let verdict = self.decide(conn, Action::TunnelConnect, Subject::Service(service));
+        let outcome = match (verdict.allowed, self.config.service(service)) {
+            (false, _) => Err(StreamCode::FORBIDDEN),
+            (true, None) => Err(StreamCode::NO_SUCH_SERVICE),
+            (true, Some(s)) => Ok(s),
+        };
+        (outcome, verdict)
+    }
+
+    /// Pairing modes `conn` could use now: enabled, local where required, allowed by IAM, local
+    /// initial only while unused, password open remotely only with the open token.
+    pub fn usable_modes(&self, conn: &ConnFacts<'_>) -> Vec<PairingMode> {
+        let who = self.who(conn.fingerprint);
+        if who.user.is_some() {
+            return Vec::new();
+        }
+        PairingMode::ALL
+            .into_iter()
+            .filter(|&m| self.state.pairing.enabled(m))
+            .filter(|&m| !m.local_only() || conn.local)
+            .filter(|&m| {
+                m != PairingMode::LocalInitial
+                    || self.state.local_initial_available(&self.iam.initial_role)
+            })
+            .filter(|&m| m != PairingMode::PasswordOpen || self.has_open_token(conn))
+            .filter(|&m| {
+                self.decide_as(conn, &who, m.action(), Subject::None)
+                    .allowed
+            })
+            .collect()
+    }
+
+    fn has_open_token(&self, conn: &ConnFacts<'_>) -> bool {
+        conn.local || conn.token == Some(&self.state.pairing.open_sct)
+    }
+
+    /// The gate every pairing request passes first: not paired yet, local where the mode needs
+    /// it, allowed by IAM, switched on (in that order), and for remote password open pairing the
+    /// open-pairing token.
+    ///
+    /// # Errors
+    /// The first [`PairingRefusal`] that applies.
+    pub fn pairing_gate(
+        &self,
+        conn: &ConnFacts<'_>,
+        mode: PairingMode,
+    ) -> Result<(), PairingRefusal> {
+        let who = self.who(conn.fingerprint);
+        if let Some(u) = who.user {
+            return Err(PairingRefusal::AlreadyPaired(u.username.clone()));
+        }
+        if mode.local_only() && !conn.local {
+            return Err(PairingRefusal::NeedsLocal(mode));
+        }
+        if !self
+            .decide_as(conn, &who, mode.action(), Subject::None)
+            .allowed
+        {
+            return Err(PairingRefusal::Forbidden);
+        }
+        if !self.state.pairing.enabled(mode) {
+            return Err(PairingRefusal::Disabled(mode));
+        }
+        if mode == PairingMode::PasswordOpen && !self.has_open_token(conn) {
+            return Err(PairingRefusal::NeedsOpenToken);
+        }
+        Ok(())
+    }
+
+    /// Whether `username` is the last user with the initial (owner) role that has a key.
+    pub fn is_last_owner(&self, username: &str) -> bool {
+        let mut owners = self
+            .state
+            .users
+            .iter()
+            .filter(|u| u.role == self.iam.initial_role && !u.fingerprints.is_empty());
+        matches!((owners.next(), owners.next()), (Some(u), None) if u.username == username)
+    }
+
+    /// What to do to one live connection under this policy: close it (its user was removed or
+    /// changed, remote access was switched off, its token was revoked), record that its key
+    /// became a user, and reset each tunnel the policy no longer allows.
+    pub fn enforce(&self, conn: &LiveConn<'_>) -> Vec<Enforcement> {
+        let facts = &conn.facts;
+        let who = self.who(facts.fingerprint);
+        let current = who.user.map(|u| u.username.as_str());
+        match (conn.user, current) {
+            (Some(prev), cur) if cur != Some(prev) => {
+                return vec![Enforcement::Close(Refusal {
+                    code: CloseCode::REVOKED,
+                    reason: "access revoked",
+                })];
+            }
+            (None, Some(cur)) => return self.enforced_tunnels(conn, &who, Some(cur)),
+            _ => {}
+        }
+        self.enforced_tunnels(conn, &who, None)
+    }
+
+    fn enforced_tunnels(
+        &self,
+        conn: &LiveConn<'_>,
+        who: &Who<'_>,
+        adopt: Option<&str>,
+    ) -> Vec<Enforcement> {
+        let mut out: Vec<Enforcement> = adopt
+            .map(|u| Enforcement::Adopt(u.to_string()))
+            .into_iter()
+            .collect();
+        if let Err(refusal) = self.gate(&conn.facts) {
+            out.push(Enforcement::Close(match refusal.code {
+                CloseCode::SCT_REJECTED => Refusal {
+                    code: CloseCode::SCT_REJECTED,
+                    reason: "token revoked",
+                },
+                _ => refusal,
+            }));
+            return out;
+        }
+        for (tunnel, service) in conn.tunnels {
+            let code = if self.config.service(service).is_none() {
+                Some(StreamCode::NO_SUCH_SERVICE)
+            } else if !self
+                .decide_as(
+                    &conn.facts,
+                    who,
+                    Action::TunnelConnect,
+                    Subject::Service(service),
+                )
+                .allowed
+            {
+                Some(StreamCode::FORBIDDEN)
+            } else {
+                None
+            };
+            if let Some(code) = code {
+                out.push(Enforcement::Reset {
+                    tunnel: *tunnel,
+                    code,
+                });
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::SecretKey;
+
+    struct World {
+        state: DeviceState,
+        iam: IamConfig,
+        config: DeviceConfig,
+    }
+
+    struct Keys {
+        owner: Fingerprint,
+        guest: Fingerprint,
+        standard: Fingerprint,
+        stranger: Fingerprint,
+    }
+
+    fn world() -> (World, Keys) {
+        let keys = Keys {
+            owner: SecretKey::generate().fingerprint(),
+            guest: SecretKey::generate().fingerprint(),
+            standard: SecretKey::generate().fingerprint(),
+            stranger: SecretKey::generate().fingerprint(),
+        };
+        let mut state = DeviceState::new_device();
+        state.add_user("o", "Owner", keys.owner, None).unwrap();
+        state.add_user("g", "Guest", keys.guest, None).unwrap();
+        state
+            .add_user("s", "Standard", keys.standard, None)
+            .unwrap();
+        let config = DeviceConfig::from_toml(
+            "device_id = \"d\"\nname = \"n\"\n[[service]]\nid = \"ssh\"\nhost = \"127.0.0.1\"\nport = 22\n",
+        )
+        .unwrap();
+        (
+            World {
+                state,
+                iam: IamConfig::builtin(),
+                config,
+            },
+            keys,
+        )
+    }
+
+    impl World {
+        fn policy(&self) -> Policy<'_> {
+            Policy::new(&self.state, &self.iam, &self.config)
+        }
+
+        fn token(&self, user: &str) -> Secret {
+            self.state.user(user).unwrap().sct.clone()
+        }
+    }
+
+    fn facts<'a>(fp: &'a Fingerprint, local: bool, token: Option<&'a Secret>) -> ConnFacts<'a> {
+        ConnFacts {
+            fingerprint: fp,
+            local,
+            token,
+        }
+    }
+
+    #[test]
+    fn admission_table() {
+        let (mut w, k) = world();
+        let g_tok = w.token("g");
+        let wrong = Secret::new("not-a-token-at-all");
+        // (key, local, token, expected close code or None for admitted)
+        let cases: Vec<(&Fingerprint, bool, Option<&Secret>, Option<CloseCode>)> = vec![
+            (&k.owner, true, None, None),
+            (&k.guest, true, None, None),
+            (&k.guest, false, Some(&g_tok), None),
+            // Any user's token lets any key past the gate: the key still decides the role.
+            (&k.owner, false, Some(&g_tok), None),
+            (&k.guest, false, None, Some(CloseCode::SCT_REJECTED)),
+            (&k.guest, false, Some(&wrong), Some(CloseCode::SCT_REJECTED)),
+            // No pairing mode is on: an unknown key is refused.
+            (&k.stranger, true, None, Some(CloseCode::UNKNOWN_KEY)),
+            (
+                &k.stranger,
+                false,
+                Some(&g_tok),
+                Some(CloseCode::UNKNOWN_KEY),
+            ),
+        ];
+        for (i, (fp, local, tok, want)) in cases.iter().enumerate() {
+            let got = w.policy().admit(&facts(fp, *local, *tok), 0).err();
+            assert_eq!(got.map(|r| r.code), *want, "case {i}");
+        }
+        w.state.pairing.local_open = true;
+        assert!(w.policy().admit(&facts(&k.stranger, true, None), 0).is_ok());
+        let busy = w.policy().admit(&facts(&k.stranger, true, None), 16);
+        assert_eq!(busy.err().map(|r| r.code), Some(CloseCode::BUSY));
+        assert!(
+            w.policy()
+                .admit(&facts(&k.stranger, false, Some(&g_tok)), 0)
+                .is_err(),
+            "local open is not usable remotely"
+        );
+        w.config.network.remote_access = false;
+        let r = w.policy().admit(&facts(&k.owner, false, Some(&g_tok)), 0);
+        assert_eq!(r.err().map(|r| r.code), Some(CloseCode::REMOTE_DISABLED));
+    }
+
+    #[test]
+    fn tunnel_table() {
+        let (w, k) = world();
+        let p = w.policy();
+        let tok = w.token("s");
+        // (key, local, service, expected)
+        let cases = [
+            (&k.owner, false, "ssh", Ok(())),
+            (&k.standard, false, "ssh", Ok(())),
+            (&k.guest, true, "ssh", Ok(())),
+            (&k.guest, false, "ssh", Err(StreamCode::FORBIDDEN)),
+            (&k.stranger, true, "ssh", Err(StreamCode::FORBIDDEN)),
+            (&k.owner, true, "nope", Err(StreamCode::NO_SUCH_SERVICE)),
+            // A guest remotely learns nothing about which ids exist.
+            (&k.guest, false, "nope", Err(StreamCode::FORBIDDEN)),
+        ];
+        for (i, (fp, local, svc, want)) in cases.into_iter().enumerate() {
+            let token = (!local).then_some(&tok);
+            let (got, verdict) = p.tunnel(&facts(fp, local, token), svc);
+            assert_eq!(got.map(|_| ()), want, "case {i}");
+            assert_eq!(verdict.action, Action::TunnelConnect);
+        }
+    }
+
+    #[test]
+    fn decisions_name_the_subject() {
+        let (w, k) = world();
+        let p = w.policy();
+        let own = p.decide(
+            &facts(&k.guest, true, None),
+            Action::IamDeleteUser,
+            Subject::User {
+                name: "g",
+                role: None,
+            },
+        );
+        assert!(own.allowed);
+        assert_eq!(
+            own.attrs.get(iam::attr::IAM_USERNAME),
+            Some(&Value::Str("g".into()))
+        );
+        let other = p.decide(
+            &facts(&k.guest, true, None),
+            Action::IamDeleteUser,
+            Subject::User {
+                name: "o",
+                role: None,
+            },
+        );
+        assert!(!other.allowed && other.decision.by.is_none());
+    }
+
+    #[test]
+    fn pairing_gate_table() {
+        let (mut w, k) = world();
+        w.state.pairing.password_open = true;
+        w.state.pairing.local_open = true;
+        let open = w.state.pairing.open_sct.clone();
+        let user_tok = w.token("g");
+        let p = w.policy();
+        let s = &k.stranger;
+        let cases = [
+            (
+                facts(&k.guest, true, None),
+                PairingMode::LocalOpen,
+                Err(PairingRefusal::AlreadyPaired("g".into())),
+            ),
+            (facts(s, true, None), PairingMode::LocalOpen, Ok(())),
+            (
+                facts(s, false, Some(&open)),
+                PairingMode::LocalOpen,
+                Err(PairingRefusal::NeedsLocal(PairingMode::LocalOpen)),
+            ),
+            (
+                facts(s, true, None),
+                PairingMode::PasswordInvite,
+                Err(PairingRefusal::Disabled(PairingMode::PasswordInvite)),
+            ),
+            (
+                facts(s, false, Some(&open)),
+                PairingMode::PasswordOpen,
+                Ok(()),
+            ),
+            (
+                facts(s, false, Some(&user_tok)),
+                PairingMode::PasswordOpen,
+                Err(PairingRefusal::NeedsOpenToken),
+            ),
+        ];
+        for (i, (f, mode, want)) in cases.into_iter().enumerate() {
+            assert_eq!(p.pairing_gate(&f, mode), want, "case {i}");
+        }
+        assert_eq!(
+            p.usable_modes(&facts(s, true, None)),
+            [PairingMode::LocalOpen, PairingMode::PasswordOpen]
+        );
+        assert_eq!(
+            p.usable_modes(&facts(s, false, Some(&open))),
+            [PairingMode::PasswordOpen]
+        );
+        assert!(p.usable_modes(&facts(&k.owner, true, None)).is_empty());
+    }
+
+    #[test]
+    fn last_owner() {
+        let (mut w, _) = world();
+        assert!(w.policy().is_last_owner("o"));
+        assert!(!w.policy().is_last_owner("g"));
+        w.state
+            .add_user("o2", "Owner", SecretKey::generate().fingerprint(), None)
+            .unwrap();
+        assert!(!w.policy().is_last_owner("o"));
+        // An owner invitation without a key does not count.
+        w.state.remove_user("o2").unwrap();
+        w.state.invite_user("o3", "Owner").unwrap();
+        assert!(w.policy().is_last_owner("o"));
+    }
+
+    #[test]
+    fn enforcement_table() {
+        let (mut w, k) = world();
+        let g_tok = w.token("g");
+        let tunnels = vec![(1, "ssh".to_string()), (2, "gone".to_string())];
+        let live = |fp, local, token, user| LiveConn {
+            facts: facts(fp, local, token),
+            user,
+            tunnels: &tunnels,
+        };
+        // A service that disappeared is reset; the rest stands.
+        let acts = w.policy().enforce(&live(&k.owner, true, None, Some("o")));
+        assert_eq!(
+            acts,
+            [Enforcement::Reset {
+                tunnel: 2,
+                code: StreamCode::NO_SUCH_SERVICE
+            }]
+        );
+        // A guest that is remote with a valid token may keep the connection but no tunnel.
+        let acts = w
+            .policy()
+            .enforce(&live(&k.guest, false, Some(&g_tok), Some("g")));
+        assert!(acts.contains(&Enforcement::Reset {
+            tunnel: 1,
+            code: StreamCode::FORBIDDEN
+        }));
+        // A removed user is closed; its token is gone too, but the user check comes first.
+        w.state.remove_user("g").unwrap();
+        let acts = w
+            .policy()
+            .enforce(&live(&k.guest, false, Some(&g_tok), Some("g")));
+        assert_eq!(acts.len(), 1);
+        assert!(matches!(&acts[0], Enforcement::Close(r) if r.code == CloseCode::REVOKED));
+        // A token that stopped being valid closes a remote connection of someone else.
+        let acts = w
+            .policy()
+            .enforce(&live(&k.owner, false, Some(&g_tok), Some("o")));
+        assert!(matches!(&acts[..], [Enforcement::Close(r)] if r.code == CloseCode::SCT_REJECTED));
+        // An unpaired key that became a user is adopted.
+        w.state.add_user("new", "Owner", k.stranger, None).unwrap();
+        let acts = w.policy().enforce(&live(&k.stranger, true, None, None));
+        assert_eq!(acts[0], Enforcement::Adopt("new".into()));
+        // Remote access switched off closes remote connections only.
+        w.config.network.remote_access = false;
+        let o_tok = w.token("o");
+        let acts = w
+            .policy()
+            .enforce(&live(&k.owner, false, Some(&o_tok), Some("o")));
+        assert!(
+            matches!(&acts[..], [Enforcement::Close(r)] if r.code == CloseCode::REMOTE_DISABLED)
+        );
+        assert!(
+            !w.policy()
+                .enforce(&live(&k.owner, true, None, Some("o")))
+                .iter()
+                .any(|a| matches!(a, Enforcement::Close(_)))
+        );
+    }
+}

@@ -1,0 +1,243 @@
+//! What can go wrong on the client, each error saying what failed: [`ClientError`] for commands,
+//! [`ConnectError`] for a connection or a device's answer.
+//!
+//! Kind: pure (types and messages).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::config::{ConfigError, HostPort, ValueError};
+use crate::identity::{Fingerprint, KeyFileError};
+use crate::pairing::PairingMode;
+use crate::proto::{CloseCode, ErrorCode};
+use crate::transport::TransportError;
+
+pub use super::known::LookupError;
+
+/// A client command failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// A file is corrupt or unreadable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The key file is unusable.
+    #[error(transparent)]
+    Key(#[from] KeyFileError),
+    /// The device reference matched nothing or several devices.
+    #[error(transparent)]
+    Lookup(#[from] LookupError),
+    /// TLS or socket setup failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// Connecting to the device failed, or it refused a request.
+    #[error(transparent)]
+    Connect(Box<ConnectError>),
+    /// A name or value given is malformed.
+    #[error(transparent)]
+    Value(#[from] ValueError),
+    /// `device add` without an address.
+    #[error("give at least one --addr HOST:PORT")]
+    NoAddress,
+    /// `device add` with a name that is pinned already.
+    #[error(
+        "a device named '{name}' is already known (fingerprint {fingerprint}); `tunnel-client \
+         forget {name}` first"
+    )]
+    NameTaken {
+        /// The name.
+        name: String,
+        /// The key it is pinned to.
+        fingerprint: Fingerprint,
+    },
+    /// Pairing would save a name that is pinned to another key.
+    #[error(
+        "'{name}' is already pinned to another key ({fingerprint}); choose another --name or \
+         `tunnel-client forget {name}` first"
+    )]
+    PinnedToOtherKey {
+        /// The name.
+        name: String,
+        /// The key it is pinned to.
+        fingerprint: Fingerprint,
+    },
+    /// `open` without a forward.
+    #[error("nothing to open: give at least one -L [BIND:]PORT:SERVICE")]
+    NoForwards,
+    /// Local open pairing without a user name.
+    #[error("local open pairing creates a new user: give --username NAME")]
+    NeedsUsername,
+    /// A password mode asked for by address.
+    #[error("{0} pairing needs a pairing string: tunnel-client pair PAIRING_STRING")]
+    NeedsPairingString(PairingMode),
+    /// IO on a named file.
+    #[error("'{path}': {source}", path = .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// A local listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// LAN discovery failed.
+    #[error(transparent)]
+    Discovery(#[from] crate::discovery::DiscoveryError),
+}
+
+impl From<ConnectError> for ClientError {
+    fn from(e: ConnectError) -> Self {
+        Self::Connect(Box::new(e))
+    }
+}
+
+/// Connecting to a device failed, or it answered a request with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// The device presented a different key than the pinned one.
+    #[error("{0}")]
+    FingerprintMismatch(Box<Mismatch>),
+    /// The device closed the connection with a reason.
+    #[error("{}", refused_message(.device, *.code, .reason, .client))]
+    Refused {
+        /// The device's local name.
+        device: String,
+        /// Its close code.
+        code: CloseCode,
+        /// Its reason text.
+        reason: String,
+        /// This client's fingerprint.
+        client: Fingerprint,
+    },
+    /// Connected, but this key is on no user of the device.
+    #[error(
+        "device '{device}' does not know your key {client}; pair with it (`tunnel-client pair \
+         PAIRING_STRING`) or ask its owner to add it (`tunnel-device user add NAME --fingerprint {client}`)"
+    )]
+    NotPaired {
+        /// The device's local name.
+        device: String,
+        /// This client's fingerprint.
+        client: Fingerprint,
+    },
+    /// The device answered a request with an error.
+    #[error("{}", device_error_message(.device, *.code, .message))]
+    Device {
+        /// The device's local name.
+        device: String,
+        /// The error code.
+        code: ErrorCode,
+        /// The device's explanation.
+        message: String,
+    },
+    /// No address of the device answered.
+    #[error("cannot reach device '{device}': {reason}")]
+    Unreachable {
+        /// The device's local name.
+        device: String,
+        /// Per-address failures.
+        reason: String,
+    },
+    /// The device broke the protocol.
+    #[error("protocol error with device '{device}': {reason}")]
+    Protocol {
+        /// The device's local name.
+        device: String,
+        /// What happened.
+        reason: String,
+    },
+}
+
+/// A device key that differs from the pinned one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mismatch {
+    /// The device's local name.
+    pub device: String,
+    /// The address that answered.
+    pub addr: HostPort,
+    /// Pinned fingerprint.
+    pub expected: Fingerprint,
+    /// Presented fingerprint.
+    pub actual: Fingerprint,
+}
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Self {
+            device,
+            addr,
+            expected,
+            actual,
+        } = self;
+        write!(
+            f,
+            "\n@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n\
+             @    WARNING: DEVICE IDENTIFICATION HAS CHANGED!         @\n\
+             @@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@@\n\
+             IT IS POSSIBLE THAT SOMEONE IS DOING SOMETHING NASTY!\n\
+             Someone could be intercepting your connection (man-in-the-middle attack),\n\
+             or the device at {addr} was re-installed with a new key.\n\
+             Device '{device}' is pinned to key\n    {expected}\n\
+             but {addr} presented\n    {actual}\n\
+             Nothing was sent. If you verified the new key with the device's owner, re-pin it:\n    \
+             tunnel-client forget {device} && tunnel-client device add {device} --addr {addr} --fingerprint {actual}"
+        )
+    }
+}
+
+fn refused_message(device: &str, code: CloseCode, reason: &str, client: &Fingerprint) -> String {
+    match code {
+        CloseCode::UNKNOWN_KEY => format!(
+            "device '{device}' does not know your key {client}; pair with it (`tunnel-client \
+             pair PAIRING_STRING`) or ask its owner to add it (`tunnel-device user add NAME \
+             --fingerprint {client}`)"
+        ),
+        CloseCode::REVOKED => {
+            format!("device '{device}' revoked this client's access (key {client}); ask its owner")
+        }
+        CloseCode::SCT_REJECTED => format!(
+            "device '{device}' refused this remote connection: it needs a valid server-connect \
+             token, which pairing stores (re-pair, or ask the owner for the token: \
+             `tunnel-client device add ... --sct TOKEN`)"
+        ),
+        CloseCode::REMOTE_DISABLED => {
+            format!("device '{device}' accepts local connections only (remote access is off)")
+        }
+        CloseCode::VERSION => {
+            format!("device '{device}' speaks an incompatible protocol version: {reason}")
+        }
+        _ => format!("device '{device}' closed the connection: {code}"),
+    }
+}
+
+fn device_error_message(device: &str, code: ErrorCode, message: &str) -> String {
+    match code {
+        ErrorCode::FORBIDDEN => {
+            format!("device '{device}' refused: {message} (your role does not allow it)")
+        }
+        _ => format!("device '{device}': {message} ({code})"),
+    }
+}
+
+impl ConnectError {
+    /// Whether retrying cannot help (wrong key, unknown key, revoked, token, version).
+    pub fn is_fatal(&self) -> bool {
+        match self {
+            Self::FingerprintMismatch(_) | Self::NotPaired { .. } => true,
+            Self::Refused { code, .. } => matches!(
+                *code,
+                CloseCode::UNKNOWN_KEY
+                    | CloseCode::REVOKED
+                    | CloseCode::VERSION
+                    | CloseCode::SCT_REJECTED
+                    | CloseCode::REMOTE_DISABLED
+            ),
+            Self::Device { .. } | Self::Unreachable { .. } | Self::Protocol { .. } => false,
+        }
+    }
+}

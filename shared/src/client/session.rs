@@ -1,0 +1,518 @@
+//! A session with a device: connecting (addresses in order, the pinned key, `Hello`/`Welcome`)
+//! and one typed method per control request, so callers never build a request or match a
+//! response themselves.
+//!
+//! Kind: IO.
+//!
+//! A connection attempt tries the device's addresses in order. The TLS verifier accepts only the
+//! pinned fingerprint; a different key is reported as [`ConnectError::FingerprintMismatch`] with
+//! both fingerprints, and is never retried or "accepted". A device that closes the connection
+//! with an application code (unknown key, revoked, token rejected…) yields
+//! [`ConnectError::Refused`]. Remote connections present the server-connect token stored with the
+//! device.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tracing::debug;
+
+use super::{ClientError, ClientHome, ConnectError, KnownDevice, Mismatch};
+use crate::config::{HostPort, TransportSettings};
+use crate::identity::Fingerprint;
+use crate::pairing::PairingMode;
+use crate::proto::{
+    self, CloseCode, ErrorCode, ErrorReply, Hello, Invite, PairingInfo, Request, Response,
+    ServiceInfo, Settings, UserInfo, Welcome,
+};
+use crate::secret::Secret;
+use crate::transport::{self, Identity};
+use crate::wire::{ControlClient, FrameError};
+
+/// Options shared by everything that connects.
+#[derive(Debug, Clone)]
+pub struct ConnectOptions {
+    /// Transport tuning.
+    pub transport: TransportSettings,
+    /// Bound on the QUIC handshake plus hello/welcome, per address.
+    pub timeout: Duration,
+    /// Sent in `Hello` for the device's logs.
+    pub client_name: Option<String>,
+}
+
+impl Default for ConnectOptions {
+    fn default() -> Self {
+        Self {
+            transport: TransportSettings::default(),
+            timeout: Duration::from_secs(10),
+            client_name: std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|s| s.trim().to_string())
+                .filter(|s| !s.is_empty()),
+        }
+    }
+}
+
+/// An authenticated connection to a device with its control stream.
+#[derive(Debug)]
+pub struct Session {
+    /// The QUIC connection (cheap to clone).
+    pub conn: quinn::Connection,
+    /// What the device said about us.
+    pub welcome: Welcome,
+    /// The address that answered.
+    pub addr: std::net::SocketAddr,
+    /// The `HOST:PORT` that answered.
+    pub host_port: HostPort,
+    /// The device key seen in the handshake (the pin, or the key trusted on first use).
+    pub device_fingerprint: Fingerprint,
+    /// This client's key.
+    pub client_fingerprint: Fingerprint,
+    control: Arc<Mutex<ControlClient>>,
+    device: String,
+}
+
+/// Takes the expected answer out of a response, or turns any other into a protocol error.
+macro_rules! expect {
+    ($session:expr, $response:expr, $pattern:pat => $value:expr) => {
+        match $response {
+            $pattern => Ok($value),
+            other => Err($session.unexpected(&other)),
+        }
+    };
+}
+
+impl Session {
+    /// Sends a control request and waits for its response (an error reply is returned as is).
+    ///
+    /// # Errors
+    /// [`ConnectError::Protocol`] or [`ConnectError::Refused`] when the connection failed.
+    pub async fn request(&self, req: &Request) -> Result<Response, ConnectError> {
+        let mut control = self.control.lock().await;
+        control
+            .call(req)
+            .await
+            .map_err(|e| self.frame_error(&e))?
+            .ok_or_else(|| ConnectError::Protocol {
+                device: self.device.clone(),
+                reason: "the device closed the control stream".into(),
+            })
+    }
+
+    /// As [`Self::request`], with an error reply turned into [`ConnectError::Device`] (or
+    /// [`ConnectError::NotPaired`] for a forbidden request of an unpaired key).
+    ///
+    /// # Errors
+    /// [`ConnectError`].
+    pub async fn call(&self, req: &Request) -> Result<Response, ConnectError> {
+        match self.request(req).await? {
+            Response::Error(e) => Err(self.device_error(e)),
+            r => Ok(r),
+        }
+    }
+
+    async fn call_ok(&self, req: &Request) -> Result<(), ConnectError> {
+        expect!(self, self.call(req).await?, Response::Ok => ())
+    }
+
+    fn device_error(&self, e: ErrorReply) -> ConnectError {
+        if e.code == ErrorCode::FORBIDDEN && self.welcome.user.is_none() {
+            return ConnectError::NotPaired {
+                device: self.device.clone(),
+                client: self.client_fingerprint,
+            };
+        }
+        ConnectError::Device {
+            device: self.device.clone(),
+            code: e.code,
+            message: e.message,
+        }
+    }
+
+    /// An error for an answer of the wrong kind.
+    pub fn unexpected(&self, r: &Response) -> ConnectError {
+        ConnectError::Protocol {
+            device: self.device.clone(),
+            reason: format!("unexpected answer {r:?}"),
+        }
+    }
+
+    /// The user this key is on, or [`ConnectError::NotPaired`].
+    ///
+    /// # Errors
+    /// [`ConnectError::NotPaired`].
+    pub fn require_user(&self) -> Result<&str, ConnectError> {
+        self.welcome
+            .user
+            .as_deref()
+            .ok_or_else(|| ConnectError::NotPaired {
+                device: self.device.clone(),
+                client: self.client_fingerprint,
+            })
+    }
+
+    /// The services this user may see.
+    ///
+    /// # Errors
+    /// [`ConnectError`].
+    pub async fn services(&self) -> Result<Vec<ServiceInfo>, ConnectError> {
+        expect!(self, self.call(&Request::ListServices).await?, Response::Services(s) => s)
+    }
+
+    /// This key's own user, with its token (`None` when unpaired).
+    ///
+    /// # Errors
+    /// [`ConnectError`].
+    pub async fn me(&self) -> Result<Option<UserInfo>, ConnectError> {
+        expect!(self, self.call(&Request::GetMe).await?, Response::Me(m) => m)
+    }
+
+    /// Pairing modes usable on this connection.
+    ///
+    /// # Errors
+    /// [`ConnectError`].
+    pub async fn pairing_info(&self) -> Result<PairingInfo, ConnectError> {
+        expect!(self, self.call(&Request::PairingGet).await?, Response::Pairing(p) => p)
+    }
+
+    /// The device's users (tokens only for this key's own user).
+    ///
+    /// # Errors
+    /// [`ConnectError`].
+    pub async fn users(&self) -> Result<Vec<UserInfo>, ConnectError> {
+        expect!(self, self.call(&Request::ListUsers).await?, Response::Users(u) => u)
+    }
+
+    /// Invites a user: a one-time password (and its token) to hand over in a pairing string.
+    ///
+    /// # Errors
+    /// [`ConnectError`].
+    pub async fn invite_user(
+        &self,
+        username: &str,
+        role: Option<&str>,
+    ) -> Result<Invite, ConnectError> {
+        let req = Request::CreateUser {
+            username: username.to_string(),
+            role: role.map(str::to_string),
+        };
+        expect!(self, self.call(&req).await?, Response::Invite(i) => i)
+    }
+
+    /// Removes a user; their connections are closed at once.
+    ///
+    /// # Errors
+    /// [`ConnectError`].
+    pub async fn remove_user(&self, username: &str) -> Result<(), ConnectError> {
+        self.call_ok(&Request::DeleteUser {
+            username: username.to_string(),
+        })
+        .await
+    }
+
+    /// Changes a user's role.
+    ///
+    /// # Errors
+    /// [`ConnectError`].
+    pub async fn set_role(&self, username: &str, role: &str) -> Result<(), ConnectError> {
+        self.call_ok(&Request::SetUserRole {
+            username: username.to_string(),
+            role: role.to_string(),
+        })
+        .await
+    }
+
+    /// The pairing switches and the open-pairing secrets.
+    ///
+    /// # Errors
+    /// [`ConnectError`].
+    pub async fn settings(&self) -> Result<Settings, ConnectError> {
+        expect!(self, self.call(&Request::GetSettings).await?, Response::Settings(s) => s)
+    }
+
+    /// Switches a pairing mode on or off.
+    ///
+    /// # Errors
+    /// [`ConnectError`].
+    pub async fn set_pairing_mode(
+        &self,
+        mode: PairingMode,
+        enabled: bool,
+    ) -> Result<(), ConnectError> {
+        self.call_ok(&Request::SetPairingMode { mode, enabled })
+            .await
+    }
+
+    /// Renames the device itself.
+    ///
+    /// # Errors
+    /// [`ConnectError`].
+    pub async fn rename_device(&self, name: &str) -> Result<(), ConnectError> {
+        self.call_ok(&Request::SetDeviceName {
+            name: name.to_string(),
+        })
+        .await
+    }
+
+    /// Sends a pairing request and returns the user this key now is.
+    ///
+    /// # Errors
+    /// [`ConnectError`].
+    pub(crate) async fn pair(&self, req: &Request) -> Result<UserInfo, ConnectError> {
+        expect!(self, self.call(req).await?, Response::Paired(u) => u)
+    }
+
+    /// The first PAKE message; returns the device's.
+    ///
+    /// # Errors
+    /// [`ConnectError`].
+    pub(crate) async fn pake_start(
+        &self,
+        username: &str,
+        msg: Vec<u8>,
+    ) -> Result<Vec<u8>, ConnectError> {
+        let req = Request::PakeStart {
+            username: username.to_string(),
+            msg,
+        };
+        expect!(self, self.call(&req).await?, Response::PakeReply { msg } => msg)
+    }
+
+    /// The key confirmation; returns the device's.
+    ///
+    /// # Errors
+    /// [`ConnectError`].
+    pub(crate) async fn pake_confirm(&self, mac: Vec<u8>) -> Result<Vec<u8>, ConnectError> {
+        expect!(self, self.call(&Request::PakeConfirm { mac }).await?, Response::PakeConfirmed { mac } => mac)
+    }
+
+    /// Closes the connection politely.
+    pub fn close(&self) {
+        self.conn.close(CloseCode::NORMAL.to_varint(), b"bye");
+    }
+
+    /// The device's local name.
+    pub fn device(&self) -> &str {
+        &self.device
+    }
+
+    fn frame_error(&self, e: &FrameError) -> ConnectError {
+        frame_error(&self.device, e, self.client_fingerprint)
+    }
+}
+
+fn frame_error(device: &str, e: &FrameError, client: Fingerprint) -> ConnectError {
+    match e.connection_error() {
+        Some(c) => connection_error(device, c, Some(client)),
+        None => ConnectError::Protocol {
+            device: device.to_string(),
+            reason: e.to_string(),
+        },
+    }
+}
+
+pub(crate) fn connection_error(
+    device: &str,
+    e: &quinn::ConnectionError,
+    client: Option<Fingerprint>,
+) -> ConnectError {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(close) => ConnectError::Refused {
+            device: device.to_string(),
+            code: CloseCode::from_varint(close.error_code),
+            reason: String::from_utf8_lossy(&close.reason).into_owned(),
+            client: client.unwrap_or_else(|| Fingerprint::from_bytes([0; 32])),
+        },
+        other => ConnectError::Unreachable {
+            device: device.to_string(),
+            reason: other.to_string(),
+        },
+    }
+}
+
+/// Where and how to reach a device.
+#[derive(Debug, Clone)]
+pub struct Target<'a> {
+    /// The device's local name (for messages).
+    pub name: &'a str,
+    /// Addresses, tried in order.
+    pub addresses: &'a [HostPort],
+    /// The pinned key, or `None` to trust the first key seen (pairing by address).
+    pub pin: Option<Fingerprint>,
+    /// Token for remote connections.
+    pub sct: Option<&'a Secret>,
+}
+
+impl<'a> From<&'a KnownDevice> for Target<'a> {
+    fn from(d: &'a KnownDevice) -> Self {
+        Self {
+            name: &d.name,
+            addresses: &d.addresses,
+            pin: Some(d.fingerprint),
+            sct: d.sct.as_ref(),
+        }
+    }
+}
+
+/// Connects to `device`: tries each address in order, authenticates both keys, exchanges
+/// `Hello`/`Welcome`.
+///
+/// # Errors
+/// [`ConnectError`]; a fingerprint mismatch or refusal stops at once (no other address is tried).
+pub async fn connect(
+    endpoint: &quinn::Endpoint,
+    identity: &Identity,
+    device: &KnownDevice,
+    opts: &ConnectOptions,
+) -> Result<Session, ConnectError> {
+    connect_to(endpoint, identity, &Target::from(device), opts).await
+}
+
+/// As [`connect`], for any [`Target`].
+///
+/// # Errors
+/// As [`connect`].
+pub async fn connect_to(
+    endpoint: &quinn::Endpoint,
+    identity: &Identity,
+    target: &Target<'_>,
+    opts: &ConnectOptions,
+) -> Result<Session, ConnectError> {
+    let mut failures = Vec::new();
+    for hp in target.addresses {
+        let addrs = match hp.resolve().await {
+            Ok(a) => a,
+            Err(e) => {
+                failures.push(format!("{hp}: {e}"));
+                continue;
+            }
+        };
+        for addr in addrs {
+            match connect_addr(endpoint, identity, target, hp, addr, opts).await {
+                Ok(s) => return Ok(s),
+                // A device that answered and refused, or broke the protocol, will not do better
+                // at another address.
+                Err(
+                    e @ (ConnectError::FingerprintMismatch(_)
+                    | ConnectError::Refused { .. }
+                    | ConnectError::Protocol { .. }),
+                ) => {
+                    return Err(e);
+                }
+                Err(e) => {
+                    debug!(%addr, "connect failed: {e}");
+                    let reason = match e {
+                        ConnectError::Unreachable { reason, .. }
+                        | ConnectError::Protocol { reason, .. } => reason,
+                        other => other.to_string(),
+                    };
+                    failures.push(format!("{addr}: {reason}"));
+                }
+            }
+        }
+    }
+    Err(ConnectError::Unreachable {
+        device: target.name.to_string(),
+        reason: failures.join("; "),
+    })
+}
+
+async fn connect_addr(
+    endpoint: &quinn::Endpoint,
+    identity: &Identity,
+    target: &Target<'_>,
+    hp: &HostPort,
+    addr: std::net::SocketAddr,
+    opts: &ConnectOptions,
+) -> Result<Session, ConnectError> {
+    let name = target.name;
+    let unreachable = |reason: String| ConnectError::Unreachable {
+        device: name.to_string(),
+        reason,
+    };
+    let (cfg, observed) =
+        transport::client_config(identity, proto::ALPN, target.pin, &opts.transport)
+            .map_err(|e| unreachable(e.to_string()))?;
+    let connecting = endpoint
+        .connect_with(cfg, addr, transport::SERVER_NAME)
+        .map_err(|e| unreachable(e.to_string()))?;
+    let seen = || observed.lock().ok().and_then(|g| *g);
+    let mismatch = || {
+        let expected = target.pin?;
+        seen().filter(|fp| *fp != expected).map(|actual| {
+            ConnectError::FingerprintMismatch(Box::new(Mismatch {
+                device: name.to_string(),
+                addr: hp.clone(),
+                expected,
+                actual,
+            }))
+        })
+    };
+    let me = identity.fingerprint();
+    let handshake = async {
+        let conn = connecting
+            .await
+            .map_err(|e| mismatch().unwrap_or_else(|| connection_error(name, &e, Some(me))))?;
+        let device_fingerprint = seen()
+            .or(target.pin)
+            .ok_or_else(|| unreachable("no device key seen".into()))?;
+        let hello = Hello {
+            version: proto::PROTOCOL_VERSION,
+            sct: target.sct.cloned(),
+            client_name: opts.client_name.clone(),
+        };
+        let (control, welcome) = ControlClient::hello(&conn, &hello)
+            .await
+            .map_err(|e| frame_error(name, &e, me))?;
+        let welcome = welcome.ok_or_else(|| ConnectError::Protocol {
+            device: name.to_string(),
+            reason: "the device closed the control stream before welcome".into(),
+        })?;
+        Ok(Session {
+            conn,
+            welcome,
+            addr,
+            host_port: hp.clone(),
+            device_fingerprint,
+            client_fingerprint: me,
+            control: Arc::new(Mutex::new(control)),
+            device: name.to_string(),
+        })
+    };
+    match tokio::time::timeout(opts.timeout, handshake).await {
+        Ok(r) => r,
+        Err(_) => Err(mismatch()
+            .unwrap_or_else(|| unreachable(format!("no answer within {:?}", opts.timeout)))),
+    }
+}
+
+/// Connects to a known device, makes sure this key is a user there, and records what was learned
+/// (device id, user name, and the user's token if the entry lacked it).
+///
+/// # Errors
+/// [`ConnectError::NotPaired`] for a key on no user, or any connection error.
+pub async fn connect_paired(
+    home: &ClientHome,
+    endpoint: &quinn::Endpoint,
+    identity: &Identity,
+    device: &KnownDevice,
+    opts: &ConnectOptions,
+) -> Result<Session, ClientError> {
+    let session = connect(endpoint, identity, device, opts).await?;
+    session.require_user()?;
+    learn(home, &session, device).await;
+    Ok(session)
+}
+
+/// Records the device id and user this session revealed, and the user's token when the entry
+/// lacks it (or belongs to another user); a file error is only logged.
+pub(crate) async fn learn(home: &ClientHome, session: &Session, device: &KnownDevice) {
+    let sct = if device.sct.is_none() || device.user != session.welcome.user {
+        session.me().await.ok().flatten().and_then(|m| m.sct)
+    } else {
+        None
+    };
+    if let Err(e) = home.remember(&device.name, &session.welcome, sct.as_ref()) {
+        tracing::warn!("could not update known_devices.toml: {e}");
+    }
+}

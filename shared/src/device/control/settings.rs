@@ -1,0 +1,75 @@
+//! `GetSettings`, `SetPairingMode` and `SetDeviceName`: the device-wide switches.
+//!
+//! Kind: IO (state and `device.toml` writes).
+
+use tracing::{info, warn};
+
+use super::{Cx, error, forbidden, ok_or};
+use crate::authz::Subject;
+use crate::config;
+use crate::iam::Action;
+use crate::pairing::PairingMode;
+use crate::proto::{ErrorCode, Response, Settings};
+
+/// Pairing switches and the open-pairing secrets (`IAM:GetSettings`).
+pub(super) fn get(cx: &Cx<'_>) -> Response {
+    if !cx.allow(Action::IamGetSettings, Subject::None) {
+        return forbidden();
+    }
+    let pairing = &cx.state().pairing;
+    Response::Settings(Settings {
+        enabled: PairingMode::ALL
+            .into_iter()
+            .filter(|m| pairing.enabled(*m))
+            .collect(),
+        initial_done: pairing.initial_done,
+        open_pairing_role: cx.snap.iam.open_pairing_role.clone(),
+        open_password: pairing.open_password.clone(),
+        open_sct: pairing.open_sct.clone(),
+    })
+}
+
+/// Switches a pairing mode (`IAM:SetSettings`).
+pub(super) async fn set_mode(cx: &Cx<'_>, mode: PairingMode, enabled: bool) -> Response {
+    if !cx.allow(Action::IamSetSettings, Subject::None) {
+        return forbidden();
+    }
+    let result = cx
+        .live
+        .update_state(move |s| {
+            s.pairing.set(mode, enabled);
+            Ok(())
+        })
+        .await;
+    if result.is_ok() {
+        info!(by = %cx.me(), %mode, enabled, "pairing mode switched");
+    }
+    ok_or(result)
+}
+
+/// Renames the device in `device.toml` (`Device:SetName`), through the same locked edit the
+/// offline `tunnel-device` commands use.
+pub(super) async fn set_name(cx: &Cx<'_>, name: String) -> Response {
+    if !cx.allow(Action::DeviceSetName, Subject::None) {
+        return forbidden();
+    }
+    let home = cx.live.home().clone();
+    let new_name = name.clone();
+    let result = tokio::task::spawn_blocking(move || {
+        home.edit_config(|text| config::set_name_in_toml(text, &new_name))
+    })
+    .await;
+    match result {
+        Ok(Ok(())) => {
+            let mut cfg = (*cx.live.config()).clone();
+            cfg.name = name;
+            cx.live.set_config(cfg);
+            Response::Ok
+        }
+        Ok(Err(e)) => error(ErrorCode::BAD_REQUEST, e.to_string()),
+        Err(e) => {
+            warn!("rename failed: {e}");
+            error(ErrorCode::INTERNAL, "the device could not save the change")
+        }
+    }
+}

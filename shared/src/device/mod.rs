@@ -1,0 +1,389 @@
+//! The device: accepts client connections, authenticates them, answers control requests
+//! (pairing, services, user management), and splices authorized tunnel streams to configured
+//! services.
+//!
+//! Kind: IO. Entry point: [`run`]. Each file has one job:
+//!
+//! | module | job |
+//! |---|---|
+//! | [`home`] | the home's files: paths, loading, the locked `device.toml` edit |
+//! | `live` | the running state: current policy, live connections, applying [`crate::authz`] |
+//! | `reload` | watching the three files and re-enforcing after a change |
+//! | `conn` | one connection: handshake, `Hello`, admission, `Welcome` |
+//! | `stream` | tunnel streams: header, `Tunnel:Connect`, target connect, splice; the self-test |
+//! | `control` | control requests, one file per area (services, pairing, users, settings) |
+//! | [`admin`] | the offline commands on the files (`init`, users, services, `iam explain`) |
+//!
+//! Per connection, in order: TLS handshake (client key proven, [`crate::transport`]) → control
+//! stream → `Hello` → version check → local or remote (DESIGN §6) → the remote-access switch →
+//! for remote connections a valid server-connect token (constant-time, before any IAM work) → the
+//! key is looked up in the *current* users (a key on no user has the unpaired role, which can only
+//! pair; when no pairing mode is usable it is closed with [`CloseCode::UNKNOWN_KEY`]) →
+//! `Welcome`. Per tunnel stream: header → `Tunnel:Connect` evaluated against the current state,
+//! IAM and service → TCP connect to the target → splice.
+//!
+//! The device polls `state.json`, `device.toml` and `iam.toml` for changes
+//! ([`RunOptions::reload_interval`]). After any change every live connection and tunnel is
+//! re-checked: removed users and revoked tokens are disconnected, tunnels the new policy denies
+//! are reset.
+//!
+//! Shutdown order: stop accepting connections and streams → let live tunnels finish for up to
+//! [`RunOptions::drain_timeout`] → reset the rest → close connections with
+//! [`CloseCode::SHUTDOWN`] → `wait_idle` (bounded) → wait for tasks (bounded).
+
+pub mod admin;
+mod conn;
+mod control;
+pub mod home;
+mod live;
+mod reload;
+mod stream;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::config::{ConfigError, DeviceConfig, ValueError};
+use crate::fsutil;
+use crate::iam::{IamError, RoleError, UnknownRole};
+use crate::identity::{self, KeyFileError};
+use crate::pairing::PairingMode;
+use crate::proto::{self, CloseCode};
+use crate::state::{DeviceState, StateError};
+use crate::transport::{self, Identity, TransportError};
+pub use home::DeviceHome;
+use live::Live;
+pub use stream::{Probe, probe_services};
+
+/// Options of [`run`].
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The device home.
+    pub home: PathBuf,
+    /// Listen addresses overriding `device.toml` (empty: use the file's).
+    pub listen: Vec<SocketAddr>,
+    /// Where to write the ready JSON once listening.
+    pub ready_file: Option<PathBuf>,
+    /// How often to check `state.json`, `device.toml` and `iam.toml` for changes.
+    pub reload_interval: Duration,
+    /// How long live tunnels may continue after a shutdown signal.
+    pub drain_timeout: Duration,
+}
+
+impl RunOptions {
+    /// Defaults for a home.
+    pub fn new(home: impl Into<PathBuf>) -> Self {
+        Self {
+            home: home.into(),
+            listen: Vec::new(),
+            ready_file: None,
+            reload_interval: Duration::from_millis(500),
+            drain_timeout: Duration::from_secs(3),
+        }
+    }
+}
+
+/// What [`run`] reports once listening (also written as the ready file).
+#[derive(Debug, Clone, Serialize)]
+pub struct Ready {
+    /// Process id.
+    pub pid: u32,
+    /// The device key's fingerprint.
+    pub fingerprint: String,
+    /// Device id.
+    pub device_id: String,
+    /// Device name.
+    pub name: String,
+    /// Bound UDP addresses.
+    pub listen: Vec<SocketAddr>,
+}
+
+/// A device operation (running it, or a command on its files) failed. Each variant says what
+/// failed; the binary maps them to exit codes.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// A configuration file is missing or invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The state file is missing, corrupt or unwritable, or a change was refused.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// `iam.toml` is invalid.
+    #[error(transparent)]
+    Iam(#[from] IamError),
+    /// A user has a role `iam.toml` does not define.
+    #[error(transparent)]
+    Role(#[from] RoleError),
+    /// A role name that does not exist.
+    #[error(transparent)]
+    UnknownRole(#[from] UnknownRole),
+    /// A value (service, name, address) is malformed.
+    #[error(transparent)]
+    Value(#[from] ValueError),
+    /// The key file is missing, unprotected or invalid.
+    #[error(transparent)]
+    Key(#[from] KeyFileError),
+    /// The transport could not be set up (e.g. the port is in use).
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// Another device process uses this home.
+    #[error(
+        "another tunnel-device is already running with home '{0}' (it holds run.lock); stop it \
+         first or use another --home"
+    )]
+    AlreadyRunning(PathBuf),
+    /// `init` found a home that is initialised already.
+    #[error(
+        "'{0}' is already initialised; use --force to overwrite device.toml and state.json \
+         (this removes all users; the key is kept)"
+    )]
+    AlreadyInitialised(PathBuf),
+    /// A user without a pending invitation, where one is needed.
+    #[error(
+        "user '{0}' has no pending invitation; create one with `tunnel-device user invite {0}`"
+    )]
+    NoInvitation(String),
+    /// No address clients could use is known.
+    #[error(
+        "cannot tell which address clients should use: pass --addr HOST:PORT or set \
+         network.advertise in device.toml"
+    )]
+    NoAddress,
+    /// Other IO on a named file (lock file, ready file, home directory).
+    #[error("'{path}': {source}", path = .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Runs the device until `shutdown` is cancelled, then shuts down gracefully.
+///
+/// `on_ready` is called once every endpoint is bound (after the ready file is written).
+///
+/// # Errors
+/// [`DeviceError`] when the device cannot start. Errors of single connections are logged.
+pub async fn run(
+    opts: RunOptions,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(&Ready),
+) -> Result<(), DeviceError> {
+    let home = DeviceHome::new(opts.home.clone());
+    // Stamped before loading: a change written while we start is then seen by the watcher.
+    let stamps = reload::Stamps::of(&home);
+    let config = home.load_config()?;
+    let (state, iam) = home.load_checked()?;
+    let key = identity::load_key(&home.key_path())?;
+    let _run_lock = fsutil::LockFile::try_acquire(&home.run_lock_path())
+        .map_err(|source| DeviceError::Io {
+            path: home.run_lock_path(),
+            source,
+        })?
+        .ok_or_else(|| DeviceError::AlreadyRunning(home.dir().to_owned()))?;
+
+    raise_open_files(&config);
+    let identity = Identity::new(key)?;
+    let listen = if opts.listen.is_empty() {
+        &config.listen
+    } else {
+        &opts.listen
+    };
+    let (endpoints, bound) = bind(&identity, &config, listen)?;
+
+    let ready = Ready {
+        pid: std::process::id(),
+        fingerprint: identity.fingerprint().to_string(),
+        device_id: config.device_id.clone(),
+        name: config.name.clone(),
+        listen: bound.clone(),
+    };
+    log_start(&config, &state, &iam, &identity, &bound);
+    let announcer = announce(&config, &identity, &bound);
+
+    let live = Arc::new(Live::new(
+        home,
+        identity.fingerprint(),
+        config,
+        state,
+        iam,
+        shutdown.clone(),
+    ));
+    if let Some(path) = &opts.ready_file {
+        write_ready_file(path, &ready).map_err(|source| DeviceError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    on_ready(&ready);
+
+    live.tasks
+        .spawn(reload::watch(live.clone(), stamps, opts.reload_interval));
+    for ep in &endpoints {
+        live.tasks
+            .spawn(conn::accept_loop(live.clone(), ep.clone()));
+    }
+
+    shutdown.cancelled().await;
+    info!("shutting down: no new connections or tunnels");
+    drop(announcer);
+    stop(&live, &endpoints, opts.drain_timeout).await;
+    if let Some(path) = &opts.ready_file {
+        let _ = std::fs::remove_file(path);
+    }
+    info!("stopped");
+    Ok(())
+}
+
+fn raise_open_files(config: &DeviceConfig) {
+    match fsutil::raise_open_file_limit() {
+        Ok(n) if n < u64::from(config.limits.max_streams_total) + 64 => warn!(
+            open_files = n,
+            "the open-file limit is below limits.max_streams_total: tunnels beyond it will fail \
+             (raise it with ulimit -n or LimitNOFILE=)"
+        ),
+        Ok(n) => debug!(open_files = n, "open-file limit"),
+        Err(e) => warn!("cannot raise the open-file limit: {e}"),
+    }
+}
+
+/// One server endpoint per listen address; returns them with the addresses they bound.
+fn bind(
+    identity: &Identity,
+    config: &DeviceConfig,
+    listen: &[SocketAddr],
+) -> Result<(Vec<quinn::Endpoint>, Vec<SocketAddr>), DeviceError> {
+    let server_cfg = transport::server_config(
+        identity,
+        proto::ALPN,
+        &config.transport,
+        config.limits.max_streams_per_connection,
+        config.limits.max_connections,
+    )?;
+    let mut endpoints = Vec::new();
+    let mut bound = Vec::new();
+    for addr in listen {
+        let ep = transport::server_endpoint(
+            *addr,
+            identity.secret_key(),
+            server_cfg.clone(),
+            &config.transport,
+        )?;
+        bound.push(ep.local_addr().map_err(|source| {
+            DeviceError::Transport(TransportError::Bind {
+                addr: *addr,
+                source,
+            })
+        })?);
+        endpoints.push(ep);
+    }
+    Ok((endpoints, bound))
+}
+
+/// The shutdown order after the signal (module docs).
+async fn stop(live: &Live, endpoints: &[quinn::Endpoint], drain: Duration) {
+    for ep in endpoints {
+        ep.set_server_config(None);
+    }
+    live.streams.close();
+    let open = live.streams.len();
+    if open > 0 {
+        info!(tunnels = open, deadline = ?drain, "waiting for live tunnels to finish");
+        if tokio::time::timeout(drain, live.streams.wait())
+            .await
+            .is_err()
+        {
+            info!(
+                tunnels = live.streams.len(),
+                "drain deadline reached: resetting the remaining tunnels"
+            );
+        }
+    }
+    live.kill.cancel();
+    for ep in endpoints {
+        ep.close(CloseCode::SHUTDOWN.to_varint(), b"device shutting down");
+    }
+    for ep in endpoints {
+        let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
+    }
+    live.tasks.close();
+    if tokio::time::timeout(Duration::from_secs(2), live.tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(tasks = live.tasks.len(), "some tasks did not stop in time");
+    }
+}
+
+fn log_start(
+    config: &DeviceConfig,
+    state: &DeviceState,
+    iam: &crate::iam::IamConfig,
+    identity: &Identity,
+    bound: &[SocketAddr],
+) {
+    info!(
+        device_id = %config.device_id,
+        fingerprint = %identity.fingerprint(),
+        listen = ?bound,
+        users = state.users.len(),
+        services = config.services.len(),
+        iam = %iam.source_name(),
+        "tunnel-device is listening"
+    );
+    for svc in &config.services {
+        info!(service = %svc.id, r#type = %svc.service_type, target = %svc.target(), "service");
+    }
+    let enabled: Vec<&str> = PairingMode::ALL
+        .into_iter()
+        .filter(|m| state.pairing.enabled(*m))
+        .map(PairingMode::as_str)
+        .collect();
+    info!(
+        modes = %if enabled.is_empty() { "none".to_string() } else { enabled.join(", ") },
+        remote_access = config.network.remote_access,
+        "pairing"
+    );
+    if !state
+        .users
+        .iter()
+        .any(|u| !u.fingerprints.is_empty() || u.password.is_some())
+        && enabled.is_empty()
+    {
+        warn!(
+            "no users and no pairing mode: nobody can use this device. Invite one with \
+             `tunnel-device user invite NAME` or add a key with `tunnel-device user add`"
+        );
+    }
+}
+
+fn announce(
+    config: &DeviceConfig,
+    identity: &Identity,
+    bound: &[SocketAddr],
+) -> Option<crate::discovery::Announcer> {
+    if !config.network.mdns {
+        return None;
+    }
+    let addr = bound.first()?;
+    crate::discovery::Announcer::start(
+        &config.device_id,
+        &config.name,
+        &identity.fingerprint(),
+        addr.port(),
+    )
+    .inspect_err(|e| warn!("cannot announce the device on the LAN (mDNS): {e}"))
+    .ok()
+}
+
+fn write_ready_file(path: &Path, value: &impl Serialize) -> std::io::Result<()> {
+    let mut json = serde_json::to_vec(value).map_err(std::io::Error::other)?;
+    json.push(b'\n');
+    fsutil::write_atomic(path, &json, 0o644)
+}

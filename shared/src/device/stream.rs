@@ -1,0 +1,203 @@
+//! Tunnel streams: header, `Tunnel:Connect` against the current policy, TCP connect to the
+//! service's target, splice; and the self-test probe of every service.
+//!
+//! Kind: IO.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpStream;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::live::{Conn, Live, log_verdict};
+use crate::config::{DeviceConfig, HostPort, ServiceConfig};
+use crate::proto::{StreamCode, StreamOpen};
+use crate::splice::{self, Kill};
+use crate::wire;
+
+/// Accepts tunnel streams of `conn` until it closes or the device shuts down (then new streams
+/// are refused with [`StreamCode::SHUTDOWN`] while live ones drain).
+pub(crate) async fn accept_loop(live: &Arc<Live>, conn: &Arc<Conn>) {
+    let mut next = 0u64;
+    loop {
+        let (send, recv) = tokio::select! {
+            s = conn.quic.accept_bi() => match s {
+                Ok(s) => s,
+                Err(_) => return,
+            },
+            () = live.shutdown.cancelled() => {
+                // Keep the connection until the drain ends, but take no new tunnels.
+                refuse_all(&conn.quic).await;
+                return;
+            }
+        };
+        next += 1;
+        let span = info_span!("stream", n = next);
+        live.streams
+            .spawn(handle(live.clone(), conn.clone(), next, send, recv).instrument(span));
+    }
+}
+
+async fn refuse_all(quic: &quinn::Connection) {
+    while let Ok((mut send, mut recv)) = quic.accept_bi().await {
+        splice::reject_stream(&mut send, &mut recv, StreamCode::SHUTDOWN);
+    }
+}
+
+/// Reads the header within `deadline`; `None` (stream already reset) when there is none.
+async fn read_header(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    deadline: Duration,
+) -> Option<String> {
+    match tokio::time::timeout(deadline, wire::read_tunnel_header(recv)).await {
+        Ok(Ok(Some(StreamOpen::Tunnel { service }))) => Some(service),
+        outcome => {
+            match outcome {
+                Ok(Ok(None)) => debug!("stream ended before its header"),
+                Ok(Err(e)) => debug!("bad stream header: {e}"),
+                _ => debug!("stream header timed out"),
+            }
+            splice::reject_stream(send, recv, StreamCode::BAD_HEADER);
+            None
+        }
+    }
+}
+
+async fn handle(
+    live: Arc<Live>,
+    conn: Arc<Conn>,
+    n: u64,
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+) {
+    let Ok(_permit) = live.streams_total.clone().try_acquire_owned() else {
+        warn!("device-wide tunnel limit reached: refusing a tunnel");
+        splice::reject_stream(&mut send, &mut recv, StreamCode::LIMIT_REACHED);
+        return;
+    };
+    let config = live.config();
+    let deadline = Duration::from_secs(config.limits.handshake_timeout_secs);
+    let Some(service_id) = read_header(&mut send, &mut recv, deadline).await else {
+        return;
+    };
+
+    // Re-authorize against the current state, IAM and services on every stream.
+    let (service, user) = {
+        let snap = live.snapshot();
+        let policy = snap.policy();
+        let who = policy.who(&conn.fingerprint);
+        let (outcome, verdict) = policy.tunnel(&conn.facts(), &service_id);
+        log_verdict(&who, conn.local, &verdict);
+        let user = who.name().to_string();
+        match outcome {
+            Ok(s) => (s.clone(), user),
+            Err(code) => {
+                info!(%user, service = %service_id, "tunnel refused: {code}");
+                splice::reject_stream(&mut send, &mut recv, code);
+                return;
+            }
+        }
+    };
+
+    let target = service.target();
+    let connect_timeout = Duration::from_secs(config.limits.connect_timeout_secs);
+    let tcp = match tokio::time::timeout(connect_timeout, connect_target(&target)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => {
+            warn!(service = %service_id, target = %target, "cannot reach the service: {e}");
+            splice::reject_stream(&mut send, &mut recv, StreamCode::TARGET_UNREACHABLE);
+            return;
+        }
+        Err(_) => {
+            warn!(service = %service_id, target = %target, "cannot reach the service: timed out after {connect_timeout:?}");
+            splice::reject_stream(&mut send, &mut recv, StreamCode::TARGET_UNREACHABLE);
+            return;
+        }
+    };
+    let kill = Arc::new(Kill::child_of(&live.kill));
+    if let Ok(mut tunnels) = conn.tunnels.lock() {
+        tunnels.insert(n, (service_id.clone(), kill.clone()));
+    }
+    // A revocation may have landed while we connected, before this tunnel was registered (and so
+    // seen by `enforce`): check this one tunnel again now that it is.
+    if live
+        .snapshot()
+        .policy()
+        .tunnel(&conn.facts(), &service_id)
+        .0
+        .is_err()
+    {
+        info!(%user, service = %service_id, "access changed while connecting: resetting the tunnel");
+        kill.kill(StreamCode::FORBIDDEN);
+    }
+    debug!(%user, service = %service_id, "tunnel open");
+    let result = splice::splice(tcp, send, recv, &kill, None).await;
+    if let Ok(mut tunnels) = conn.tunnels.lock() {
+        tunnels.remove(&n);
+    }
+    match result {
+        Ok(stats) => debug!(
+            service = %service_id,
+            to_service = stats.quic_to_tcp,
+            from_service = stats.tcp_to_quic,
+            "tunnel closed"
+        ),
+        Err(e) => debug!(service = %service_id, "tunnel ended: {e}"),
+    }
+}
+
+async fn connect_target(target: &HostPort) -> std::io::Result<TcpStream> {
+    let mut last = None;
+    for addr in target.resolve().await? {
+        match TcpStream::connect(addr).await {
+            Ok(tcp) => {
+                let _ = tcp.set_nodelay(true);
+                return Ok(tcp);
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no addresses")))
+}
+
+/// Result of probing one service.
+#[derive(Debug)]
+pub struct Probe {
+    /// The service.
+    pub service: ServiceConfig,
+    /// The address that accepted, or why none did.
+    pub outcome: Result<SocketAddr, String>,
+}
+
+/// Tries a TCP connection to every service (concurrently), each bounded by the connect timeout.
+pub async fn probe_services(config: &DeviceConfig) -> Vec<Probe> {
+    let timeout = Duration::from_secs(config.limits.connect_timeout_secs);
+    let handles: Vec<_> = config
+        .services
+        .iter()
+        .cloned()
+        .map(|svc| {
+            tokio::spawn(async move {
+                let target = svc.target();
+                let outcome = match tokio::time::timeout(timeout, connect_target(&target)).await {
+                    Ok(Ok(tcp)) => tcp.peer_addr().map_err(|e| e.to_string()),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("timed out after {timeout:?}")),
+                };
+                Probe {
+                    service: svc,
+                    outcome,
+                }
+            })
+        })
+        .collect();
+    let mut out = Vec::with_capacity(handles.len());
+    for h in handles {
+        if let Ok(p) = h.await {
+            out.push(p);
+        }
+    }
+    out
+}
