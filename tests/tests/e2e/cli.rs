@@ -3,8 +3,8 @@
 use std::os::unix::fs::PermissionsExt;
 use std::process::Command;
 
-use tunnel_tests::servers::TestServer;
-use tunnel_tests::{World, bin};
+use tunnel_testkit::servers::TestServer;
+use tunnel_testkit::{World, bin};
 
 use crate::stderr;
 
@@ -16,13 +16,13 @@ fn mode(p: &std::path::Path) -> u32 {
 fn usage_and_config_errors_exit_2_with_a_message() {
     let world = World::new();
     let dev_home = world.path("nodev");
-    let out = tunnel_tests::run("tunnel-device", &dev_home, &["run"]);
+    let out = tunnel_testkit::run("tunnel-device", &dev_home, &["run"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(stderr(&out).contains("not initialised"), "{}", stderr(&out));
 
-    let out = tunnel_tests::run("tunnel-device", &dev_home, &["bogus"]);
+    let out = tunnel_testkit::run("tunnel-device", &dev_home, &["bogus"]);
     assert_eq!(out.status.code(), Some(2));
-    let out = tunnel_tests::run(
+    let out = tunnel_testkit::run(
         "tunnel-device",
         &dev_home,
         &["user", "add", "bob", "--fingerprint", "abc"],
@@ -71,6 +71,41 @@ fn usage_and_config_errors_exit_2_with_a_message() {
         err.contains("device.toml") && err.contains("unknown field") && err.contains("line"),
         "{err}"
     );
+}
+
+/// One cause, one exit status, whichever command meets it (issue 8: a missing key file exited 2
+/// from `run` and 1 from the file commands).
+#[test]
+fn the_same_cause_exits_with_the_same_status_from_every_command() {
+    let world = World::new();
+    let dev = world.device("dev", &[]);
+    std::fs::remove_file(dev.home.join("device.key")).unwrap();
+    for args in [
+        &["run"][..],
+        &["fingerprint"],
+        &["pairing", "string", "--addr", "127.0.0.1:5592"],
+    ] {
+        let out = dev.cmd(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("device.key"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
+    // A state file others can read: refused the same way by the daemon and the file commands.
+    let dev = world.device("dev2", &[]);
+    let state = dev.home.join("state.json");
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o644)).unwrap();
+    for args in [&["run"][..], &["user", "list"]] {
+        let out = dev.cmd(args);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).contains("too open"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
+    }
 }
 
 #[test]
