@@ -7,9 +7,14 @@
 //! [`Enforcement`]s. Every function here is a table test away from being checked.
 //!
 //! Order of checks for a new connection ([`Policy::admit`], DESIGN §4–§9):
-//! remote access switch → server-connect token (remote only, before any IAM work) → the key's
-//! user (a key on no user is *unpaired* and is admitted only while some pairing mode is usable
-//! for it, and only below the cap on unpaired connections).
+//! remote access switch → server-connect token (remote only, before any IAM work: a user's token,
+//! or the open-pairing token for a key on no user) → the key's user (a key on no user is
+//! *unpaired* and is admitted only while some pairing mode is usable for it, and only below the
+//! cap on unpaired connections) → the cap on established connections.
+//!
+//! Locality is a fact of the connection *now*: the device recomputes it from the current source
+//! address for every request, every stream and every re-enforcement, so a connection that moves
+//! (QUIC migration) from a local to a remote address needs a valid token from then on.
 
 use crate::config::{DeviceConfig, ServiceConfig};
 use crate::iam::{self, Action, Attrs, Decision, IamConfig, Value};
@@ -17,17 +22,18 @@ use crate::identity::Fingerprint;
 use crate::pairing::PairingMode;
 use crate::proto::{CloseCode, StreamCode};
 use crate::secret::Secret;
-use crate::state::{DeviceState, User};
+use crate::state::{DeviceState, TokenKind, User};
 
 /// What the device knows about a connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnFacts<'a> {
     /// The key the client proved in the TLS handshake.
     pub fingerprint: &'a Fingerprint,
-    /// Whether the connection is local (DESIGN §6).
+    /// Whether the connection is local now (DESIGN §6).
     pub local: bool,
-    /// The server-connect token presented in `Hello` (kept for remote connections only).
-    pub token: Option<&'a Secret>,
+    /// The server-connect token the connection holds: the one presented in `Hello`, or the
+    /// user's own once it paired or rotated it on this connection.
+    pub token: Option<Secret>,
 }
 
 /// Who a connection is under the current state.
@@ -75,6 +81,11 @@ pub struct Verdict {
     pub attrs: Attrs,
 }
 
+/// The close reason of the established-connection cap.
+pub const TOO_MANY_CONNECTIONS: &str = "too many connections";
+/// The close reason of the cap on connections of keys on no user.
+pub const TOO_MANY_UNPAIRED: &str = "too many unpaired connections";
+
 /// Why a new connection is refused: the close code the client sees and a short reason for it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refusal {
@@ -116,7 +127,7 @@ pub enum Enforcement {
 }
 
 /// A live connection as [`Policy::enforce`] sees it.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct LiveConn<'a> {
     /// Its facts.
     pub facts: ConnFacts<'a>,
@@ -152,9 +163,10 @@ impl<'a> Policy<'a> {
         }
     }
 
-    /// Whether a remote connection presenting `token` may proceed: remote access is on and the
-    /// token is valid (constant-time). Local connections always may.
-    fn gate(&self, conn: &ConnFacts<'_>) -> Result<(), Refusal> {
+    /// Whether a remote connection may proceed: remote access is on and it holds a valid token
+    /// (constant-time): a user's, or the open-pairing token while its key is on no user. Local
+    /// connections always may.
+    fn gate(&self, conn: &ConnFacts<'_>, who: &Who<'_>) -> Result<(), Refusal> {
         if conn.local {
             return Ok(());
         }
@@ -164,23 +176,40 @@ impl<'a> Policy<'a> {
                 reason: "remote access disabled",
             });
         }
-        if !conn.token.is_some_and(|t| self.state.sct_valid(t)) {
-            return Err(Refusal {
+        let kind = conn
+            .token
+            .as_ref()
+            .map_or(TokenKind::Invalid, |t| self.state.token_kind(t));
+        match kind {
+            TokenKind::User => Ok(()),
+            TokenKind::OpenPairing if who.user.is_none() => Ok(()),
+            TokenKind::OpenPairing | TokenKind::Invalid => Err(Refusal {
                 code: CloseCode::SCT_REJECTED,
                 reason: "server-connect token required",
-            });
+            }),
         }
-        Ok(())
     }
 
-    /// Decides whether a new connection may proceed past `Hello`. `unpaired_conns` is how many
-    /// connections of keys on no user are open already.
+    /// Decides whether a new connection may proceed past `Hello`. `established` is how many
+    /// connections are past `Hello` already, `unpaired_conns` how many of them belong to keys on
+    /// no user.
     ///
     /// # Errors
     /// The [`Refusal`] to close the connection with.
-    pub fn admit(&self, conn: &ConnFacts<'_>, unpaired_conns: usize) -> Result<Who<'a>, Refusal> {
-        self.gate(conn)?;
+    pub fn admit(
+        &self,
+        conn: &ConnFacts<'_>,
+        established: usize,
+        unpaired_conns: usize,
+    ) -> Result<Who<'a>, Refusal> {
         let who = self.who(conn.fingerprint);
+        self.gate(conn, &who)?;
+        if established >= self.config.limits.max_connections as usize {
+            return Err(Refusal {
+                code: CloseCode::BUSY,
+                reason: TOO_MANY_CONNECTIONS,
+            });
+        }
         if who.user.is_none() {
             if self.usable_modes(conn).is_empty() {
                 return Err(Refusal {
@@ -191,7 +220,7 @@ impl<'a> Policy<'a> {
             if unpaired_conns >= self.config.limits.max_unpaired_connections as usize {
                 return Err(Refusal {
                     code: CloseCode::BUSY,
-                    reason: "too many unpaired connections",
+                    reason: TOO_MANY_UNPAIRED,
                 });
             }
         }
@@ -305,7 +334,7 @@ impl<'a> Policy<'a> {
     }
 
     fn has_open_token(&self, conn: &ConnFacts<'_>) -> bool {
-        conn.local || conn.token == Some(&self.state.pairing.open_sct)
+        conn.local || conn.token.as_ref() == Some(&self.state.pairing.open_sct)
     }
 
     /// The gate every pairing request passes first: not paired yet, local where the mode needs
@@ -341,16 +370,6 @@ impl<'a> Policy<'a> {
         Ok(())
     }
 
-    /// Whether `username` is the last user with the initial (owner) role that has a key.
-    pub fn is_last_owner(&self, username: &str) -> bool {
-        let mut owners = self
-            .state
-            .users
-            .iter()
-            .filter(|u| u.role == self.iam.initial_role && !u.fingerprints.is_empty());
-        matches!((owners.next(), owners.next()), (Some(u), None) if u.username == username)
-    }
-
     /// What to do to one live connection under this policy: close it (its user was removed or
     /// changed, remote access was switched off, its token was revoked), record that its key
     /// became a user, and reset each tunnel the policy no longer allows.
@@ -381,7 +400,7 @@ impl<'a> Policy<'a> {
             .map(|u| Enforcement::Adopt(u.to_string()))
             .into_iter()
             .collect();
-        if let Err(refusal) = self.gate(&conn.facts) {
+        if let Err(refusal) = self.gate(&conn.facts, who) {
             out.push(Enforcement::Close(match refusal.code {
                 CloseCode::SCT_REJECTED => Refusal {
                     code: CloseCode::SCT_REJECTED,
@@ -473,11 +492,11 @@ mod tests {
         }
     }
 
-    fn facts<'a>(fp: &'a Fingerprint, local: bool, token: Option<&'a Secret>) -> ConnFacts<'a> {
+    fn facts<'a>(fp: &'a Fingerprint, local: bool, token: Option<&Secret>) -> ConnFacts<'a> {
         ConnFacts {
             fingerprint: fp,
             local,
-            token,
+            token: token.cloned(),
         }
     }
 
@@ -505,21 +524,37 @@ mod tests {
             ),
         ];
         for (i, (fp, local, tok, want)) in cases.iter().enumerate() {
-            let got = w.policy().admit(&facts(fp, *local, *tok), 0).err();
+            let got = w.policy().admit(&facts(fp, *local, *tok), 0, 0).err();
             assert_eq!(got.map(|r| r.code), *want, "case {i}");
         }
         w.state.pairing.local_open = true;
-        assert!(w.policy().admit(&facts(&k.stranger, true, None), 0).is_ok());
-        let busy = w.policy().admit(&facts(&k.stranger, true, None), 16);
+        let stranger = facts(&k.stranger, true, None);
+        assert!(w.policy().admit(&stranger, 0, 0).is_ok());
+        let busy = w.policy().admit(&stranger, 0, 16);
         assert_eq!(busy.err().map(|r| r.code), Some(CloseCode::BUSY));
+        let full = w.policy().admit(&facts(&k.owner, true, None), 256, 0);
+        assert_eq!(full.err().map(|r| r.code), Some(CloseCode::BUSY));
         assert!(
             w.policy()
-                .admit(&facts(&k.stranger, false, Some(&g_tok)), 0)
+                .admit(&facts(&k.stranger, false, Some(&g_tok)), 0, 0)
                 .is_err(),
             "local open is not usable remotely"
         );
+        // Issue 9: the open-pairing token lets in only a key on no user (which can only pair).
+        w.state.pairing.password_open = true;
+        let open = w.state.pairing.open_sct.clone();
+        let r = w
+            .policy()
+            .admit(&facts(&k.stranger, false, Some(&open)), 0, 0);
+        assert!(r.is_ok());
+        let r = w
+            .policy()
+            .admit(&facts(&k.standard, false, Some(&open)), 0, 0);
+        assert_eq!(r.err().map(|r| r.code), Some(CloseCode::SCT_REJECTED));
         w.config.network.remote_access = false;
-        let r = w.policy().admit(&facts(&k.owner, false, Some(&g_tok)), 0);
+        let r = w
+            .policy()
+            .admit(&facts(&k.owner, false, Some(&g_tok)), 0, 0);
         assert_eq!(r.err().map(|r| r.code), Some(CloseCode::REMOTE_DISABLED));
     }
 
@@ -627,26 +662,11 @@ mod tests {
     }
 
     #[test]
-    fn last_owner() {
-        let (mut w, _) = world();
-        assert!(w.policy().is_last_owner("o"));
-        assert!(!w.policy().is_last_owner("g"));
-        w.state
-            .add_user("o2", "Owner", SecretKey::generate().fingerprint(), None)
-            .unwrap();
-        assert!(!w.policy().is_last_owner("o"));
-        // An owner invitation without a key does not count.
-        w.state.remove_user("o2").unwrap();
-        w.state.invite_user("o3", "Owner").unwrap();
-        assert!(w.policy().is_last_owner("o"));
-    }
-
-    #[test]
     fn enforcement_table() {
         let (mut w, k) = world();
         let g_tok = w.token("g");
         let tunnels = vec![(1, "ssh".to_string()), (2, "gone".to_string())];
-        let live = |fp, local, token, user| LiveConn {
+        let live = |fp, local, token: Option<&Secret>, user| LiveConn {
             facts: facts(fp, local, token),
             user,
             tunnels: &tunnels,

@@ -10,6 +10,8 @@
 //! | [`iam`] | pure (+ `iam.toml` loader) | actions, policies, roles, evaluation |
 //! | [`authz`] | pure | who a connection is, admission, every decision, re-enforcement actions |
 //! | [`pairing`] | pure | modes, pairing strings, SPAKE2 with channel binding, limiter, password flow |
+//! | [`limits`] | pure | sources (IPv4, IPv6 /64), token buckets, the handshake gate |
+//! | [`sanitize`] | pure | peer strings made safe to print (control and bidi characters escaped) |
 //! | [`state`] | pure + [`state::StateStore`] | `state.json`: users; locked, atomic updates |
 //! | [`splice`] | IO | TCP ⇄ QUIC stream copy with the half-close / reset contract |
 //! | [`discovery`] | IO | mDNS announcement and browsing (`_tunnel._udp.local`) |
@@ -41,8 +43,10 @@ pub mod config;
 pub mod device;
 pub mod discovery;
 pub mod iam;
+pub mod limits;
 pub mod pairing;
 pub mod proto;
+pub mod sanitize;
 pub mod splice;
 pub mod state;
 pub mod wire;

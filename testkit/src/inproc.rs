@@ -243,12 +243,18 @@ pub async fn serve_echo(listener: tokio::net::TcpListener) {
 }
 
 /// Opens a tunnel stream to `service`, sends a byte and waits for the echo.
-/// `Ok(())` when it echoed, `Err(code)` when the device reset the stream.
+/// `Ok(())` when it echoed, `Err(code)` when the device reset the stream, and
+/// `Err(StreamCode::LIMIT_REACHED)` when the device gives this connection no stream credit (a key
+/// on no user may open the control stream only).
 pub async fn tunnel(session: &Session, service: &str) -> Result<(), StreamCode> {
     let header = wire::tunnel_header(service).unwrap();
-    let (mut send, mut recv) = wire::open_tunnel(&session.conn, header)
-        .await
-        .map_err(|_| StreamCode::CANCELLED)?;
+    let opened = tokio::time::timeout(
+        Duration::from_secs(2),
+        wire::open_tunnel(&session.conn, header),
+    )
+    .await
+    .map_err(|_| StreamCode::LIMIT_REACHED)?;
+    let (mut send, mut recv) = opened.map_err(|_| StreamCode::CANCELLED)?;
     let _ = send.write_all(b"x").await;
     let mut b = [0u8; 1];
     match tokio::time::timeout(Duration::from_secs(10), recv.read_exact(&mut b)).await {

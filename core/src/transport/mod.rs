@@ -147,8 +147,8 @@ fn endpoint_config(reset_key: Option<Arc<dyn quinn_proto::crypto::HmacKey>>) -> 
 }
 
 /// quinn server configuration (a device's, a relay's) speaking `alpn`. `max_streams` is how many
-/// streams each client may open at once; `max_connections` bounds what strangers can queue before
-/// a handshake completes.
+/// streams each client may open at once to begin with; `max_handshakes` bounds what strangers can
+/// queue before the application has looked at their first packet.
 ///
 /// # Errors
 /// [`TransportError::Tls`].
@@ -157,7 +157,7 @@ pub fn server_config(
     alpn: &[u8],
     settings: &TransportSettings,
     max_streams: u32,
-    max_connections: u32,
+    max_handshakes: u32,
 ) -> Result<quinn::ServerConfig, TransportError> {
     let provider = provider();
     let verifier = ClientKeyVerifier::new();
@@ -174,10 +174,10 @@ pub fn server_config(
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(Arc::new(transport_config(settings, max_streams)));
     cfg.migration(true);
-    // Bound what strangers can queue before a handshake completes (quinn's defaults, 65536
+    // Bound what strangers can queue before the application sees it (quinn's defaults, 65536
     // connections and 100 MiB, suit a server farm, not a device).
-    let max_connections = usize::try_from(max_connections).unwrap_or(usize::MAX);
-    cfg.max_incoming(max_connections.saturating_mul(2).max(16))
+    let max_handshakes = usize::try_from(max_handshakes).unwrap_or(usize::MAX);
+    cfg.max_incoming(max_handshakes.saturating_mul(2).max(16))
         .incoming_buffer_size(64 * 1024)
         .incoming_buffer_size_total(4 * 1024 * 1024);
     Ok(cfg)

@@ -51,16 +51,28 @@ fn default_listen() -> Vec<SocketAddr> {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Limits {
-    /// Concurrent client connections; more are refused.
+    /// Concurrent client connections past `Hello`; more are refused with "busy".
     pub max_connections: u32,
     /// Concurrent tunnelled TCP connections per client connection; more wait for a slot.
     pub max_streams_per_connection: u32,
+    /// Concurrent tunnel streams of one user over all its connections (headers not yet read
+    /// included); more are reset with "limit reached".
+    pub max_streams_per_user: u32,
     /// Concurrent tunnelled TCP connections over all clients; more are reset with "limit reached".
     pub max_streams_total: u32,
     /// Seconds to wait for a service's target to accept a TCP connection.
     pub connect_timeout_secs: u64,
     /// Seconds a new connection has to complete the handshake and send its hello.
     pub handshake_timeout_secs: u64,
+    /// Seconds a new tunnel stream has to send its header.
+    pub header_timeout_secs: u64,
+    /// QUIC handshakes in flight above which sources that have not proven their address get a
+    /// Retry first.
+    pub retry_threshold: u32,
+    /// QUIC handshakes in flight from one source (an IPv4 address or an IPv6 /64).
+    pub max_handshakes_per_source: u32,
+    /// QUIC handshakes in flight in total.
+    pub max_handshakes: u32,
     /// Concurrent connections of keys on no user (which can only pair); more are refused.
     pub max_unpaired_connections: u32,
     /// Seconds a connection of a key on no user may stay open without pairing.
@@ -72,11 +84,28 @@ impl Default for Limits {
         Self {
             max_connections: 256,
             max_streams_per_connection: 1024,
+            max_streams_per_user: 2048,
             max_streams_total: 16384,
             connect_timeout_secs: 5,
             handshake_timeout_secs: 10,
+            header_timeout_secs: 5,
+            retry_threshold: 8,
+            max_handshakes_per_source: 8,
+            max_handshakes: 64,
             max_unpaired_connections: 16,
             unpaired_timeout_secs: 120,
+        }
+    }
+}
+
+impl Limits {
+    /// The handshake gate's limits.
+    pub fn handshakes(&self) -> crate::limits::HandshakeLimits {
+        let n = |v: u32| usize::try_from(v).unwrap_or(usize::MAX);
+        crate::limits::HandshakeLimits {
+            retry_threshold: n(self.retry_threshold),
+            per_source: n(self.max_handshakes_per_source),
+            total: n(self.max_handshakes),
         }
     }
 }
@@ -240,13 +269,17 @@ impl DeviceConfig {
         let l = &self.limits;
         if l.max_connections == 0
             || l.max_streams_per_connection == 0
+            || l.max_streams_per_user == 0
             || l.max_streams_total == 0
             || l.max_unpaired_connections == 0
+            || l.max_handshakes == 0
+            || l.max_handshakes_per_source == 0
         {
             return Err(ValueError("limits must be at least 1".into()));
         }
         if !(1..=300).contains(&l.connect_timeout_secs)
             || !(1..=300).contains(&l.handshake_timeout_secs)
+            || !(1..=300).contains(&l.header_timeout_secs)
         {
             return Err(ValueError("limits.*_timeout_secs must be 1-300".into()));
         }
@@ -309,18 +342,28 @@ impl DeviceConfig {
         let l = Limits::default();
         out.push_str(&format!(
             "\n[limits]\n\
-             # max_connections = {}             # concurrent clients\n\
+             # max_connections = {}             # concurrent clients past hello\n\
              # max_streams_per_connection = {}  # concurrent tunnelled TCP connections per client\n\
+             # max_streams_per_user = {}        # ... per user, over all its connections\n\
              # max_streams_total = {}          # concurrent tunnelled TCP connections in all\n\
              # connect_timeout_secs = {}          # to reach a service's target\n\
              # handshake_timeout_secs = {}       # for a new client to authenticate\n\
+             # header_timeout_secs = {}           # for a new tunnel to name its service\n\
+             # retry_threshold = {}               # handshakes in flight before QUIC Retry\n\
+             # max_handshakes_per_source = {}     # handshakes in flight per address (IPv6: /64)\n\
+             # max_handshakes = {}               # handshakes in flight in all\n\
              # max_unpaired_connections = {}     # keys on no user (they can only pair)\n\
              # unpaired_timeout_secs = {}       # time such a key has to pair\n",
             l.max_connections,
             l.max_streams_per_connection,
+            l.max_streams_per_user,
             l.max_streams_total,
             l.connect_timeout_secs,
             l.handshake_timeout_secs,
+            l.header_timeout_secs,
+            l.retry_threshold,
+            l.max_handshakes_per_source,
+            l.max_handshakes,
             l.max_unpaired_connections,
             l.unpaired_timeout_secs
         ));

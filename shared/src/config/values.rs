@@ -224,6 +224,17 @@ impl FromStr for IpNet {
         if prefix > max {
             return Err(err());
         }
+        // An IPv4-mapped network (`::ffff:10.0.0.0/104`) is the IPv4 network it maps: sources
+        // are compared in their canonical form, so it would never match as written.
+        if let IpAddr::V6(v6) = addr
+            && prefix >= 96
+            && let Some(v4) = v6.to_ipv4_mapped()
+        {
+            return Ok(Self {
+                addr: IpAddr::V4(v4),
+                prefix: prefix - 96,
+            });
+        }
         Ok(Self { addr, prefix })
     }
 }
@@ -295,5 +306,11 @@ mod tests {
         for bad in ["10.0.0.0", "10.0.0.0/33", "::/129", "x/8"] {
             assert!(bad.parse::<IpNet>().is_err(), "{bad}");
         }
+        // Issue 9: IPv4-mapped networks are stored as the IPv4 network they map, so they match.
+        let mapped: IpNet = "::ffff:10.9.0.0/112".parse().unwrap();
+        assert_eq!(mapped.to_string(), "10.9.0.0/16");
+        assert!(mapped.contains("10.9.3.4".parse().unwrap()));
+        assert!(mapped.contains("::ffff:10.9.3.4".parse().unwrap()));
+        assert!(!mapped.contains("10.10.0.1".parse().unwrap()));
     }
 }

@@ -167,7 +167,7 @@ pub fn user_add(
 ) -> Result<User, DeviceError> {
     let iam = home.load_iam()?;
     let explicit = role_name.map(|r| role(&iam, r)).transpose()?;
-    let (_, user) = home.state_store().update(|s| {
+    let updated = home.state_store().update(|s| {
         let r = explicit.unwrap_or_else(|| {
             if s.users.iter().any(|u| !u.fingerprints.is_empty()) {
                 iam.open_pairing_role.clone()
@@ -177,7 +177,7 @@ pub fn user_add(
         });
         s.add_user(username, &r, fingerprint, key_name).cloned()
     })?;
-    Ok(user)
+    Ok(updated.value)
 }
 
 /// Invites a user (creating it, or giving an existing user a new one-time password). Returns the
@@ -192,7 +192,7 @@ pub fn user_invite(
 ) -> Result<(User, Secret), DeviceError> {
     let iam = home.load_iam()?;
     let r = role(&iam, role_name.unwrap_or(&iam.open_pairing_role))?;
-    let (state, password) = home.state_store().update(|s| match s.user(username) {
+    let updated = home.state_store().update(|s| match s.user(username) {
         Some(_) => {
             if role_name.is_some() {
                 s.set_role(username, &r)?;
@@ -201,12 +201,13 @@ pub fn user_invite(
         }
         None => s.invite_user(username, &r),
     })?;
-    let user = state
+    let user = updated
+        .state
         .user(username)
         .cloned()
         .ok_or_else(|| Rejection::NoSuchUser(username.to_string()))
         .map_err(crate::state::StateError::from)?;
-    Ok((user, password))
+    Ok((user, updated.value))
 }
 
 /// All users.
@@ -222,7 +223,19 @@ pub fn user_list(home: &DeviceHome) -> Result<Vec<User>, DeviceError> {
 /// # Errors
 /// [`DeviceError`].
 pub fn user_remove(home: &DeviceHome, username: &str) -> Result<User, DeviceError> {
-    Ok(home.state_store().update(|s| s.remove_user(username))?.1)
+    Ok(home
+        .state_store()
+        .update(|s| s.remove_user(username))?
+        .value)
+}
+
+/// Replaces a user's server-connect token (the old one stops working at once: a running device
+/// closes the user's remote connections that hold it). Returns the new token.
+///
+/// # Errors
+/// [`DeviceError`].
+pub fn user_rotate_token(home: &DeviceHome, username: &str) -> Result<Secret, DeviceError> {
+    Ok(home.state_store().update(|s| s.rotate_sct(username))?.value)
 }
 
 /// Changes a user's role.

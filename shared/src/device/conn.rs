@@ -1,38 +1,166 @@
-//! A client connection from the first packet to its end: the connection cap, the TLS handshake
-//! (client key proven, [`crate::transport`]), `Hello`, the version check, local or remote, the
-//! admission decision of [`crate::authz`] (remote access, token, key), `Welcome`, then the control
+//! A client connection from the first packet to its end: the handshake gate (Retry under load,
+//! caps per source and in total, [`crate::limits`]), the TLS handshake (client key proven,
+//! [`crate::transport`]), `Hello`, the version check, local or remote, the admission decision of
+//! [`crate::authz`] (remote access, token, key, connection caps), `Welcome`, then the control
 //! stream and the tunnel streams until it closes.
 //!
 //! Kind: IO.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{Instrument, debug, info, info_span};
 
-use super::live::{Conn, Live};
+use super::live::{Live, now};
 use super::{control, stream};
-use crate::authz::Refusal;
-use crate::config::DeviceConfig;
+use crate::authz::{self, ConnFacts, Refusal};
+use crate::config::{DeviceConfig, NetworkSettings};
 use crate::identity::Fingerprint;
+use crate::limits::{Gate, TokenBucket};
 use crate::pairing::PasswordFlow;
 use crate::proto::{self, CloseCode, Hello, Welcome};
+use crate::secret::Secret;
+use crate::splice::Kill;
 use crate::transport;
 use crate::wire::ControlServer;
 
-/// Decrements the in-progress connection count when a handler ends.
-struct ActiveGuard<'a>(&'a AtomicUsize);
+/// Longest client name kept (for logs); longer ones are cut.
+pub(crate) const MAX_CLIENT_NAME: usize = 64;
 
-impl Drop for ActiveGuard<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+/// State-changing requests a connection may make in a burst, and per second after it.
+const WRITES_BURST: f64 = 10.0;
+const WRITES_PER_SEC: f64 = 1.0;
+
+/// One client connection past `Hello`.
+pub(crate) struct Conn {
+    /// The QUIC connection.
+    pub(crate) quic: quinn::Connection,
+    /// The key proven in the handshake.
+    pub(crate) fingerprint: Fingerprint,
+    /// Local or remote (DESIGN §6) as last computed from the current source address.
+    local: AtomicBool,
+    /// The token the connection holds: presented in `Hello`, or its user's own once it paired or
+    /// rotated it here.
+    token: Mutex<Option<Secret>>,
+    /// The user this key belongs to (set at hello, updated when it pairs).
+    pub(crate) user: Mutex<Option<String>>,
+    /// Open tunnels: id → (service, kill switch).
+    pub(crate) tunnels: Mutex<HashMap<u64, (String, Arc<Kill>)>>,
+    /// Password pairing in progress on this connection.
+    pub(crate) flow: Mutex<PasswordFlow>,
+    /// State-changing requests (writes of `state.json`) this connection may still make.
+    writes: Mutex<TokenBucket>,
+}
+
+impl Conn {
+    fn new(
+        quic: quinn::Connection,
+        fingerprint: Fingerprint,
+        local: bool,
+        token: Option<Secret>,
+        now: Instant,
+    ) -> Self {
+        Self {
+            quic,
+            fingerprint,
+            local: AtomicBool::new(local),
+            token: Mutex::new(token),
+            user: Mutex::new(None),
+            tunnels: Mutex::new(HashMap::new()),
+            flow: Mutex::new(PasswordFlow::default()),
+            writes: Mutex::new(TokenBucket::new(WRITES_BURST, WRITES_PER_SEC, now)),
+        }
+    }
+
+    /// Where its packets come from now (QUIC migration can change it).
+    pub(crate) fn remote(&self) -> SocketAddr {
+        self.quic.remote_address()
+    }
+
+    /// Recomputes local or remote from the current source address; `Some(local)` when it
+    /// changed.
+    pub(crate) fn update_locality(&self, network: &NetworkSettings) -> Option<bool> {
+        let local = network.is_local(self.remote().ip());
+        (self.local.swap(local, Ordering::Relaxed) != local).then_some(local)
+    }
+
+    /// The facts the authorization core decides on.
+    pub(crate) fn facts(&self) -> ConnFacts<'_> {
+        ConnFacts {
+            fingerprint: &self.fingerprint,
+            local: self.is_local(),
+            token: self.token.lock().ok().and_then(|t| t.clone()),
+        }
+    }
+
+    /// Whether it is local (as last computed).
+    pub(crate) fn is_local(&self) -> bool {
+        self.local.load(Ordering::Relaxed)
+    }
+
+    /// The user it was welcomed (or paired) as.
+    pub(crate) fn user(&self) -> Option<String> {
+        self.user.lock().ok().and_then(|u| u.clone())
+    }
+
+    /// Records the user this key now is.
+    pub(crate) fn set_user(&self, user: Option<String>) {
+        if let Ok(mut u) = self.user.lock() {
+            *u = user;
+        }
+    }
+
+    /// Records the token the connection now holds (its user's own, after pairing or rotation).
+    pub(crate) fn set_token(&self, token: Secret) {
+        if let Ok(mut t) = self.token.lock() {
+            *t = Some(token);
+        }
+    }
+
+    /// Takes one state-changing request from its budget; `Err(wait)` when it is spent.
+    pub(crate) fn take_write(&self, now: Instant) -> Result<(), Duration> {
+        let mut bucket = self.writes.lock().map_err(|_| Duration::from_secs(1))?;
+        if bucket.try_take(now) {
+            Ok(())
+        } else {
+            Err(bucket.wait(now))
+        }
+    }
+
+    /// Lets it open as many tunnel streams as the limits allow (it starts with the control
+    /// stream only, so a key on no user cannot open any).
+    pub(crate) fn allow_tunnels(&self, max: u32) {
+        self.quic
+            .set_max_concurrent_bi_streams(quinn::VarInt::from_u32(max));
+    }
+
+    /// Closes the connection with the refusal's code.
+    pub(crate) fn close(&self, refusal: Refusal) {
+        self.quic
+            .close(refusal.code.to_varint(), refusal.reason.as_bytes());
     }
 }
 
-/// Accepts connections on `endpoint` until shutdown, each in its own task.
+/// A handshake slot of the gate, given back when dropped (the handshake ended one way or
+/// another).
+struct HandshakeSlot {
+    live: Arc<Live>,
+    source: IpAddr,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        if let Ok(mut g) = self.live.handshakes.lock() {
+            g.end(self.source);
+        }
+    }
+}
+
+/// Accepts connections on `endpoint` until shutdown, each in its own task, after the handshake
+/// gate: a Retry for unproven sources under load, caps per source and in total.
 pub(crate) async fn accept_loop(live: Arc<Live>, endpoint: quinn::Endpoint) {
     loop {
         let incoming = tokio::select! {
@@ -42,17 +170,42 @@ pub(crate) async fn accept_loop(live: Arc<Live>, endpoint: quinn::Endpoint) {
             },
             () = live.shutdown.cancelled() => return,
         };
-        let max = live.config().limits.max_connections as usize;
-        if live.active.fetch_add(1, Ordering::Relaxed) >= max {
-            live.active.fetch_sub(1, Ordering::Relaxed);
-            warn!(remote = %incoming.remote_address(), max, "connection limit reached: refusing");
-            incoming.refuse();
-            continue;
+        let limits = live.config().limits.handshakes();
+        let source = incoming.remote_address().ip();
+        let gate = live.handshakes.lock().map_or(Gate::Ignore, |mut g| {
+            let gate = g.decide(
+                source,
+                incoming.remote_address_validated(),
+                incoming.may_retry(),
+                &limits,
+            );
+            if gate == Gate::Accept {
+                g.begin(source);
+            }
+            gate
+        });
+        match gate {
+            Gate::Accept => {}
+            Gate::Retry => {
+                // Stateless: a spoofed source never comes back with the token.
+                let _ = incoming.retry();
+                live.count_refused_handshake(true);
+                continue;
+            }
+            Gate::Ignore => {
+                incoming.ignore();
+                live.count_refused_handshake(false);
+                continue;
+            }
         }
+        let slot = HandshakeSlot {
+            live: live.clone(),
+            source,
+        };
         let id = live.next_id();
         let span = info_span!("conn", id, remote = %incoming.remote_address(), peer = tracing::field::Empty);
         live.tasks
-            .spawn(handle(live.clone(), incoming, id).instrument(span));
+            .spawn(handle(live.clone(), incoming, id, slot).instrument(span));
     }
 }
 
@@ -99,8 +252,7 @@ async fn handshake(
     }
 }
 
-async fn handle(live: Arc<Live>, incoming: quinn::Incoming, id: u64) {
-    let _active = ActiveGuard(&live.active);
+async fn handle(live: Arc<Live>, incoming: quinn::Incoming, id: u64, slot: HandshakeSlot) {
     let remote = incoming.remote_address();
     let deadline = Duration::from_secs(live.config().limits.handshake_timeout_secs);
     let Some((quic, fingerprint, mut control, hello)) = handshake(incoming, deadline).await else {
@@ -113,11 +265,17 @@ async fn handle(live: Arc<Live>, incoming: quinn::Incoming, id: u64) {
     if control.welcome(&welcome).await.is_err() {
         return;
     }
+    // Past hello: the connection now counts toward the established-connection cap, not the
+    // handshakes in flight.
+    drop(slot);
+    if welcome.user.is_some() {
+        conn.allow_tunnels(live.config().limits.max_streams_per_connection);
+    }
     info!(
         user = welcome.user.as_deref().unwrap_or("(unpaired)"),
         role = %welcome.role,
         local = welcome.local,
-        client = hello.client_name.as_deref().unwrap_or("-"),
+        client = %client_name(&hello),
         "client connected"
     );
     if let Some(timeout) = unpaired_timeout {
@@ -168,17 +326,19 @@ fn admit(
     }
     let snap = live.snapshot();
     let local = snap.config.network.is_local(remote.ip());
-    let conn = Arc::new(Conn {
-        quic: quic.clone(),
+    // The token is kept even on a local connection: it is needed if the connection moves to a
+    // remote address.
+    let conn = Arc::new(Conn::new(
+        quic.clone(),
         fingerprint,
-        remote,
         local,
-        token: if local { None } else { hello.sct.clone() },
-        user: Mutex::new(None),
-        tunnels: Mutex::new(HashMap::new()),
-        flow: Mutex::new(PasswordFlow::default()),
-    });
-    let who = match snap.policy().admit(&conn.facts(), live.unpaired_count()) {
+        hello.sct.clone(),
+        now(),
+    ));
+    let admitted = snap
+        .policy()
+        .admit(&conn.facts(), live.established(), live.unpaired_count());
+    let who = match admitted {
         Ok(who) => who,
         Err(refusal) => {
             log_refusal(refusal, hello, &conn, &snap.config);
@@ -214,16 +374,31 @@ fn log_refusal(refusal: Refusal, hello: &Hello, conn: &Conn, config: &DeviceConf
         ),
         CloseCode::UNKNOWN_KEY => info!(
             fingerprint = %fingerprint,
-            client = hello.client_name.as_deref().unwrap_or("-"),
-            local = conn.local,
+            client = %client_name(hello),
+            local = conn.is_local(),
             "refused a client key that is on no user, with no pairing mode usable (add it with \
              `tunnel-device user add NAME --fingerprint {fingerprint}` or invite it)"
+        ),
+        _ if refusal.reason == authz::TOO_MANY_CONNECTIONS => info!(
+            limit = config.limits.max_connections,
+            "connection limit reached: refusing"
         ),
         _ => info!(
             limit = config.limits.max_unpaired_connections,
             "too many connections of unpaired keys: refusing"
         ),
     }
+}
+
+/// The client's self-chosen name, for logs only: cut to [`MAX_CLIENT_NAME`] characters and with
+/// control characters escaped, so a peer cannot forge log lines or flood the log.
+fn client_name(hello: &Hello) -> String {
+    hello.client_name.as_deref().map_or_else(
+        || "-".to_string(),
+        |n| {
+            crate::sanitize::text(&n.chars().take(MAX_CLIENT_NAME).collect::<String>()).into_owned()
+        },
+    )
 }
 
 async fn close_if_unpaired(conn: Arc<Conn>, timeout: Duration) {

@@ -8,25 +8,26 @@
 //! [`Live::enforce`]: the pure core says what no longer holds, this module does it.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
+use super::conn::Conn;
 use super::home::{DeviceHome, check_user_roles};
-use crate::authz::{self, ConnFacts, Enforcement, LiveConn, Policy, Verdict, Who};
+use crate::authz::{Enforcement, LiveConn, Policy, Verdict, Who};
 use crate::config::DeviceConfig;
 use crate::fsutil::FileStamp;
 use crate::iam::{self, IamConfig};
 use crate::identity::Fingerprint;
-use crate::pairing::{AttemptLimiter, LimiterConfig, PasswordFlow};
+use crate::limits::{HandshakeGate, source_key};
+use crate::pairing::{AttemptLimiter, LimiterConfig};
 use crate::proto::{CloseCode, StreamCode};
-use crate::secret::Secret;
-use crate::splice::Kill;
 use crate::state::{DeviceState, Rejection, StateError, StateStore};
 
 /// Everything the connection tasks share.
@@ -44,8 +45,12 @@ pub(crate) struct Live {
     pub(crate) limiter: Mutex<AttemptLimiter>,
     conns: Mutex<HashMap<u64, Arc<Conn>>>,
     next_id: AtomicU64,
-    /// Connections being handled (handshake included), for the connection cap.
-    pub(crate) active: AtomicUsize,
+    /// QUIC handshakes in flight, per source and in total.
+    pub(crate) handshakes: Mutex<HandshakeGate>,
+    /// Handshakes refused by the gate since the last summary, and when that was logged.
+    refused: Mutex<(u64, u64, Instant)>,
+    /// Tunnel streams per user (pending headers included).
+    user_streams: Mutex<HashMap<String, usize>>,
     /// Device-wide tunnel permits.
     pub(crate) streams_total: Arc<Semaphore>,
     /// Cancelled at the shutdown signal: stop accepting.
@@ -56,55 +61,6 @@ pub(crate) struct Live {
     pub(crate) tasks: TaskTracker,
     /// Tunnel tasks (drained separately at shutdown).
     pub(crate) streams: TaskTracker,
-}
-
-/// One client connection past `Hello`.
-pub(crate) struct Conn {
-    /// The QUIC connection.
-    pub(crate) quic: quinn::Connection,
-    /// The key proven in the handshake.
-    pub(crate) fingerprint: Fingerprint,
-    /// Where it came from.
-    pub(crate) remote: SocketAddr,
-    /// Local or remote (DESIGN §6), decided at `Hello`.
-    pub(crate) local: bool,
-    /// The token presented in `Hello` (a remote connection must keep a valid one).
-    pub(crate) token: Option<Secret>,
-    /// The user this key belongs to (set at hello, updated when it pairs).
-    pub(crate) user: Mutex<Option<String>>,
-    /// Open tunnels: id → (service, kill switch).
-    pub(crate) tunnels: Mutex<HashMap<u64, (String, Arc<Kill>)>>,
-    /// Password pairing in progress on this connection.
-    pub(crate) flow: Mutex<PasswordFlow>,
-}
-
-impl Conn {
-    /// The facts the authorization core decides on.
-    pub(crate) fn facts(&self) -> ConnFacts<'_> {
-        ConnFacts {
-            fingerprint: &self.fingerprint,
-            local: self.local,
-            token: self.token.as_ref(),
-        }
-    }
-
-    /// The user it was welcomed (or paired) as.
-    pub(crate) fn user(&self) -> Option<String> {
-        self.user.lock().ok().and_then(|u| u.clone())
-    }
-
-    /// Records the user this key now is.
-    pub(crate) fn set_user(&self, user: Option<String>) {
-        if let Ok(mut u) = self.user.lock() {
-            *u = user;
-        }
-    }
-
-    /// Closes the connection with the refusal's code.
-    pub(crate) fn close(&self, refusal: authz::Refusal) {
-        self.quic
-            .close(refusal.code.to_varint(), refusal.reason.as_bytes());
-    }
 }
 
 fn read<T: Clone>(lock: &RwLock<T>) -> T {
@@ -120,8 +76,8 @@ fn write<T>(lock: &RwLock<T>, value: T) {
 }
 
 /// The clock, read at the IO edge (the limiter and the pairing flow are pure).
-pub(crate) fn now() -> std::time::Instant {
-    std::time::Instant::now()
+pub(crate) fn now() -> Instant {
+    Instant::now()
 }
 
 /// One consistent view of the policy, owned (so it can be held across awaits).
@@ -184,7 +140,9 @@ impl Live {
             limiter: Mutex::new(AttemptLimiter::new(LimiterConfig::default(), now())),
             conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
-            active: AtomicUsize::new(0),
+            handshakes: Mutex::new(HandshakeGate::default()),
+            refused: Mutex::new((0, 0, now())),
+            user_streams: Mutex::new(HashMap::new()),
             shutdown,
             kill: CancellationToken::new(),
             tasks: TaskTracker::new(),
@@ -250,6 +208,76 @@ impl Live {
         )
     }
 
+    /// Connections past `Hello` (the established-connection cap counts these only).
+    pub(crate) fn established(&self) -> usize {
+        self.conns.lock().map_or(0, |c| c.len())
+    }
+
+    /// Key exchanges started and not yet confirmed on connections from `source`'s address (an
+    /// IPv4 address or an IPv6 /64).
+    pub(crate) fn pakes_in_flight(&self, source: IpAddr) -> usize {
+        let key = source_key(source);
+        self.conns()
+            .iter()
+            .filter(|c| source_key(c.remote().ip()) == key)
+            .filter(|c| c.flow.lock().is_ok_and(|f| f.is_pending()))
+            .count()
+    }
+
+    /// Counts a handshake the gate turned away (retried or dropped) and logs a summary at most
+    /// every 10 s, so a flood shows in the log without filling it.
+    pub(crate) fn count_refused_handshake(&self, retried: bool) {
+        let Ok(mut r) = self.refused.lock() else {
+            return;
+        };
+        if retried {
+            r.0 += 1;
+        } else {
+            r.1 += 1;
+        }
+        let t = now();
+        if t.saturating_duration_since(r.2) >= Duration::from_secs(10) {
+            warn!(
+                retried = r.0,
+                dropped = r.1,
+                in_flight = self.handshakes.lock().map_or(0, |g| g.in_flight()),
+                "many handshakes at once: sources asked to prove their address (QUIC Retry) or \
+                 dropped at the per-source or total cap"
+            );
+            *r = (0, 0, t);
+        }
+    }
+
+    /// Takes one of `user`'s tunnel slots (the per-user cap); `None` when they are all used.
+    pub(crate) fn user_stream(self: &Arc<Self>, user: &str, cap: usize) -> Option<UserStream> {
+        let mut map = self.user_streams.lock().ok()?;
+        let n = map.entry(user.to_string()).or_insert(0);
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(UserStream {
+            live: self.clone(),
+            user: user.to_string(),
+        })
+    }
+
+    /// Re-checks `conn` before it is served: its source address may have moved (QUIC migration)
+    /// from a local to a remote network. Returns whether it may go on (false: it was closed).
+    pub(crate) fn recheck(&self, conn: &Conn) -> bool {
+        let snap = self.snapshot();
+        if let Some(local) = conn.update_locality(&snap.config.network) {
+            info!(
+                remote = %conn.remote(),
+                local,
+                "the connection moved to another address: re-checking it as {}",
+                if local { "local" } else { "remote" }
+            );
+            Self::apply(&snap.policy(), conn);
+        }
+        conn.quic.close_reason().is_none()
+    }
+
     /// Live connections of keys on no user.
     pub(crate) fn unpaired_count(&self) -> usize {
         self.conns()
@@ -274,13 +302,16 @@ impl Live {
     }
 
     /// Applies `change` to `state.json` (locked read-modify-write, on a blocking thread), then
-    /// adopts the new state and re-checks every connection. On error nothing changed.
+    /// adopts the new state, runs `adopt` on the result (a connection that just paired or rotated
+    /// its token records its new user and token there), and re-checks every connection. On error
+    /// nothing changed; a change that changes nothing writes nothing and re-checks nothing.
     ///
     /// # Errors
     /// `change`'s error, a role the IAM does not define, or IO.
     pub(crate) async fn update_state<R: Send + 'static>(
         &self,
         change: impl FnOnce(&mut DeviceState) -> Result<R, StateError> + Send + 'static,
+        adopt: impl FnOnce(&R),
     ) -> Result<R, StateError> {
         let store = self.store.clone();
         let iam = self.iam();
@@ -297,13 +328,18 @@ impl Live {
             path: self.store.path().to_owned(),
             source: std::io::Error::other(format!("the state update task failed: {e}")),
         })?;
-        let (state, value) = out?;
-        if let Ok(mut w) = self.written.lock() {
-            *w = stamp;
+        let updated = out?;
+        if updated.changed {
+            if let Ok(mut w) = self.written.lock() {
+                *w = stamp;
+            }
+            self.set_state(updated.state);
         }
-        self.set_state(state);
-        self.enforce();
-        Ok(value)
+        adopt(&updated.value);
+        if updated.changed {
+            self.enforce();
+        }
+        Ok(updated.value)
     }
 
     /// Re-checks every live connection and tunnel against the current state, IAM and config.
@@ -320,6 +356,7 @@ impl Live {
     }
 
     fn apply(policy: &Policy<'_>, conn: &Conn) {
+        conn.update_locality(&policy.config.network);
         let tunnels: Vec<(u64, String)> = conn
             .tunnels
             .lock()
@@ -363,6 +400,25 @@ impl Live {
                         kill.kill(code);
                     }
                 }
+            }
+        }
+    }
+}
+
+/// One of a user's tunnel slots; given back when dropped.
+pub(crate) struct UserStream {
+    live: Arc<Live>,
+    user: String,
+}
+
+impl Drop for UserStream {
+    fn drop(&mut self) {
+        if let Ok(mut map) = self.live.user_streams.lock()
+            && let Some(n) = map.get_mut(&self.user)
+        {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.user);
             }
         }
     }

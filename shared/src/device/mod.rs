@@ -259,12 +259,14 @@ fn bind(
     config: &DeviceConfig,
     listen: &[SocketAddr],
 ) -> Result<(Vec<quinn::Endpoint>, Vec<SocketAddr>), DeviceError> {
+    // A new connection may open the control stream only; tunnel streams are allowed once its
+    // key is known to be a user's (`Conn::allow_tunnels`).
     let server_cfg = transport::server_config(
         identity,
         proto::ALPN,
         &config.transport,
-        config.limits.max_streams_per_connection,
-        config.limits.max_connections,
+        1,
+        config.limits.max_handshakes,
     )?;
     let mut endpoints = Vec::new();
     let mut bound = Vec::new();

@@ -10,7 +10,8 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info, info_span, warn};
 
-use super::live::{Conn, Live, log_verdict};
+use super::conn::Conn;
+use super::live::{Live, log_verdict};
 use crate::config::{DeviceConfig, HostPort, ServiceConfig};
 use crate::proto::{StreamCode, StreamOpen};
 use crate::splice::{self, Kill};
@@ -72,37 +73,43 @@ async fn handle(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
 ) {
+    let limits = live.config().limits.clone();
+    // Every stream counts against its user's cap from the moment it opens, header or not, so
+    // one key cannot hold thousands of silent streams; unpaired keys get no tunnel streams at all
+    // (QUIC stream credit).
+    let user = conn.user().unwrap_or_default();
+    let Some(_user_slot) = live.user_stream(&user, limits.max_streams_per_user as usize) else {
+        debug!(%user, "per-user tunnel limit reached: refusing a tunnel");
+        splice::reject_stream(&mut send, &mut recv, StreamCode::LIMIT_REACHED);
+        return;
+    };
+    let deadline = Duration::from_secs(limits.header_timeout_secs);
+    let Some(service_id) = read_header(&mut send, &mut recv, deadline).await else {
+        return;
+    };
+    // Its address may have moved since the connection was admitted.
+    if !live.recheck(&conn) {
+        splice::reject_stream(&mut send, &mut recv, StreamCode::FORBIDDEN);
+        return;
+    }
+
+    // Re-authorize against the current state, IAM and services on every stream.
+    let (service, user) = match authorize(&live, &conn, &service_id) {
+        Ok(ok) => ok,
+        Err(code) => {
+            splice::reject_stream(&mut send, &mut recv, code);
+            return;
+        }
+    };
+    // Only an authorized tunnel takes one of the device-wide permits.
     let Ok(_permit) = live.streams_total.clone().try_acquire_owned() else {
         warn!("device-wide tunnel limit reached: refusing a tunnel");
         splice::reject_stream(&mut send, &mut recv, StreamCode::LIMIT_REACHED);
         return;
     };
-    let config = live.config();
-    let deadline = Duration::from_secs(config.limits.handshake_timeout_secs);
-    let Some(service_id) = read_header(&mut send, &mut recv, deadline).await else {
-        return;
-    };
-
-    // Re-authorize against the current state, IAM and services on every stream.
-    let (service, user) = {
-        let snap = live.snapshot();
-        let policy = snap.policy();
-        let who = policy.who(&conn.fingerprint);
-        let (outcome, verdict) = policy.tunnel(&conn.facts(), &service_id);
-        log_verdict(&who, conn.local, &verdict);
-        let user = who.name().to_string();
-        match outcome {
-            Ok(s) => (s.clone(), user),
-            Err(code) => {
-                info!(%user, service = %service_id, "tunnel refused: {code}");
-                splice::reject_stream(&mut send, &mut recv, code);
-                return;
-            }
-        }
-    };
 
     let target = service.target();
-    let connect_timeout = Duration::from_secs(config.limits.connect_timeout_secs);
+    let connect_timeout = Duration::from_secs(limits.connect_timeout_secs);
     let tcp = match tokio::time::timeout(connect_timeout, connect_target(&target)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => {
@@ -145,6 +152,28 @@ async fn handle(
             "tunnel closed"
         ),
         Err(e) => debug!(service = %service_id, "tunnel ended: {e}"),
+    }
+}
+
+/// `Tunnel:Connect` for `service_id` against the current policy: the service and who asked, or
+/// the code to reset the stream with.
+fn authorize(
+    live: &Live,
+    conn: &Conn,
+    service_id: &str,
+) -> Result<(ServiceConfig, String), StreamCode> {
+    let snap = live.snapshot();
+    let policy = snap.policy();
+    let who = policy.who(&conn.fingerprint);
+    let (outcome, verdict) = policy.tunnel(&conn.facts(), service_id);
+    log_verdict(&who, conn.is_local(), &verdict);
+    let user = who.name().to_string();
+    match outcome {
+        Ok(s) => Ok((s.clone(), user)),
+        Err(code) => {
+            info!(%user, service = %service_id, "tunnel refused: {code}");
+            Err(code)
+        }
     }
 }
 

@@ -50,11 +50,13 @@ pub enum Action {
     IamSetSettings,
     /// Rename the device.
     DeviceSetName,
+    /// Replace a user's server-connect token.
+    IamRotateToken,
 }
 
 impl Action {
     /// All actions, in a stable order.
-    pub const ALL: [Self; 20] = [
+    pub const ALL: [Self; 21] = [
         Self::PairingGet,
         Self::PairingLocalInitial,
         Self::PairingLocalOpen,
@@ -75,6 +77,7 @@ impl Action {
         Self::IamGetSettings,
         Self::IamSetSettings,
         Self::DeviceSetName,
+        Self::IamRotateToken,
     ];
 
     /// The name used in `iam.toml`, e.g. `Tunnel:Connect`.
@@ -100,6 +103,7 @@ impl Action {
             Self::IamGetSettings => "IAM:GetSettings",
             Self::IamSetSettings => "IAM:SetSettings",
             Self::DeviceSetName => "Device:SetName",
+            Self::IamRotateToken => "IAM:RotateToken",
         }
     }
 }

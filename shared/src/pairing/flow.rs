@@ -14,6 +14,13 @@
 //! Nothing changes on the device before [`PasswordFlow::confirm`] succeeds: the flow only ever
 //! says *who* proved *which* password; the caller re-checks that password under the state lock
 //! before it pairs, so a password replaced meanwhile cannot be claimed.
+//!
+//! Attempts are counted when they *start*: [`PasswordFlow::start`] spends one of the source's
+//! attempts in the [`AttemptLimiter`] before it answers, and a successful confirmation gives it
+//! back. So many connections from one source that start a key exchange each and confirm later
+//! still get only the limiter's rate of guesses. A client that proves the password of an
+//! invitation that was already claimed is told so ([`FlowError::AlreadyClaimed`]) and keeps its
+//! attempt; nobody else can tell a claimed invitation from a wrong password.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -40,10 +47,31 @@ impl fmt::Debug for Proven {
     }
 }
 
+/// The password the device tests a key exchange against.
+#[derive(Clone)]
+pub enum Expected {
+    /// A pending invitation's password, or the open-pairing password.
+    Live(Secret),
+    /// The password of an invitation that was claimed already: proving it earns "already used".
+    Claimed(Secret),
+    /// No such invitation: a random password is used, so the exchange looks the same but can
+    /// never verify.
+    Unknown,
+}
+
+impl fmt::Debug for Expected {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Live(_) => "Live(..)",
+            Self::Claimed(_) => "Claimed(..)",
+            Self::Unknown => "Unknown",
+        })
+    }
+}
+
 struct Pending {
     username: String,
-    /// The password the device used (`None`: a random one, so it cannot succeed).
-    password: Option<Secret>,
+    expected: Expected,
     pake: DevicePake,
 }
 
@@ -79,21 +107,28 @@ pub enum FlowError {
     #[error("start the key exchange first")]
     NotStarted,
     /// The confirmation did not verify: a wrong password, an unknown user, or an intercepted
-    /// connection (an attempt is spent).
+    /// connection (the attempt stays spent).
     #[error("wrong password (or the connection is intercepted)")]
     WrongPassword {
         /// The user the attempt was for.
         username: String,
     },
+    /// The client proved the password of an invitation that was claimed already (the attempt is
+    /// given back).
+    #[error("this invitation was already used to pair a key; ask the device's owner for a new one")]
+    AlreadyClaimed {
+        /// The invited user.
+        username: String,
+    },
 }
 
 impl PasswordFlow {
-    /// Answers the client's first PAKE message for `username` with `password` (`None` when the
-    /// user has no password: the answer then looks the same but can never verify). Starting
-    /// again forgets an earlier proof.
+    /// Answers the client's first PAKE message for `username`, tested against `expected`; spends
+    /// one attempt of `source`. Starting again forgets an earlier proof.
     ///
     /// # Errors
-    /// [`FlowError::TooManyAttempts`] (nothing spent), [`FlowError::Malformed`] (an attempt spent).
+    /// [`FlowError::TooManyAttempts`] (nothing spent), [`FlowError::Malformed`] (the attempt
+    /// stays spent).
     #[expect(
         clippy::too_many_arguments,
         reason = "the flow is pure: the limiter, source, clock and channel are all inputs"
@@ -104,35 +139,36 @@ impl PasswordFlow {
         source: IpAddr,
         now: Instant,
         username: String,
-        password: Option<Secret>,
+        expected: Expected,
         ch: Channel<'_>,
         client_msg: &[u8],
     ) -> Result<Vec<u8>, FlowError> {
         if let Verdict::RetryAfter(retry_after) = limiter.check(source, now) {
             return Err(FlowError::TooManyAttempts { retry_after });
         }
-        match DevicePake::respond(password.as_ref(), &username, ch, client_msg) {
-            Ok((pake, reply)) => {
-                self.pending = Some(Pending {
-                    username,
-                    password,
-                    pake,
-                });
-                self.proven = None;
-                Ok(reply)
-            }
-            Err(e) => {
-                limiter.failed(source, now);
-                Err(FlowError::Malformed(e))
-            }
-        }
+        limiter.failed(source, now);
+        self.pending = None;
+        self.proven = None;
+        let password = match &expected {
+            Expected::Live(p) | Expected::Claimed(p) => Some(p),
+            Expected::Unknown => None,
+        };
+        let (pake, reply) = DevicePake::respond(password, &username, ch, client_msg)
+            .map_err(FlowError::Malformed)?;
+        self.pending = Some(Pending {
+            username,
+            expected,
+            pake,
+        });
+        Ok(reply)
     }
 
-    /// Verifies the client's confirmation MAC; on success the flow is proven and the device's MAC
-    /// is returned for the client to check.
+    /// Verifies the client's confirmation MAC; on success the flow is proven, the attempt given
+    /// back, and the device's MAC returned for the client to check.
     ///
     /// # Errors
-    /// [`FlowError::NotStarted`], or [`FlowError::WrongPassword`] (an attempt spent).
+    /// [`FlowError::NotStarted`], [`FlowError::WrongPassword`] (the attempt stays spent) or
+    /// [`FlowError::AlreadyClaimed`] (given back).
     pub fn confirm(
         &mut self,
         limiter: &mut AttemptLimiter,
@@ -141,21 +177,28 @@ impl PasswordFlow {
         client_mac: &[u8],
     ) -> Result<[u8; 32], FlowError> {
         let pending = self.pending.take().ok_or(FlowError::NotStarted)?;
-        match (pending.pake.confirm(client_mac), pending.password) {
-            (Ok(device_mac), Some(password)) => {
-                self.proven = Some(Proven {
-                    username: pending.username,
-                    password,
-                });
+        let Pending {
+            username,
+            expected,
+            pake,
+        } = pending;
+        match (pake.confirm(client_mac), expected) {
+            (Ok(device_mac), Expected::Live(password)) => {
+                limiter.refund(source, now);
+                self.proven = Some(Proven { username, password });
                 Ok(device_mac)
             }
-            _ => {
-                limiter.failed(source, now);
-                Err(FlowError::WrongPassword {
-                    username: pending.username,
-                })
+            (Ok(_), Expected::Claimed(_)) => {
+                limiter.refund(source, now);
+                Err(FlowError::AlreadyClaimed { username })
             }
+            _ => Err(FlowError::WrongPassword { username }),
         }
+    }
+
+    /// Whether a key exchange is started and not yet confirmed.
+    pub fn is_pending(&self) -> bool {
+        self.pending.is_some()
     }
 
     /// What the last successful PAKE proved, if any.
@@ -205,19 +248,11 @@ mod tests {
             limiter: &mut AttemptLimiter,
             now: Instant,
             typed: &str,
-            stored: Option<&str>,
+            stored: Expected,
         ) -> Result<(), FlowError> {
             let ip: IpAddr = "192.0.2.7".parse().unwrap();
             let (client, m1) = ClientPake::start(&Secret::new(typed), "alice", self.ch());
-            let m2 = flow.start(
-                limiter,
-                ip,
-                now,
-                "alice".into(),
-                stored.map(Secret::new),
-                self.ch(),
-                &m1,
-            )?;
+            let m2 = flow.start(limiter, ip, now, "alice".into(), stored, self.ch(), &m1)?;
             let (confirm, mac) = client.finish(&m2).unwrap();
             let device_mac = flow.confirm(limiter, ip, now, &mac)?;
             confirm.verify(&device_mac).unwrap();
@@ -225,14 +260,20 @@ mod tests {
         }
     }
 
+    fn live(pw: &str) -> Expected {
+        Expected::Live(Secret::new(pw))
+    }
+
     #[test]
-    fn the_right_password_proves_the_user() {
+    fn the_right_password_proves_the_user_and_costs_no_attempt() {
         let s = Setup::new();
         let now = Instant::now();
         let mut limiter = AttemptLimiter::new(LimiterConfig::default(), now);
         let mut flow = PasswordFlow::default();
-        s.attempt(&mut flow, &mut limiter, now, "pw", Some("pw"))
-            .unwrap();
+        for _ in 0..20 {
+            s.attempt(&mut flow, &mut limiter, now, "pw", live("pw"))
+                .unwrap();
+        }
         let p = flow.proven().unwrap();
         assert_eq!((p.username.as_str(), p.password.expose()), ("alice", "pw"));
         flow.reset();
@@ -247,19 +288,71 @@ mod tests {
         let mut flow = PasswordFlow::default();
         for _ in 0..5 {
             assert!(matches!(
-                s.attempt(&mut flow, &mut limiter, now, "guess", Some("pw")),
+                s.attempt(&mut flow, &mut limiter, now, "guess", live("pw")),
                 Err(FlowError::WrongPassword { .. })
             ));
         }
         assert!(matches!(
-            s.attempt(&mut flow, &mut limiter, now, "pw", Some("pw")),
+            s.attempt(&mut flow, &mut limiter, now, "pw", live("pw")),
             Err(FlowError::TooManyAttempts { .. })
         ));
         assert!(flow.proven().is_none());
         // One attempt back after 5 s (0.2 per second), and an unknown user is a wrong password.
         let later = now + Duration::from_secs(5);
         assert!(matches!(
-            s.attempt(&mut flow, &mut limiter, later, "pw", None),
+            s.attempt(&mut flow, &mut limiter, later, "pw", Expected::Unknown),
+            Err(FlowError::WrongPassword { .. })
+        ));
+    }
+
+    /// Issue 9: attempts are spent when a key exchange starts, so exchanges started on many
+    /// connections and confirmed later still get the limiter's rate, not one guess each.
+    #[test]
+    fn attempts_are_spent_at_start() {
+        let s = Setup::new();
+        let now = Instant::now();
+        let mut limiter = AttemptLimiter::new(LimiterConfig::default(), now);
+        let ip: IpAddr = "192.0.2.7".parse().unwrap();
+        let mut flows: Vec<PasswordFlow> = (0..16).map(|_| PasswordFlow::default()).collect();
+        let mut started = 0;
+        for flow in &mut flows {
+            let (_, m1) = ClientPake::start(&Secret::new("guess"), "alice", s.ch());
+            if flow
+                .start(
+                    &mut limiter,
+                    ip,
+                    now,
+                    "alice".into(),
+                    live("pw"),
+                    s.ch(),
+                    &m1,
+                )
+                .is_ok()
+            {
+                started += 1;
+            }
+        }
+        assert_eq!(started, 5, "the burst of the default limiter");
+    }
+
+    #[test]
+    fn a_claimed_invitation_is_named_and_costs_no_attempt() {
+        let s = Setup::new();
+        let now = Instant::now();
+        let mut limiter = AttemptLimiter::new(LimiterConfig::default(), now);
+        let mut flow = PasswordFlow::default();
+        for _ in 0..10 {
+            let claimed = Expected::Claimed(Secret::new("pw"));
+            assert!(matches!(
+                s.attempt(&mut flow, &mut limiter, now, "pw", claimed),
+                Err(FlowError::AlreadyClaimed { .. })
+            ));
+        }
+        assert!(flow.proven().is_none());
+        // Someone who does not know that password cannot tell it from a wrong one.
+        let claimed = Expected::Claimed(Secret::new("pw"));
+        assert!(matches!(
+            s.attempt(&mut flow, &mut limiter, now, "guess", claimed),
             Err(FlowError::WrongPassword { .. })
         ));
     }
@@ -281,7 +374,7 @@ mod tests {
                 ip,
                 now,
                 "alice".into(),
-                Some(Secret::new("pw")),
+                live("pw"),
                 s.ch(),
                 &[1, 2, 3]
             ),

@@ -7,27 +7,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-#[derive(Debug, Clone, Copy)]
-struct Bucket {
-    tokens: f64,
-    at: Instant,
-}
-
-impl Bucket {
-    fn refill(&mut self, now: Instant, capacity: f64, per_sec: f64) {
-        let dt = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + dt * per_sec).min(capacity);
-        self.at = now;
-    }
-
-    fn wait(&self, per_sec: f64) -> Duration {
-        if self.tokens >= 1.0 {
-            Duration::ZERO
-        } else {
-            Duration::from_secs_f64((1.0 - self.tokens) / per_sec)
-        }
-    }
-}
+use crate::limits::{TokenBucket, source_key};
 
 /// Limits of [`AttemptLimiter`].
 #[derive(Debug, Clone, Copy)]
@@ -56,7 +36,8 @@ impl Default for LimiterConfig {
     }
 }
 
-/// Failed password attempts, per source and globally (token buckets; only failures spend).
+/// Password attempts, per source and globally (token buckets). Each attempt spends a token when
+/// it starts, a successful one gets it back ([`AttemptLimiter::refund`]).
 ///
 /// A source is an IPv4 address or an IPv6 /64 (so an attacker cannot rotate through its own
 /// prefix). One source that keeps guessing only exhausts its own bucket: the global one drains
@@ -64,8 +45,8 @@ impl Default for LimiterConfig {
 #[derive(Debug)]
 pub struct AttemptLimiter {
     cfg: LimiterConfig,
-    sources: HashMap<IpAddr, Bucket>,
-    global: Bucket,
+    sources: HashMap<IpAddr, TokenBucket>,
+    global: TokenBucket,
 }
 
 /// Whether an attempt may proceed.
@@ -77,38 +58,21 @@ pub enum Verdict {
     RetryAfter(Duration),
 }
 
-fn source_key(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => {
-            let mut s = v6.segments();
-            s[4..].fill(0);
-            IpAddr::V6(s.into())
-        }
-    }
-}
-
 impl AttemptLimiter {
     /// A limiter starting full at `now`.
     pub fn new(cfg: LimiterConfig, now: Instant) -> Self {
         Self {
             sources: HashMap::new(),
-            global: Bucket {
-                tokens: cfg.global_burst,
-                at: now,
-            },
+            global: TokenBucket::new(cfg.global_burst, cfg.global_rate, now),
             cfg,
         }
     }
 
     /// Whether `source` may try a password now.
     pub fn check(&mut self, source: IpAddr, now: Instant) -> Verdict {
-        let c = self.cfg;
-        self.global.refill(now, c.global_burst, c.global_rate);
-        let mut wait = self.global.wait(c.global_rate);
+        let mut wait = self.global.wait(now);
         if let Some(b) = self.sources.get_mut(&source_key(source)) {
-            b.refill(now, c.per_source_burst, c.per_source_rate);
-            wait = wait.max(b.wait(c.per_source_rate));
+            wait = wait.max(b.wait(now));
         }
         if wait.is_zero() {
             Verdict::Allowed
@@ -117,33 +81,38 @@ impl AttemptLimiter {
         }
     }
 
-    /// Spends a token of `source` and of the global bucket.
+    /// Spends a token of `source` and of the global bucket (an attempt started, or failed).
     pub fn failed(&mut self, source: IpAddr, now: Instant) {
-        let c = self.cfg;
-        self.global.refill(now, c.global_burst, c.global_rate);
-        self.global.tokens = (self.global.tokens - 1.0).max(0.0);
-        if self.sources.len() >= c.max_sources && !self.sources.contains_key(&source_key(source)) {
+        self.global.spend(now);
+        let key = source_key(source);
+        if self.sources.len() >= self.cfg.max_sources && !self.sources.contains_key(&key) {
             // Forget buckets that refilled (they equal a fresh source), else the fullest one.
-            self.sources.retain(|_, b| {
-                b.refill(now, c.per_source_burst, c.per_source_rate);
-                b.tokens < c.per_source_burst
-            });
-            if self.sources.len() >= c.max_sources
+            self.sources.retain(|_, b| !b.is_full(now));
+            if self.sources.len() >= self.cfg.max_sources
                 && let Some(k) = self
                     .sources
-                    .iter()
-                    .max_by(|a, b| a.1.tokens.total_cmp(&b.1.tokens))
-                    .map(|(k, _)| *k)
+                    .iter_mut()
+                    .map(|(k, b)| (*k, b.tokens(now)))
+                    .max_by(|a, b| a.1.total_cmp(&b.1))
+                    .map(|(k, _)| k)
             {
                 self.sources.remove(&k);
             }
         }
-        let b = self.sources.entry(source_key(source)).or_insert(Bucket {
-            tokens: c.per_source_burst,
-            at: now,
-        });
-        b.refill(now, c.per_source_burst, c.per_source_rate);
-        b.tokens = (b.tokens - 1.0).max(0.0);
+        let (burst, rate) = (self.cfg.per_source_burst, self.cfg.per_source_rate);
+        self.sources
+            .entry(key)
+            .or_insert_with(|| TokenBucket::new(burst, rate, now))
+            .spend(now);
+    }
+
+    /// Gives back the token an attempt of `source` spent (it succeeded, or it did not test a
+    /// password after all).
+    pub fn refund(&mut self, source: IpAddr, now: Instant) {
+        self.global.refund(now);
+        if let Some(b) = self.sources.get_mut(&source_key(source)) {
+            b.refund(now);
+        }
     }
 }
 
@@ -199,6 +168,9 @@ mod tests {
             ..LimiterConfig::default()
         };
         let mut l = AttemptLimiter::new(cfg, t0);
+        l.failed(IpAddr::from([1, 1, 1, 1]), t0);
+        l.refund(IpAddr::from([1, 1, 1, 1]), t0);
+        assert_eq!(l.check(IpAddr::from([1, 1, 1, 1]), t0), Verdict::Allowed);
         for i in 0..10_000u32 {
             l.failed(IpAddr::from(i.to_be_bytes()), t0);
             assert!(l.sources.len() <= 100);

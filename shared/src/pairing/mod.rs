@@ -28,7 +28,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
 
-pub use flow::{FlowError, PasswordFlow};
+pub use flow::{Expected, FlowError, PasswordFlow};
 pub use limiter::{AttemptLimiter, LimiterConfig, Verdict};
 pub use pake::{Channel, ClientConfirm, ClientPake, DevicePake, EXPORTER_LABEL, PakeError};
 pub use string::{PairingString, PairingStringError, render_qr};

@@ -33,6 +33,11 @@ impl ErrorCode {
     pub const CONFLICT: Self = Self(10);
     /// A password pairing request came before a successful PAKE.
     pub const NOT_AUTHENTICATED: Self = Self(11);
+    /// Too many requests of this kind from this connection or address; the message says when to
+    /// retry.
+    pub const RATE_LIMITED: Self = Self(12);
+    /// The invitation whose password was proven was already used to pair a key.
+    pub const INVITATION_USED: Self = Self(13);
 }
 
 impl fmt::Display for ErrorCode {
@@ -49,6 +54,8 @@ impl fmt::Display for ErrorCode {
             Self::TOO_MANY_ATTEMPTS => "too many attempts",
             Self::CONFLICT => "conflict",
             Self::NOT_AUTHENTICATED => "not authenticated",
+            Self::RATE_LIMITED => "rate limited",
+            Self::INVITATION_USED => "invitation already used",
             Self(n) => return write!(f, "error {n}"),
         };
         f.write_str(s)

@@ -198,6 +198,31 @@ pub enum Request {
         /// New name.
         name: String,
     },
+    /// Replace a user's server-connect token (`IAM:RotateToken`); the old one stops working.
+    RotateToken {
+        /// User name.
+        username: String,
+    },
+}
+
+impl Request {
+    /// Whether the request may change `state.json` (such requests are rate-limited per
+    /// connection).
+    pub fn changes_state(&self) -> bool {
+        !matches!(
+            self,
+            Self::ListServices
+                | Self::GetService { .. }
+                | Self::GetMe
+                | Self::PairingGet
+                | Self::PakeStart { .. }
+                | Self::PakeConfirm { .. }
+                | Self::ListUsers
+                | Self::GetUser { .. }
+                | Self::ListRoles
+                | Self::GetSettings
+        )
+    }
 }
 
 /// A control response, device → client.
@@ -237,6 +262,8 @@ pub enum Response {
     Roles(Vec<String>),
     /// Pairing switches and open-pairing secrets.
     Settings(Settings),
+    /// A user's new server-connect token.
+    Token(Secret),
 }
 
 /// What a client may learn about a user.

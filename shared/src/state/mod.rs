@@ -58,6 +58,11 @@ pub struct User {
     /// One-time invitation password; deleted when the invitation is claimed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub password: Option<Secret>,
+    /// The password of the invitation this user's key claimed. It can pair nothing; it lets the
+    /// device tell a client that proves it ("this invitation was already used") from one with a
+    /// wrong password, without revealing anything to someone who does not know it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claimed: Option<Secret>,
 }
 
 /// One client key of a user.
@@ -195,6 +200,18 @@ pub enum InvalidState {
     NoOpenSecrets,
 }
 
+/// Which kind of token a presented server-connect token is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenKind {
+    /// A user's token.
+    User,
+    /// The open-pairing token, while password open pairing is on: good only for a key on no
+    /// user, which can do nothing but pair.
+    OpenPairing,
+    /// No valid token.
+    Invalid,
+}
+
 /// A change the state refuses; the state is unchanged.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Rejection {
@@ -228,6 +245,18 @@ pub enum Rejection {
     /// The open-pairing password proven by the PAKE changed meanwhile.
     #[error("the open pairing password changed meanwhile")]
     OpenPasswordChanged,
+    /// The change would leave the device without a user of the initial (owner) role that has a
+    /// key: nobody could manage it, and local initial pairing might open it to anyone.
+    #[error(
+        "'{user}' is the last {role} with a key; make another user {role} first (or use \
+         `tunnel-device user` on the device itself)"
+    )]
+    LastOwner {
+        /// The user.
+        user: String,
+        /// The initial role.
+        role: String,
+    },
     /// The change would leave a user with a role `iam.toml` does not define.
     #[error(transparent)]
     Role(#[from] RoleError),
@@ -377,6 +406,7 @@ impl DeviceState {
             }],
             sct: new_secret(),
             password: None,
+            claimed: None,
         });
         Ok(&self.users[self.users.len() - 1])
     }
@@ -395,6 +425,7 @@ impl DeviceState {
             fingerprints: Vec::new(),
             sct: new_secret(),
             password: Some(password.clone()),
+            claimed: None,
         });
         Ok(password)
     }
@@ -405,11 +436,15 @@ impl DeviceState {
     /// [`StateError::Rejected`] when there is no such user.
     pub fn reinvite(&mut self, username: &str) -> Result<Secret, StateError> {
         let password = new_secret();
-        self.user_mut(username)?.password = Some(password.clone());
+        let user = self.user_mut(username)?;
+        user.password = Some(password.clone());
+        user.claimed = None;
         Ok(password)
     }
 
-    /// Claims `username`'s invitation for `fingerprint`: adds the key and deletes the password.
+    /// Claims `username`'s invitation for `fingerprint`: adds the key, retires the password
+    /// (kept as [`User::claimed`]) and issues the user a fresh token (the invitation's token
+    /// travelled in the pairing string).
     ///
     /// # Errors
     /// [`StateError::Rejected`] when there is no pending invitation or the key is someone else's.
@@ -425,9 +460,11 @@ impl DeviceState {
             return Err(Rejection::KeyTaken(owner.username.clone()).into());
         }
         let user = self.user_mut(username)?;
-        if user.password.take().is_none() {
+        let Some(password) = user.password.take() else {
             return Err(Rejection::NoInvitation(username.to_string()).into());
-        }
+        };
+        user.claimed = Some(password);
+        user.sct = new_secret();
         if !user
             .fingerprints
             .iter()
@@ -542,15 +579,56 @@ impl DeviceState {
                 .any(|u| u.role == initial_role && !u.fingerprints.is_empty())
     }
 
-    /// Whether `presented` is a valid server-connect token: any user's, or the open-pairing
-    /// token while password open pairing is enabled. Constant-time over all tokens.
-    pub fn sct_valid(&self, presented: &Secret) -> bool {
-        let open = self.pairing.password_open.then_some(&self.pairing.open_sct);
-        crate::secret::matches_any(presented, self.users.iter().map(|u| &u.sct).chain(open))
+    /// Which token `presented` is: a user's, the open-pairing token (only while password open
+    /// pairing is on), or none. Constant-time over all tokens: timing reveals neither which
+    /// matched nor how much of one.
+    pub fn token_kind(&self, presented: &Secret) -> TokenKind {
+        let user = crate::secret::matches_any(presented, self.users.iter().map(|u| &u.sct));
+        let open = crate::secret::matches_any(presented, std::iter::once(&self.pairing.open_sct))
+            && self.pairing.password_open;
+        match (user, open) {
+            (true, _) => TokenKind::User,
+            (false, true) => TokenKind::OpenPairing,
+            (false, false) => TokenKind::Invalid,
+        }
+    }
+
+    /// Users of `role` that have at least one key (the ones that can act).
+    pub fn users_with_keys(&self, role: &str) -> usize {
+        self.users
+            .iter()
+            .filter(|u| u.role == role && !u.fingerprints.is_empty())
+            .count()
+    }
+
+    /// Applies `change` unless it would leave no user of `owner_role` with a key where there was
+    /// one ([`Rejection::LastOwner`], naming `user`). The check runs on the state `change` sees, so
+    /// under [`StateStore::update`]'s lock two racing changes cannot both pass it.
+    ///
+    /// # Errors
+    /// `change`'s error or [`Rejection::LastOwner`]; the state is then unchanged.
+    pub fn keeping_an_owner<R>(
+        &mut self,
+        owner_role: &str,
+        user: &str,
+        change: impl FnOnce(&mut Self) -> Result<R, StateError>,
+    ) -> Result<R, StateError> {
+        let had = self.users_with_keys(owner_role) > 0;
+        let before = self.clone();
+        let out = change(self)?;
+        if had && self.users_with_keys(owner_role) == 0 {
+            *self = before;
+            return Err(Rejection::LastOwner {
+                user: user.to_string(),
+                role: owner_role.to_string(),
+            }
+            .into());
+        }
+        Ok(out)
     }
 }
 
-pub use store::StateStore;
+pub use store::{StateStore, Updated};
 
 #[cfg(test)]
 mod tests {
@@ -582,9 +660,16 @@ mod tests {
     fn invitations_are_claimed_once() {
         let mut s = sample();
         let fp = SecretKey::generate().fingerprint();
-        assert!(s.user("carol").unwrap().password.is_some());
+        let invited = s.user("carol").unwrap().clone();
+        assert!(invited.password.is_some());
         s.claim_invite("carol", fp, Some("phone".into())).unwrap();
-        assert!(s.user("carol").unwrap().password.is_none());
+        let claimed = s.user("carol").unwrap();
+        assert!(claimed.password.is_none());
+        assert_eq!(
+            claimed.claimed, invited.password,
+            "the used password is retired, not lost"
+        );
+        assert_ne!(claimed.sct, invited.sct, "claiming issues a fresh token");
         assert_eq!(s.user_by_fingerprint(&fp).unwrap().username, "carol");
         assert!(
             s.claim_invite("carol", SecretKey::generate().fingerprint(), None)
@@ -601,17 +686,20 @@ mod tests {
     fn sct_checks_cover_users_and_the_open_token_only_while_enabled() {
         let mut s = sample();
         let alice = s.user("alice").unwrap().sct.clone();
-        assert!(s.sct_valid(&alice));
-        assert!(!s.sct_valid(&Secret::new("nope-nope-nope")));
+        assert_eq!(s.token_kind(&alice), TokenKind::User);
+        assert_eq!(
+            s.token_kind(&Secret::new("nope-nope-nope")),
+            TokenKind::Invalid
+        );
         let open = s.pairing.open_sct.clone();
-        assert!(!s.sct_valid(&open));
+        assert_eq!(s.token_kind(&open), TokenKind::Invalid);
         s.pairing.password_open = true;
-        assert!(s.sct_valid(&open));
+        assert_eq!(s.token_kind(&open), TokenKind::OpenPairing);
         let new = s.rotate_sct("alice").unwrap();
-        assert!(!s.sct_valid(&alice));
-        assert!(s.sct_valid(&new));
+        assert_eq!(s.token_kind(&alice), TokenKind::Invalid);
+        assert_eq!(s.token_kind(&new), TokenKind::User);
         s.remove_user("alice").unwrap();
-        assert!(!s.sct_valid(&new));
+        assert_eq!(s.token_kind(&new), TokenKind::Invalid);
     }
 
     #[test]
@@ -632,6 +720,45 @@ mod tests {
         s.pairing.local_initial = true;
         s.pairing.initial_done = true;
         assert!(!s.local_initial_available("Owner"));
+    }
+
+    #[test]
+    fn the_last_owner_with_a_key_stays() {
+        let mut s = sample();
+        let alice_fp = s.user("alice").unwrap().fingerprints[0].fingerprint;
+        let before = s.clone();
+        let err = s
+            .keeping_an_owner("Owner", "alice", |s| s.remove_user("alice").map(|_| ()))
+            .unwrap_err();
+        assert!(matches!(
+            err,
+            StateError::Rejected(Rejection::LastOwner { .. })
+        ));
+        assert_eq!(s, before, "a refused change leaves the state as it was");
+        assert!(
+            s.keeping_an_owner("Owner", "alice", |s| s.set_role("alice", "Guest"))
+                .is_err()
+        );
+        assert!(
+            s.keeping_an_owner("Owner", "alice", |s| s
+                .remove_fingerprint("alice", &alice_fp))
+                .is_err()
+        );
+        // With a second owner, either may go.
+        s.add_user("dora", "Owner", SecretKey::generate().fingerprint(), None)
+            .unwrap();
+        s.keeping_an_owner("Owner", "alice", |s| s.set_role("alice", "Guest"))
+            .unwrap();
+        assert!(
+            s.keeping_an_owner("Owner", "dora", |s| s.remove_user("dora").map(|_| ()))
+                .is_err()
+        );
+        // A device that has no owner with a key (yet) is not blocked.
+        let mut fresh = DeviceState::new_device();
+        fresh.invite_user("owner", "Owner").unwrap();
+        fresh
+            .keeping_an_owner("Owner", "owner", |s| s.remove_user("owner").map(|_| ()))
+            .unwrap();
     }
 
     #[test]

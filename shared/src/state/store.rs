@@ -7,6 +7,17 @@ use std::path::{Path, PathBuf};
 use super::{CorruptState, DeviceState, Rejection, StateError};
 use crate::fsutil::{self, LockFile};
 
+/// The outcome of [`StateStore::update`].
+#[derive(Debug)]
+pub struct Updated<R> {
+    /// The state now.
+    pub state: DeviceState,
+    /// What the change returned.
+    pub value: R,
+    /// Whether anything changed (and so was written).
+    pub changed: bool,
+}
+
 /// `state.json` on disk, with its lock file.
 #[derive(Debug, Clone)]
 pub struct StateStore {
@@ -80,20 +91,29 @@ impl StateStore {
     }
 
     /// Locked read-modify-write. `change` sees the current file content; when it returns `Ok`, the
-    /// validated result is written atomically and returned with `change`'s value.
+    /// validated result is written atomically (unless it equals what was there: then nothing is
+    /// written) and returned with `change`'s value.
     ///
     /// # Errors
     /// `change`'s error, or load/validation/IO errors; the file is then unchanged.
     pub fn update<R>(
         &self,
         change: impl FnOnce(&mut DeviceState) -> Result<R, StateError>,
-    ) -> Result<(DeviceState, R), StateError> {
+    ) -> Result<Updated<R>, StateError> {
         let _lock = self.lock()?;
-        let mut state = self.load()?;
-        let out = change(&mut state)?;
+        let before = self.load()?;
+        let mut state = before.clone();
+        let value = change(&mut state)?;
         state.validate().map_err(Rejection::Invalid)?;
-        fsutil::write_atomic(&self.path, &state.to_json(), 0o600).map_err(|e| self.io(e))?;
-        Ok((state, out))
+        let changed = state != before;
+        if changed {
+            fsutil::write_atomic(&self.path, &state.to_json(), 0o600).map_err(|e| self.io(e))?;
+        }
+        Ok(Updated {
+            state,
+            value,
+            changed,
+        })
     }
 
     fn lock(&self) -> Result<LockFile, StateError> {
@@ -156,8 +176,17 @@ mod tests {
                 .is_err()
         );
         assert_eq!(std::fs::read(store.path()).unwrap(), before);
-        let (state, removed) = store.update(|s| s.remove_user("alice")).unwrap();
-        assert_eq!(removed.username, "alice");
-        assert!(state.users.is_empty());
+        let out = store.update(|s| s.remove_user("alice")).unwrap();
+        assert_eq!(out.value.username, "alice");
+        assert!(out.state.users.is_empty() && out.changed);
+        // A change that changes nothing writes nothing (issue 9: no fsync per no-op request).
+        let stamp = fsutil::FileStamp::of(store.path());
+        let out = store
+            .update(|s| s.set_display_name("nobody", None))
+            .map(|_| ());
+        assert!(out.is_err());
+        let out = store.update(|_| Ok(())).unwrap();
+        assert!(!out.changed);
+        assert_eq!(fsutil::FileStamp::of(store.path()), stamp);
     }
 }

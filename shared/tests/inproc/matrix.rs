@@ -49,6 +49,7 @@ fn expected(who: Who, local: bool, action: Action) -> bool {
         | IamRemoveFingerprint
         | IamGetSettings
         | IamSetSettings
+        | IamRotateToken
         | DeviceSetName => who == Who::Owner,
     }
 }
@@ -128,6 +129,9 @@ fn request(action: Action, service: &str) -> Request {
         },
         DeviceSetName => Request::SetDeviceName {
             name: "Test".into(),
+        },
+        IamRotateToken => Request::RotateToken {
+            username: "nosuch".into(),
         },
     }
 }

@@ -223,10 +223,15 @@ async fn an_invitation_works_once() {
         .await
         .unwrap();
     assert!(matches!(r, Response::Paired(_)), "{r:?}");
-    // Same password, another key: the password is gone, so it is simply wrong now.
+    // Same password, another key: it pairs nothing, and whoever knows it is told that the
+    // invitation was used (issue 9), not "wrong password"; a wrong guess stays a wrong password.
     let second = TestClient::new(LOCAL);
     let s2 = second.connect(&dev, None).await.unwrap();
     let e = prove_password(&s2, &pw, "guest").await.unwrap_err();
+    assert_eq!(device_code(&e), Some(ErrorCode::INVITATION_USED), "{e}");
+    let e = prove_password(&s2, &Secret::new("guessguessgues"), "guest")
+        .await
+        .unwrap_err();
     assert_eq!(device_code(&e), Some(ErrorCode::WRONG_PASSWORD), "{e}");
     let r = s2
         .request(&Request::PairPasswordInvite { key_name: None })

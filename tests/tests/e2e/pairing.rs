@@ -85,7 +85,8 @@ fn init_prints_a_pairing_string_that_pairs_and_then_ssh_works() {
     let other = world.client("intruder");
     let out = other.cmd(&["pair", &string]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("wrong password"), "{}", stderr(&out));
+    assert!(stderr(&out).contains("already used"), "{}", stderr(&out));
+    assert!(!stderr(&out).contains("wrong password"), "{}", stderr(&out));
 
     let open = client.open("cam", &["0:ssh"], &[]);
     let out = sshd.exec(open.local("ssh").port(), "echo paired-ssh-ok");

@@ -1,6 +1,7 @@
 //! Control requests on a device connection: one dispatcher over four areas, [`services`],
 //! [`pairing`], [`users`] and [`settings`]. Every request is authorized by IAM against the
-//! *current* state ([`crate::authz`]); changes go through `Live::update_state` (locked, atomic)
+//! *current* state ([`crate::authz`]); changes go through `Cx::write` (rate-limited per
+//! connection, then `Live::update_state`: locked, atomic)
 //! and are re-enforced on every live connection.
 //!
 //! Kind: IO (state reads and writes through `Live`).
@@ -17,7 +18,8 @@ use std::sync::Arc;
 
 use tracing::{debug, info, warn};
 
-use super::live::{Conn, Live, Snapshot, log_verdict};
+use super::conn::Conn;
+use super::live::{Live, Snapshot, log_verdict, now};
 use crate::authz::{ConnFacts, Policy, Subject};
 use crate::iam::Action;
 use crate::proto::{ErrorCode, ErrorReply, Request, Response, UserInfo};
@@ -47,6 +49,10 @@ pub(crate) async fn serve(
 }
 
 async fn handle(live: &Arc<Live>, conn: &Arc<Conn>, req: Request) -> Response {
+    // Its address may have moved since the last request: re-check it as it is now.
+    if !live.recheck(conn) {
+        return error(ErrorCode::FORBIDDEN, "this connection is no longer allowed");
+    }
     let cx = Cx {
         live,
         conn,
@@ -91,6 +97,7 @@ async fn handle(live: &Arc<Live>, conn: &Arc<Conn>, req: Request) -> Response {
         Request::GetSettings => settings::get(&cx),
         Request::SetPairingMode { mode, enabled } => settings::set_mode(&cx, mode, enabled).await,
         Request::SetDeviceName { name } => settings::set_name(&cx, name).await,
+        Request::RotateToken { username } => users::rotate_token(&cx, username).await,
     }
 }
 
@@ -132,9 +139,39 @@ impl Cx<'_> {
         let verdict = policy.decide(&self.facts(), action, subject);
         log_verdict(
             &policy.who(&self.conn.fingerprint),
-            self.conn.local,
+            self.conn.is_local(),
             &verdict,
         )
+    }
+
+    /// Spends one of the connection's state changes (they are rate-limited: each is a locked
+    /// read-modify-write with two fsyncs and a re-check of every connection); `Some(answer)`
+    /// when none is left.
+    fn budget(&self) -> Option<Response> {
+        let wait = self.conn.take_write(now()).err()?;
+        Some(error(
+            ErrorCode::RATE_LIMITED,
+            format!(
+                "too many changes from this connection; retry in {} s",
+                wait.as_secs() + 1
+            ),
+        ))
+    }
+
+    /// Applies an authorized `change` to the state (after [`Self::budget`]); `adopt` runs on its
+    /// result before connections are re-checked. Errors come back as the answer to send.
+    async fn write<R: Send + 'static>(
+        &self,
+        change: impl FnOnce(&mut DeviceState) -> Result<R, StateError> + Send + 'static,
+        adopt: impl FnOnce(&R) + Send,
+    ) -> Result<R, Response> {
+        if let Some(refusal) = self.budget() {
+            return Err(refusal);
+        }
+        self.live
+            .update_state(change, adopt)
+            .await
+            .map_err(|e| state_error(&e))
     }
 
     /// Applies `change` when `allowed`, else answers "forbidden" and changes nothing.
@@ -146,7 +183,7 @@ impl Cx<'_> {
         if !allowed {
             return forbidden();
         }
-        ok_or(self.live.update_state(change).await)
+        answer(self.write(change, |()| {}).await, |()| Response::Ok)
     }
 }
 
@@ -180,11 +217,9 @@ fn state_error(e: &StateError) -> Response {
     }
 }
 
-fn ok_or<T>(result: Result<T, StateError>) -> Response {
-    match result {
-        Ok(_) => Response::Ok,
-        Err(e) => state_error(&e),
-    }
+/// The response for a [`Cx::write`] outcome: `ok` of its value, or the error answer.
+fn answer<R>(result: Result<R, Response>, ok: impl FnOnce(R) -> Response) -> Response {
+    result.map_or_else(|r| r, ok)
 }
 
 /// Converts a user for an answer; the token only for the caller's own user.
@@ -203,17 +238,30 @@ fn user_info(u: &User, own: bool) -> UserInfo {
     }
 }
 
-/// The answer to a pairing request: on success the connection is now that user.
-fn paired(conn: &Conn, result: Result<UserInfo, StateError>) -> Response {
-    match result {
-        Ok(user) => {
+impl Cx<'_> {
+    /// Applies a pairing `change` (which returns the user this key becomes). Before connections
+    /// are re-checked, this connection takes on that user and its token (a remote connection
+    /// that paired with an invitation's or the open-pairing token keeps going on its own) and
+    /// may open tunnels.
+    async fn pair(
+        &self,
+        change: impl FnOnce(&mut DeviceState) -> Result<UserInfo, StateError> + Send + 'static,
+    ) -> Response {
+        let conn = self.conn.clone();
+        let max = self.snap.config.limits.max_streams_per_connection;
+        let adopt = move |user: &UserInfo| {
             if let Ok(mut f) = conn.flow.lock() {
                 f.reset();
             }
             conn.set_user(Some(user.username.clone()));
-            info!(user = %user.username, role = %user.role, key = %conn.fingerprint.fmt_short(), "paired");
+            if let Some(token) = &user.sct {
+                conn.set_token(token.clone());
+            }
+            conn.allow_tunnels(max);
+        };
+        answer(self.write(change, adopt).await, |user| {
+            info!(user = %user.username, role = %user.role, key = %self.conn.fingerprint.fmt_short(), "paired");
             Response::Paired(user)
-        }
-        Err(e) => state_error(&e),
+        })
     }
 }

@@ -3,16 +3,16 @@
 //! password). The PAKE itself is the pure [`crate::pairing::PasswordFlow`]; this module feeds it
 //! the clock, the limiter and the channel binding, and turns its outcome into answers.
 //!
-//! Kind: IO (state writes through `Live::update_state`).
+//! Kind: IO (state writes through `Cx::write`).
 
 use tracing::{info, warn};
 
-use super::{Cx, error, forbidden, paired};
+use super::{Cx, error, forbidden, user_info};
 use crate::authz::{PairingRefusal, Subject};
 use crate::config::check_id;
 use crate::device::live::now;
 use crate::iam::Action;
-use crate::pairing::{Channel, EXPORTER_LABEL, FlowError, PairingMode};
+use crate::pairing::{Channel, EXPORTER_LABEL, Expected, FlowError, PairingMode};
 use crate::proto::{ErrorCode, PairingInfo, Response};
 use crate::state::Rejection;
 
@@ -67,19 +67,16 @@ pub(super) async fn local_initial(
     }
     let role = cx.snap.iam.initial_role.clone();
     let fp = cx.conn.fingerprint;
-    let result = cx
-        .live
-        .update_state(move |s| {
-            // Checked again under the lock: two racing clients get one owner.
-            if !s.local_initial_available(&role) {
-                return Err(Rejection::FirstUserExists.into());
-            }
-            s.pairing.initial_done = true;
-            s.add_user(&username, &role, fp, key_name)
-                .map(|u| super::user_info(u, true))
-        })
-        .await;
-    paired(cx.conn, result)
+    cx.pair(move |s| {
+        // Checked again under the lock: two racing clients get one owner.
+        if !s.local_initial_available(&role) {
+            return Err(Rejection::FirstUserExists.into());
+        }
+        s.pairing.initial_done = true;
+        s.add_user(&username, &role, fp, key_name)
+            .map(|u| user_info(u, true))
+    })
+    .await
 }
 
 /// Becomes a new user with the open-pairing role.
@@ -96,17 +93,34 @@ pub(super) async fn local_open(
     }
     let role = cx.snap.iam.open_pairing_role.clone();
     let fp = cx.conn.fingerprint;
-    let result = cx
-        .live
-        .update_state(move |s| {
-            s.add_user(&username, &role, fp, key_name)
-                .map(|u| super::user_info(u, true))
-        })
-        .await;
-    paired(cx.conn, result)
+    cx.pair(move |s| {
+        s.add_user(&username, &role, fp, key_name)
+            .map(|u| user_info(u, true))
+    })
+    .await
 }
 
-/// The first PAKE message, for an invited user or ("") the open-pairing password.
+/// Key exchanges one source may have started and not yet confirmed, over all its connections.
+const MAX_PAKES_PER_SOURCE: usize = 2;
+
+/// The password a key exchange for `username` is tested against.
+fn expected(cx: &Cx<'_>, mode: PairingMode, username: &str) -> Expected {
+    let state = cx.state();
+    if mode == PairingMode::PasswordOpen {
+        return Expected::Live(state.pairing.open_password.clone());
+    }
+    match state.user(username) {
+        Some(u) => match (&u.password, &u.claimed) {
+            (Some(p), _) => Expected::Live(p.clone()),
+            (None, Some(c)) => Expected::Claimed(c.clone()),
+            (None, None) => Expected::Unknown,
+        },
+        None => Expected::Unknown,
+    }
+}
+
+/// The first PAKE message, for an invited user or ("") the open-pairing password. It spends one
+/// of the source's attempts; a confirmed exchange gives it back.
 pub(super) fn pake_start(cx: &Cx<'_>, username: String, msg: &[u8]) -> Response {
     let mode = if username.is_empty() {
         PairingMode::PasswordOpen
@@ -115,6 +129,15 @@ pub(super) fn pake_start(cx: &Cx<'_>, username: String, msg: &[u8]) -> Response 
     };
     if let Some(r) = gate(cx, mode) {
         return r;
+    }
+    let ip = cx.conn.remote().ip();
+    let restarting = cx.conn.flow.lock().is_ok_and(|f| f.is_pending());
+    if !restarting && cx.live.pakes_in_flight(ip) >= MAX_PAKES_PER_SOURCE {
+        info!(%ip, "pairing refused: too many key exchanges in flight from this address");
+        return error(
+            ErrorCode::TOO_MANY_ATTEMPTS,
+            "too many key exchanges in flight from your address; finish one first",
+        );
     }
     let mut exporter = [0u8; 32];
     if cx
@@ -128,27 +151,22 @@ pub(super) fn pake_start(cx: &Cx<'_>, username: String, msg: &[u8]) -> Response 
             "cannot bind the key exchange to the connection",
         );
     }
-    let state = cx.state();
-    let password = match mode {
-        PairingMode::PasswordOpen => Some(state.pairing.open_password.clone()),
-        _ => state.user(&username).and_then(|u| u.password.clone()),
-    };
+    let expected = expected(cx, mode, &username);
     let ch = Channel {
         client: &cx.conn.fingerprint,
         device: &cx.live.fingerprint,
         exporter: &exporter,
     };
-    let ip = cx.conn.remote.ip();
     let outcome = match (cx.live.limiter.lock(), cx.conn.flow.lock()) {
         (Ok(mut limiter), Ok(mut flow)) => {
-            flow.start(&mut limiter, ip, now(), username, password, ch, msg)
+            flow.start(&mut limiter, ip, now(), username, expected, ch, msg)
         }
         _ => return error(ErrorCode::INTERNAL, "the device failed internally"),
     };
     match outcome {
         Ok(reply) => Response::PakeReply { msg: reply },
         Err(e @ FlowError::TooManyAttempts { .. }) => {
-            info!(%ip, "pairing password attempt refused: too many failures");
+            info!(%ip, "pairing password attempt refused: too many attempts");
             error(ErrorCode::TOO_MANY_ATTEMPTS, e.to_string())
         }
         Err(e) => error(ErrorCode::BAD_REQUEST, e.to_string()),
@@ -157,7 +175,7 @@ pub(super) fn pake_start(cx: &Cx<'_>, username: String, msg: &[u8]) -> Response 
 
 /// The client's key confirmation: on success the device proves it knows the password too.
 pub(super) fn pake_confirm(cx: &Cx<'_>, mac: &[u8]) -> Response {
-    let ip = cx.conn.remote.ip();
+    let ip = cx.conn.remote().ip();
     let outcome = match (cx.live.limiter.lock(), cx.conn.flow.lock()) {
         (Ok(mut limiter), Ok(mut flow)) => flow
             .confirm(&mut limiter, ip, now(), mac)
@@ -173,6 +191,10 @@ pub(super) fn pake_confirm(cx: &Cx<'_>, mac: &[u8]) -> Response {
         }
         Err(FlowError::NotStarted) => {
             error(ErrorCode::NOT_AUTHENTICATED, "start the key exchange first")
+        }
+        Err(e @ FlowError::AlreadyClaimed { .. }) => {
+            info!(%ip, "a client proved the password of an invitation that was already used");
+            error(ErrorCode::INVITATION_USED, e.to_string())
         }
         Err(e) => {
             if let FlowError::WrongPassword { username } = &e {
@@ -202,17 +224,14 @@ pub(super) async fn password_invite(cx: &Cx<'_>, key_name: Option<String>) -> Re
         return r;
     }
     let fp = cx.conn.fingerprint;
-    let result = cx
-        .live
-        .update_state(move |s| {
-            if s.user(&username).and_then(|u| u.password.as_ref()) != Some(&password) {
-                return Err(Rejection::InvitationChanged.into());
-            }
-            s.claim_invite(&username, fp, key_name)
-                .map(|u| super::user_info(u, true))
-        })
-        .await;
-    paired(cx.conn, result)
+    cx.pair(move |s| {
+        if s.user(&username).and_then(|u| u.password.as_ref()) != Some(&password) {
+            return Err(Rejection::InvitationChanged.into());
+        }
+        s.claim_invite(&username, fp, key_name)
+            .map(|u| user_info(u, true))
+    })
+    .await
 }
 
 /// Becomes a new user with the open-pairing role after an open-password PAKE.
@@ -235,15 +254,12 @@ pub(super) async fn password_open(
     }
     let role = cx.snap.iam.open_pairing_role.clone();
     let fp = cx.conn.fingerprint;
-    let result = cx
-        .live
-        .update_state(move |s| {
-            if s.pairing.open_password != password {
-                return Err(Rejection::OpenPasswordChanged.into());
-            }
-            s.add_user(&username, &role, fp, key_name)
-                .map(|u| super::user_info(u, true))
-        })
-        .await;
-    paired(cx.conn, result)
+    cx.pair(move |s| {
+        if s.pairing.open_password != password {
+            return Err(Rejection::OpenPasswordChanged.into());
+        }
+        s.add_user(&username, &role, fp, key_name)
+            .map(|u| user_info(u, true))
+    })
+    .await
 }

@@ -4,7 +4,7 @@
 
 use tracing::{info, warn};
 
-use super::{Cx, error, forbidden, ok_or};
+use super::{Cx, answer, error, forbidden};
 use crate::authz::Subject;
 use crate::config;
 use crate::iam::Action;
@@ -35,16 +35,18 @@ pub(super) async fn set_mode(cx: &Cx<'_>, mode: PairingMode, enabled: bool) -> R
         return forbidden();
     }
     let result = cx
-        .live
-        .update_state(move |s| {
-            s.pairing.set(mode, enabled);
-            Ok(())
-        })
+        .write(
+            move |s| {
+                s.pairing.set(mode, enabled);
+                Ok(())
+            },
+            |()| {},
+        )
         .await;
-    if result.is_ok() {
+    answer(result, |()| {
         info!(by = %cx.me(), %mode, enabled, "pairing mode switched");
-    }
-    ok_or(result)
+        Response::Ok
+    })
 }
 
 /// Renames the device in `device.toml` (`Device:SetName`), through the same locked edit the
@@ -52,6 +54,9 @@ pub(super) async fn set_mode(cx: &Cx<'_>, mode: PairingMode, enabled: bool) -> R
 pub(super) async fn set_name(cx: &Cx<'_>, name: String) -> Response {
     if !cx.allow(Action::DeviceSetName, Subject::None) {
         return forbidden();
+    }
+    if let Some(r) = cx.budget() {
+        return r;
     }
     let home = cx.live.home().clone();
     let new_name = name.clone();

@@ -1,15 +1,17 @@
 //! User management over the control channel: the caller's own user, listing, invitations,
 //! removal, roles, display names, keys, and the role list.
 //!
-//! Kind: IO (state writes through `Live::update_state`).
+//! Kind: IO (state writes through `Cx::write`).
 
 use tracing::info;
 
-use super::{Cx, error, forbidden, ok_or, state_error, user_info};
+use super::{Cx, answer, error, forbidden, user_info};
 use crate::authz::Subject;
 use crate::iam::Action;
 use crate::identity::Fingerprint;
 use crate::proto::{ErrorCode, Invite, Response};
+use crate::secret::Secret;
+use crate::state::DeviceState;
 
 fn about(name: &str) -> Subject<'_> {
     Subject::User { name, role: None }
@@ -67,62 +69,38 @@ pub(super) async fn create(cx: &Cx<'_>, username: String, role: Option<String>) 
         return forbidden();
     }
     let mode_enabled = cx.state().pairing.password_invite;
-    let result = cx
-        .live
-        .update_state(move |s| {
-            let password = s.invite_user(&username, &role)?;
-            let sct = s.user(&username).map(|u| u.sct.clone()).unwrap_or_default();
-            Ok(Invite {
-                username,
-                role,
-                password,
-                sct,
-                mode_enabled,
-            })
+    let change = move |s: &mut DeviceState| {
+        let password = s.invite_user(&username, &role)?;
+        let sct = s.user(&username).map(|u| u.sct.clone()).unwrap_or_default();
+        Ok(Invite {
+            username,
+            role,
+            password,
+            sct,
+            mode_enabled,
         })
-        .await;
-    match result {
-        Ok(inv) => {
-            info!(by = %cx.me(), user = %inv.username, role = %inv.role, "user invited");
-            Response::Invite(inv)
-        }
-        Err(e) => state_error(&e),
-    }
+    };
+    answer(cx.write(change, |_| {}).await, |inv| {
+        info!(by = %cx.me(), user = %inv.username, role = %inv.role, "user invited");
+        Response::Invite(inv)
+    })
 }
 
-fn last_owner_refusal(cx: &Cx<'_>, username: &str, hint: &str) -> Response {
-    let owner = &cx.snap.iam.initial_role;
-    error(
-        ErrorCode::CONFLICT,
-        format!(
-            "'{username}' is the last {owner} with a key; make another user {owner} first{hint}"
-        ),
-    )
-}
-
-/// Removes a user (`IAM:DeleteUser`); never the last owner with a key.
+/// Removes a user (`IAM:DeleteUser`); never the last owner with a key (checked under the state
+/// lock, so two owners removing each other cannot both succeed).
 pub(super) async fn delete(cx: &Cx<'_>, username: String) -> Response {
     if !cx.allow(Action::IamDeleteUser, about(&username)) {
         return forbidden();
     }
-    if cx.policy().is_last_owner(&username) {
-        return last_owner_refusal(
-            cx,
-            &username,
-            " (or use tunnel-device user remove on the device)",
-        );
-    }
-    match cx
-        .live
-        .update_state(move |s| s.remove_user(&username))
-        .await
-    {
-        Ok(u) => {
-            info!(by = %cx.me(), user = %u.username, "user removed");
-            Response::Ok
-        }
-        Err(e) => state_error(&e),
-    }
+    let owner = cx.snap.iam.initial_role.clone();
+    let change = move |s: &mut DeviceState| {
+        let name = username.clone();
+        s.keeping_an_owner(&owner, &name, |s| s.remove_user(&username))
+    };
+    answer(cx.write(change, |_| {}).await, |u| {
+        info!(by = %cx.me(), user = %u.username, "user removed");
+        Response::Ok
+    })
 }
 
 /// Changes a user's role (`IAM:SetUserRole`, with the role); never demotes the last owner.
@@ -141,14 +119,11 @@ pub(super) async fn set_role(cx: &Cx<'_>, username: String, role: &str) -> Respo
     ) {
         return forbidden();
     }
-    if role != iam.initial_role && cx.policy().is_last_owner(&username) {
-        return last_owner_refusal(cx, &username, "");
-    }
-    ok_or(
-        cx.live
-            .update_state(move |s| s.set_role(&username, &role))
-            .await,
-    )
+    let owner = iam.initial_role.clone();
+    let change = move |s: &mut DeviceState| {
+        s.keeping_an_owner(&owner, &username.clone(), |s| s.set_role(&username, &role))
+    };
+    answer(cx.write(change, |()| {}).await, |()| Response::Ok)
 }
 
 /// (`IAM:SetUserDisplayName`).
@@ -178,17 +153,44 @@ pub(super) async fn add_fingerprint(
     .await
 }
 
-/// (`IAM:RemoveFingerprint`).
+/// (`IAM:RemoveFingerprint`); never the last key of the last owner.
 pub(super) async fn remove_fingerprint(
     cx: &Cx<'_>,
     username: String,
     fingerprint: Fingerprint,
 ) -> Response {
     let allowed = cx.allow(Action::IamRemoveFingerprint, about(&username));
+    let owner = cx.snap.iam.initial_role.clone();
     cx.apply_if(allowed, move |s| {
-        s.remove_fingerprint(&username, &fingerprint)
+        s.keeping_an_owner(&owner, &username.clone(), |s| {
+            s.remove_fingerprint(&username, &fingerprint)
+        })
     })
     .await
+}
+
+/// Replaces a user's token (`IAM:RotateToken`: an owner, or the user itself) and answers with the
+/// new one. The old token stops working at once; a connection of the caller's own that holds it
+/// switches to the new one, every other is closed.
+pub(super) async fn rotate_token(cx: &Cx<'_>, username: String) -> Response {
+    if !cx.allow(Action::IamRotateToken, about(&username)) {
+        return forbidden();
+    }
+    let own = cx.user().is_some_and(|u| u.username == username);
+    let conn = cx.conn.clone();
+    let name = username.clone();
+    let adopt = move |token: &Secret| {
+        if own {
+            conn.set_token(token.clone());
+        }
+    };
+    answer(
+        cx.write(move |s| s.rotate_sct(&name), adopt).await,
+        |token| {
+            info!(by = %cx.me(), user = %username, "server-connect token replaced");
+            Response::Token(token)
+        },
+    )
 }
 
 /// Role ids (`IAM:ListRoles`).
