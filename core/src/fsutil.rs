@@ -130,12 +130,16 @@ pub enum PrivateReadError {
     /// The file has group or other permission bits set (the mode is given).
     #[error("permissions {0:04o} are too open")]
     TooOpen(u32),
+    /// Another user owns it.
+    #[error(transparent)]
+    Untrusted(Untrusted),
     /// Opening or reading failed (a symlink gives `ELOOP`).
     #[error(transparent)]
     Io(#[from] io::Error),
 }
 
-/// Reads a secret file: refuses symlinks and files accessible by group or others.
+/// Reads a secret file: refuses symlinks, files accessible by group or others, and files owned by
+/// another user (root excepted).
 ///
 /// # Errors
 /// [`PrivateReadError`].
@@ -154,13 +158,75 @@ pub fn read_private(path: &Path) -> Result<Vec<u8>, PrivateReadError> {
                 e
             }
         })?;
-    let mode = file.metadata()?.permissions().mode() & 0o777;
+    let meta = file.metadata()?;
+    let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(PrivateReadError::TooOpen(mode));
     }
+    check_owner(&meta).map_err(PrivateReadError::Untrusted)?;
     let mut out = Vec::new();
     file.read_to_end(&mut out)?;
     Ok(out)
+}
+
+/// Why a file or directory that can change what the program trusts is not itself trusted
+/// (OpenSSH's `StrictModes`).
+#[derive(Debug, thiserror::Error)]
+pub enum Untrusted {
+    /// It is a symbolic link (it could point anywhere).
+    #[error("is a symbolic link; use the file itself")]
+    Symlink,
+    /// Group or others may write it.
+    #[error(
+        "is writable by group or others (mode {0:04o}), so another local user could change it; \
+         fix it with: chmod go-w"
+    )]
+    Writable(u32),
+    /// Another user owns it.
+    #[error(
+        "is owned by uid {owner}, neither this user (uid {me}) nor root, so that user could \
+         change it; fix it with: chown"
+    )]
+    Owner {
+        /// The owner's uid.
+        owner: u32,
+        /// This process's effective uid.
+        me: u32,
+    },
+    /// It could not be examined.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Checks that `path` (a file or a directory) is trusted: not a symlink, not writable by group
+/// or others, owned by this user or root. A missing path is `Io` with `NotFound`.
+///
+/// # Errors
+/// [`Untrusted`].
+pub fn check_strict(path: &Path) -> Result<(), Untrusted> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = fs::symlink_metadata(path)?;
+    if meta.file_type().is_symlink() {
+        return Err(Untrusted::Symlink);
+    }
+    let mode = meta.mode() & 0o7777;
+    if mode & 0o022 != 0 {
+        return Err(Untrusted::Writable(mode & 0o777));
+    }
+    check_owner(&meta)
+}
+
+/// The owner must be this process's effective user or root.
+fn check_owner(meta: &fs::Metadata) -> Result<(), Untrusted> {
+    use std::os::unix::fs::MetadataExt;
+    let me = rustix::process::geteuid().as_raw();
+    if meta.uid() != me && meta.uid() != 0 {
+        return Err(Untrusted::Owner {
+            owner: meta.uid(),
+            me,
+        });
+    }
+    Ok(())
 }
 
 /// An exclusive advisory lock on a lock file, released when dropped.
@@ -325,6 +391,34 @@ mod tests {
             fs::metadata(&p).unwrap().permissions().mode() & 0o777,
             0o700
         );
+    }
+
+    #[test]
+    fn strict_mode_refuses_loose_files_and_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        fs::write(&p, b"x").unwrap();
+        fs::set_permissions(&p, fs::Permissions::from_mode(0o644)).unwrap();
+        check_strict(&p).unwrap();
+        for mode in [0o666, 0o664, 0o646] {
+            fs::set_permissions(&p, fs::Permissions::from_mode(mode)).unwrap();
+            assert!(
+                matches!(check_strict(&p), Err(Untrusted::Writable(m)) if m == mode),
+                "{mode:o}"
+            );
+        }
+        let link = dir.path().join("l");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        assert!(matches!(check_strict(&link), Err(Untrusted::Symlink)));
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(matches!(
+            check_strict(dir.path()),
+            Err(Untrusted::Writable(_))
+        ));
+        assert!(matches!(
+            check_strict(&dir.path().join("missing")),
+            Err(Untrusted::Io(e)) if e.kind() == io::ErrorKind::NotFound
+        ));
     }
 
     #[test]

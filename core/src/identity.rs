@@ -299,6 +299,14 @@ pub enum KeyFileError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// Another user owns the key file.
+    #[error("'{path}' {reason}", path = .path.display())]
+    Untrusted {
+        /// The key file.
+        path: PathBuf,
+        /// Why.
+        reason: fsutil::Untrusted,
+    },
 }
 
 /// Loads the key at `path`, refusing a file readable by group or others or a symlink.
@@ -310,6 +318,10 @@ pub fn load_key(path: &Path) -> Result<SecretKey, KeyFileError> {
         fsutil::PrivateReadError::TooOpen(mode) => KeyFileError::Unprotected {
             path: path.to_owned(),
             mode,
+        },
+        fsutil::PrivateReadError::Untrusted(reason) => KeyFileError::Untrusted {
+            path: path.to_owned(),
+            reason,
         },
         fsutil::PrivateReadError::Io(source) => KeyFileError::Io {
             path: path.to_owned(),

@@ -38,6 +38,100 @@ pub fn in_place(s: &mut String) {
     }
 }
 
+/// Escapes every peer string of a message in place.
+pub trait Sanitize {
+    /// Escapes unsafe characters in every string field.
+    fn sanitize(&mut self);
+}
+
+impl Sanitize for String {
+    fn sanitize(&mut self) {
+        in_place(self);
+    }
+}
+
+impl<T: Sanitize> Sanitize for Option<T> {
+    fn sanitize(&mut self) {
+        if let Some(v) = self {
+            v.sanitize();
+        }
+    }
+}
+
+impl<T: Sanitize> Sanitize for Vec<T> {
+    fn sanitize(&mut self) {
+        for v in self {
+            v.sanitize();
+        }
+    }
+}
+
+use crate::proto::{
+    ErrorReply, Invite, PairingInfo, Response, ServiceInfo, Settings, UserInfo, Welcome,
+};
+
+impl Sanitize for Welcome {
+    fn sanitize(&mut self) {
+        self.device_id.sanitize();
+        self.device_name.sanitize();
+        self.user.sanitize();
+        self.role.sanitize();
+    }
+}
+
+impl Sanitize for ServiceInfo {
+    fn sanitize(&mut self) {
+        self.id.sanitize();
+        self.service_type.sanitize();
+        let metadata = std::mem::take(&mut self.metadata);
+        self.metadata = metadata
+            .into_iter()
+            .map(|(k, v)| (text(&k).into_owned(), text(&v).into_owned()))
+            .collect();
+    }
+}
+
+impl Sanitize for UserInfo {
+    fn sanitize(&mut self) {
+        self.username.sanitize();
+        self.display_name.sanitize();
+        self.role.sanitize();
+        for (_, name) in &mut self.fingerprints {
+            name.sanitize();
+        }
+    }
+}
+
+impl Sanitize for Response {
+    fn sanitize(&mut self) {
+        match self {
+            Self::Services(s) => s.sanitize(),
+            Self::Service(s) => s.sanitize(),
+            Self::Error(ErrorReply { message, .. }) => message.sanitize(),
+            Self::Me(u) => u.sanitize(),
+            Self::Paired(u) | Self::User(u) => u.sanitize(),
+            Self::Users(u) => u.sanitize(),
+            Self::Pairing(PairingInfo {
+                device_id,
+                device_name,
+                ..
+            }) => {
+                device_id.sanitize();
+                device_name.sanitize();
+            }
+            Self::Invite(Invite { username, role, .. }) => {
+                username.sanitize();
+                role.sanitize();
+            }
+            Self::Roles(r) => r.sanitize(),
+            Self::Settings(Settings {
+                open_pairing_role, ..
+            }) => open_pairing_role.sanitize(),
+            Self::Ok | Self::PakeReply { .. } | Self::PakeConfirmed { .. } | Self::Token(_) => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -52,5 +146,37 @@ mod tests {
         let mut s = String::from("\x1b]0;title\x07");
         in_place(&mut s);
         assert!(!s.chars().any(char::is_control), "{s}");
+    }
+
+    #[test]
+    fn every_string_of_an_answer_is_escaped() {
+        let evil = "\x1b[2J\x1b[Hverified".to_string();
+        let mut r = Response::Services(vec![ServiceInfo {
+            id: evil.clone(),
+            service_type: evil.clone(),
+            metadata: [(evil.clone(), evil.clone())].into(),
+        }]);
+        r.sanitize();
+        let Response::Services(s) = &r else {
+            unreachable!()
+        };
+        for t in [&s[0].id, &s[0].service_type] {
+            assert!(!t.contains('\x1b'), "{t}");
+        }
+        assert!(
+            s[0].metadata
+                .iter()
+                .all(|(k, v)| !k.contains('\x1b') && !v.contains('\x1b'))
+        );
+        let mut w = Welcome {
+            version: 1,
+            device_id: evil.clone(),
+            device_name: evil.clone(),
+            user: Some(evil.clone()),
+            role: evil,
+            local: true,
+        };
+        w.sanitize();
+        assert!(!format!("{w:?}").contains('\x1b'));
     }
 }

@@ -64,9 +64,20 @@ enum Command {
     /// local network by address (--addr) or by discovery (--local), which trusts the key seen
     /// first unless --fingerprint pins it.
     Pair {
-        /// The pairing string tunnel-device printed (tp1,d=…,f=…,a=…,…).
-        #[arg(conflicts_with_all = ["addr", "local"], required_unless_present_any = ["addr", "local"])]
-        string: Option<PairingString>,
+        /// The pairing string tunnel-device printed (tp1,d=…,f=…,a=…,…), or - to read it from
+        /// standard input. It holds a password: on the command line every local user can read
+        /// it (ps), so prefer -, --string-file or the environment variable.
+        #[arg(
+            value_name = "PAIRING_STRING|-",
+            env = "TUNNEL_PAIRING_STRING",
+            hide_env_values = true,
+            conflicts_with_all = ["addr", "local", "string_file"],
+            required_unless_present_any = ["addr", "local", "string_file"]
+        )]
+        string: Option<String>,
+        /// Read the pairing string from this file.
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["addr", "local"])]
+        string_file: Option<PathBuf>,
         /// Pair by address, on the local network (local initial or local open pairing).
         #[arg(long, value_name = "HOST:PORT")]
         addr: Vec<HostPort>,
@@ -177,9 +188,19 @@ enum DeviceCmd {
         #[arg(long)]
         fingerprint: Fingerprint,
         /// Your server-connect token for remote connections (`tunnel-device user add` prints it;
-        /// a local connection also fetches it).
-        #[arg(long)]
+        /// a local connection also fetches it), or - to read it from standard input. On the
+        /// command line every local user can read it (ps): prefer -, --sct-file or the
+        /// environment variable.
+        #[arg(
+            long,
+            value_name = "TOKEN|-",
+            env = "TUNNEL_SCT",
+            hide_env_values = true
+        )]
         sct: Option<String>,
+        /// Read the server-connect token from this file.
+        #[arg(long, value_name = "FILE", conflicts_with = "sct")]
+        sct_file: Option<PathBuf>,
     },
     /// Rename the device itself (its name on the device; needs Device:SetName).
     Rename {
@@ -209,6 +230,12 @@ pub(crate) enum UserCmd {
         username: String,
         /// Role (e.g. Owner, Standard, Guest).
         role: String,
+    },
+    /// Replace a server-connect token (yours by default; an owner may replace anyone's). The old
+    /// token stops working at once; yours is saved in known_devices.toml.
+    RotateToken {
+        /// The user [default: you].
+        username: Option<String>,
     },
     /// Invite a user: prints a pairing string with a one-time password (and a QR code).
     Invite {
@@ -250,7 +277,11 @@ fn exit_code(e: &ClientError) -> u8 {
         | E::NoForwards
         | E::NeedsUsername
         | E::NeedsPairingString(_) => 2,
-        E::Key(KeyFileError::Unprotected { .. } | KeyFileError::Invalid { .. }) => 2,
+        E::Key(
+            KeyFileError::Unprotected { .. }
+            | KeyFileError::Invalid { .. }
+            | KeyFileError::Untrusted { .. },
+        ) => 2,
         E::Key(KeyFileError::Io { source, .. })
             if source.kind() == std::io::ErrorKind::NotFound =>
         {
@@ -329,6 +360,7 @@ fn dispatch(command: Command, home: ClientHome) -> Result<(), Failure> {
         }
         Command::Pair {
             string,
+            string_file,
             addr,
             local,
             device,
@@ -338,6 +370,16 @@ fn dispatch(command: Command, home: ClientHome) -> Result<(), Failure> {
             mode,
             key_name,
         } => {
+            let string = secret_arg(
+                string,
+                string_file,
+                "TUNNEL_PAIRING_STRING",
+                "pairing string",
+                "--string-file",
+            )?
+            .map(|s| s.parse::<PairingString>())
+            .transpose()
+            .map_err(|e| Failure::usage(e.to_string()))?;
             let opts = ConnectOptions::default();
             let outcome = runtime()?.block_on(async {
                 if let Some(ps) = string {
@@ -418,7 +460,9 @@ fn dispatch(command: Command, home: ClientHome) -> Result<(), Failure> {
             addrs,
             fingerprint,
             sct,
+            sct_file,
         }) => {
+            let sct = secret_arg(sct, sct_file, "TUNNEL_SCT", "token", "--sct-file")?;
             let dev = home.add_device(&name, addrs, fingerprint, sct.map(Secret::new))?;
             let addrs: Vec<String> = dev.addresses.iter().map(ToString::to_string).collect();
             println!(
@@ -460,6 +504,43 @@ fn dispatch(command: Command, home: ClientHome) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// A secret given as an argument (`-`: read standard input), a file, or an environment variable.
+/// A literal on the command line still works, with a warning: every local user can read a
+/// process's arguments.
+fn secret_arg(
+    value: Option<String>,
+    file: Option<PathBuf>,
+    env: &str,
+    what: &str,
+    file_flag: &str,
+) -> Result<Option<String>, Failure> {
+    if let Some(path) = file {
+        let text = std::fs::read_to_string(&path).map_err(|e| Failure {
+            code: 2,
+            message: format!("cannot read the {what} from '{}': {e}", path.display()),
+        })?;
+        return Ok(Some(text.trim().to_string()));
+    }
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    if value == "-" {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line).map_err(|e| Failure {
+            code: 2,
+            message: format!("cannot read the {what} from standard input: {e}"),
+        })?;
+        return Ok(Some(line.trim().to_string()));
+    }
+    if std::env::var(env).ok().as_deref() != Some(value.as_str()) {
+        eprintln!(
+            "warning: the {what} on the command line can be read by every local user (ps, \
+             /proc); pass - and give it on standard input, or use {file_flag} or ${env}"
+        );
+    }
+    Ok(Some(value))
 }
 
 async fn discover_one(

@@ -82,6 +82,34 @@ pub(crate) async fn user(home: &ClientHome, device: &str, cmd: UserCmd) -> Resul
             println!("User '{username}' on '{}' now has role {role}", dev.name);
             Ok(())
         }
+        UserCmd::RotateToken { username } => {
+            let own = s.require_user()?.to_string();
+            let username = username.unwrap_or_else(|| own.clone());
+            let token = s.rotate_token(&username).await?;
+            if username == own {
+                home.update_known(|known| {
+                    if let Some(d) = known.devices.iter_mut().find(|d| d.name == dev.name) {
+                        d.sct = Some(token.clone());
+                    }
+                    Ok(())
+                })?;
+                println!(
+                    "Replaced your server-connect token on '{}' and saved the new one; the old \
+                     one no longer works.",
+                    dev.name
+                );
+            } else {
+                println!(
+                    "Replaced the server-connect token of '{username}' on '{}'; their remote \
+                     connections with the old one are closed. Give them the new token (they add \
+                     it with `tunnel-client device add … --sct -`, or get it on their next local \
+                     connection):\n  {}",
+                    dev.name,
+                    token.expose()
+                );
+            }
+            Ok(())
+        }
         UserCmd::Invite { username, role } => {
             let invite = s.invite_user(&username, role.as_deref()).await?;
             println!(

@@ -172,6 +172,12 @@ enum UserCmd {
         /// User name.
         username: String,
     },
+    /// Replace a user's server-connect token and print the new one; the old one stops working at
+    /// once (a running device closes remote connections that hold it).
+    RotateToken {
+        /// User name.
+        username: String,
+    },
     /// Change a user's role (live tunnels the new role may not use are reset at once).
     SetRole {
         /// User name.
@@ -252,10 +258,17 @@ fn exit_code(e: &DeviceError) -> u8 {
         | E::AlreadyInitialised(_)
         | E::NoInvitation(_)
         | E::NoAddress => 2,
-        E::State(StateError::Missing(_) | StateError::Corrupt { .. } | StateError::Rejected(_)) => {
-            2
-        }
-        E::Key(KeyFileError::Unprotected { .. } | KeyFileError::Invalid { .. }) => 2,
+        E::State(
+            StateError::Missing(_)
+            | StateError::Corrupt { .. }
+            | StateError::Untrusted { .. }
+            | StateError::Rejected(_),
+        ) => 2,
+        E::Key(
+            KeyFileError::Unprotected { .. }
+            | KeyFileError::Invalid { .. }
+            | KeyFileError::Untrusted { .. },
+        ) => 2,
         E::Key(KeyFileError::Io { source, .. })
             if source.kind() == std::io::ErrorKind::NotFound =>
         {
@@ -595,6 +608,11 @@ fn user_cmd(home: &DeviceHome, cmd: UserCmd) -> Result<(), Failure> {
         UserCmd::Remove { username } => {
             admin::user_remove(home, &username)?;
             println!("Removed user '{username}' (a running device closes their connections now)");
+        }
+        UserCmd::RotateToken { username } => {
+            let token = admin::user_rotate_token(home, &username)?;
+            println!("New server-connect token of '{username}' (the old one no longer works):");
+            println!("  {}", token.expose());
         }
         UserCmd::SetRole { username, role } => {
             let role = admin::user_set_role(home, &username, &role)?;

@@ -117,6 +117,12 @@ impl KnownDevices {
                     ),
                 });
             }
+            Err(fsutil::PrivateReadError::Untrusted(reason)) => {
+                return Err(ConfigError::Untrusted {
+                    path: path.to_owned(),
+                    reason,
+                });
+            }
             Err(fsutil::PrivateReadError::Io(source)) => {
                 return Err(ConfigError::Io {
                     path: path.to_owned(),

@@ -10,6 +10,10 @@
 //! with an application code (unknown key, revoked, token rejected…) yields
 //! [`ConnectError::Refused`]. Remote connections present the server-connect token stored with the
 //! device.
+//!
+//! Every string a device sends (its id and name, roles, user and service names, metadata, error
+//! texts, close reasons) is escaped here ([`crate::sanitize`]) before a caller sees it, so no
+//! output path can print a peer's escape sequence.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,6 +29,7 @@ use crate::proto::{
     self, CloseCode, ErrorCode, ErrorReply, Hello, Invite, PairingInfo, Request, Response,
     ServiceInfo, Settings, UserInfo, Welcome,
 };
+use crate::sanitize::{self, Sanitize};
 use crate::secret::Secret;
 use crate::transport::{self, Identity};
 use crate::wire::{ControlClient, FrameError};
@@ -89,14 +94,17 @@ impl Session {
     /// [`ConnectError::Protocol`] or [`ConnectError::Refused`] when the connection failed.
     pub async fn request(&self, req: &Request) -> Result<Response, ConnectError> {
         let mut control = self.control.lock().await;
-        control
+        let mut response = control
             .call(req)
             .await
             .map_err(|e| self.frame_error(&e))?
             .ok_or_else(|| ConnectError::Protocol {
                 device: self.device.clone(),
                 reason: "the device closed the control stream".into(),
-            })
+            })?;
+        // Everything a device says is escaped before anyone prints or stores it.
+        response.sanitize();
+        Ok(response)
     }
 
     /// As [`Self::request`], with an error reply turned into [`ConnectError::Device`] (or
@@ -222,6 +230,17 @@ impl Session {
         .await
     }
 
+    /// Replaces `username`'s server-connect token and returns the new one.
+    ///
+    /// # Errors
+    /// [`ConnectError`].
+    pub async fn rotate_token(&self, username: &str) -> Result<Secret, ConnectError> {
+        let req = Request::RotateToken {
+            username: username.to_string(),
+        };
+        expect!(self, self.call(&req).await?, Response::Token(t) => t)
+    }
+
     /// The pairing switches and the open-pairing secrets.
     ///
     /// # Errors
@@ -320,7 +339,7 @@ pub(crate) fn connection_error(
         quinn::ConnectionError::ApplicationClosed(close) => ConnectError::Refused {
             device: device.to_string(),
             code: CloseCode::from_varint(close.error_code),
-            reason: String::from_utf8_lossy(&close.reason).into_owned(),
+            reason: sanitize::text(&String::from_utf8_lossy(&close.reason)).into_owned(),
             client: client.unwrap_or_else(|| Fingerprint::from_bytes([0; 32])),
         },
         other => ConnectError::Unreachable {
@@ -464,10 +483,11 @@ async fn connect_addr(
         let (control, welcome) = ControlClient::hello(&conn, &hello)
             .await
             .map_err(|e| frame_error(name, &e, me))?;
-        let welcome = welcome.ok_or_else(|| ConnectError::Protocol {
+        let mut welcome = welcome.ok_or_else(|| ConnectError::Protocol {
             device: name.to_string(),
             reason: "the device closed the control stream before welcome".into(),
         })?;
+        welcome.sanitize();
         Ok(Session {
             conn,
             welcome,

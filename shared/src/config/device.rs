@@ -260,8 +260,11 @@ impl DeviceConfig {
     /// [`ValueError`] naming the offending value.
     pub fn validate(&self) -> Result<(), ValueError> {
         check_id("device_id", &self.device_id)?;
-        if self.name.trim().is_empty() || self.name.chars().count() > 64 {
-            return Err(ValueError("name must be 1-64 characters".into()));
+        if self.name.trim().is_empty()
+            || self.name.chars().count() > 64
+            || self.name.chars().any(char::is_control)
+        {
+            return Err(ValueError("name must be 1-64 printable characters".into()));
         }
         if self.listen.is_empty() {
             return Err(ValueError("listen must hold at least one address".into()));

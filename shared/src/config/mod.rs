@@ -55,6 +55,15 @@ pub enum ConfigError {
         /// What is wrong and where.
         message: String,
     },
+    /// The file (or the directory it is in) could be changed by another local user, or is a
+    /// symbolic link: it is not trusted (OpenSSH's `StrictModes`).
+    #[error("'{path}' {reason}", path = .path.display())]
+    Untrusted {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        reason: crate::fsutil::Untrusted,
+    },
     /// The file parses but a value is not acceptable.
     #[error("'{path}': {message}", path = .path.display())]
     Invalid {

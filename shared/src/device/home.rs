@@ -77,15 +77,43 @@ impl DeviceHome {
                     .into(),
             });
         }
+        self.trusted(self.dir())?;
+        self.trusted(&path)?;
         DeviceConfig::load(&path)
+    }
+
+    /// Refuses a home or file another local user could change (OpenSSH's `StrictModes`): a
+    /// group- or world-writable `iam.toml` would let anyone on the machine grant themselves
+    /// access.
+    fn trusted(&self, path: &Path) -> Result<(), ConfigError> {
+        fsutil::check_strict(path).map_err(|reason| ConfigError::Untrusted {
+            path: path.to_owned(),
+            reason,
+        })
     }
 
     /// Loads `iam.toml`, or the built-in IAM when there is none.
     ///
     /// # Errors
-    /// [`IamError`] naming the line.
+    /// [`IamError`] naming the line, or a file or home another user could change.
     pub fn load_iam(&self) -> Result<IamConfig, IamError> {
-        IamConfig::load(&self.iam_path())
+        let path = self.iam_path();
+        for p in [self.dir(), path.as_path()] {
+            match self.trusted(p) {
+                Err(ConfigError::Untrusted {
+                    reason: fsutil::Untrusted::Io(e),
+                    ..
+                }) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    return Err(IamError {
+                        path: path.display().to_string(),
+                        message: e.to_string(),
+                    });
+                }
+                Ok(()) => {}
+            }
+        }
+        IamConfig::load(&path)
     }
 
     /// Loads the state and IAM and checks that every user's role exists.
@@ -93,6 +121,7 @@ impl DeviceHome {
     /// # Errors
     /// [`DeviceError`] naming the file and the user.
     pub fn load_checked(&self) -> Result<(DeviceState, IamConfig), DeviceError> {
+        self.trusted(self.dir())?;
         let state = self.state_store().load()?;
         let iam = self.load_iam()?;
         check_user_roles(&iam, &state)?;

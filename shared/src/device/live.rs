@@ -51,6 +51,8 @@ pub(crate) struct Live {
     refused: Mutex<(u64, u64, Instant)>,
     /// Tunnel streams per user (pending headers included).
     user_streams: Mutex<HashMap<String, usize>>,
+    /// Service names resolved for tunnels.
+    pub(crate) resolver: super::resolve::Resolver,
     /// Device-wide tunnel permits.
     pub(crate) streams_total: Arc<Semaphore>,
     /// Cancelled at the shutdown signal: stop accepting.
@@ -143,6 +145,7 @@ impl Live {
             handshakes: Mutex::new(HandshakeGate::default()),
             refused: Mutex::new((0, 0, now())),
             user_streams: Mutex::new(HashMap::new()),
+            resolver: super::resolve::Resolver::default(),
             shutdown,
             kill: CancellationToken::new(),
             tasks: TaskTracker::new(),

@@ -11,6 +11,7 @@
 //! | `reload` | watching the three files and re-enforcing after a change |
 //! | `conn` | one connection: handshake, `Hello`, admission, `Welcome` |
 //! | `stream` | tunnel streams: header, `Tunnel:Connect`, target connect, splice; the self-test |
+//! | `resolve` | connecting to a target: the one place service names are resolved (30 s cache) |
 //! | `control` | control requests, one file per area (services, pairing, users, settings) |
 //! | [`admin`] | the offline commands on the files (`init`, users, services, `iam explain`) |
 //!
@@ -37,6 +38,7 @@ mod control;
 pub mod home;
 mod live;
 mod reload;
+mod resolve;
 mod stream;
 
 use std::net::SocketAddr;

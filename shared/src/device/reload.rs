@@ -1,6 +1,7 @@
 //! Watching `state.json`, `iam.toml` and `device.toml` while the device runs: a changed file is
-//! loaded, checked, adopted, and every live connection re-checked. A file that became invalid is
-//! ignored with an error in the log (the last valid version stays in force).
+//! loaded, checked, adopted, and every live connection re-checked. A file that became invalid, or
+//! that another local user could now change (group- or world-writable, someone else's, a
+//! symlink), is ignored with an error in the log: the last valid version stays in force.
 //!
 //! Kind: IO (polls file stamps; no inotify, so it works on every file system).
 
@@ -11,7 +12,6 @@ use tracing::{error, info, warn};
 
 use super::home::{DeviceHome, check_user_roles};
 use super::live::Live;
-use crate::config::DeviceConfig;
 use crate::fsutil::FileStamp;
 
 /// The versions of the three files a device watches.
@@ -117,7 +117,7 @@ fn reload_config(live: &Live, stamp: &mut Option<FileStamp>) -> bool {
         return false;
     }
     *stamp = now;
-    match DeviceConfig::load(&path) {
+    match live.home().load_config() {
         Ok(new) => {
             let old = live.config();
             if new.listen != old.listen

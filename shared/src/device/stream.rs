@@ -7,12 +7,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpStream;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::conn::Conn;
 use super::live::{Live, log_verdict};
-use crate::config::{DeviceConfig, HostPort, ServiceConfig};
+use super::resolve::Resolver;
+use crate::config::{DeviceConfig, ServiceConfig};
 use crate::proto::{StreamCode, StreamOpen};
 use crate::splice::{self, Kill};
 use crate::wire;
@@ -110,7 +110,7 @@ async fn handle(
 
     let target = service.target();
     let connect_timeout = Duration::from_secs(limits.connect_timeout_secs);
-    let tcp = match tokio::time::timeout(connect_timeout, connect_target(&target)).await {
+    let tcp = match tokio::time::timeout(connect_timeout, live.resolver.connect(&target)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => {
             warn!(service = %service_id, target = %target, "cannot reach the service: {e}");
@@ -177,20 +177,6 @@ fn authorize(
     }
 }
 
-async fn connect_target(target: &HostPort) -> std::io::Result<TcpStream> {
-    let mut last = None;
-    for addr in target.resolve().await? {
-        match TcpStream::connect(addr).await {
-            Ok(tcp) => {
-                let _ = tcp.set_nodelay(true);
-                return Ok(tcp);
-            }
-            Err(e) => last = Some(e),
-        }
-    }
-    Err(last.unwrap_or_else(|| std::io::Error::other("no addresses")))
-}
-
 /// Result of probing one service.
 #[derive(Debug)]
 pub struct Probe {
@@ -202,15 +188,17 @@ pub struct Probe {
 
 /// Tries a TCP connection to every service (concurrently), each bounded by the connect timeout.
 pub async fn probe_services(config: &DeviceConfig) -> Vec<Probe> {
+    let resolver = Arc::new(Resolver::default());
     let timeout = Duration::from_secs(config.limits.connect_timeout_secs);
     let handles: Vec<_> = config
         .services
         .iter()
         .cloned()
         .map(|svc| {
+            let resolver = resolver.clone();
             tokio::spawn(async move {
                 let target = svc.target();
-                let outcome = match tokio::time::timeout(timeout, connect_target(&target)).await {
+                let outcome = match tokio::time::timeout(timeout, resolver.connect(&target)).await {
                     Ok(Ok(tcp)) => tcp.peer_addr().map_err(|e| e.to_string()),
                     Ok(Err(e)) => Err(e.to_string()),
                     Err(_) => Err(format!("timed out after {timeout:?}")),

@@ -140,6 +140,14 @@ pub enum StateError {
         /// What is wrong.
         reason: CorruptState,
     },
+    /// The file, or the home it is in, could be changed by another local user.
+    #[error("'{path}' {reason}", path = .path.display())]
+    Untrusted {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        reason: crate::fsutil::Untrusted,
+    },
     /// Reading, writing or locking failed.
     #[error("'{path}': {source}", path = .path.display())]
     Io {

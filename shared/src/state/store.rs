@@ -53,6 +53,12 @@ impl StateStore {
                     reason: CorruptState::TooOpen(mode),
                 });
             }
+            Err(fsutil::PrivateReadError::Untrusted(reason)) => {
+                return Err(StateError::Untrusted {
+                    path: self.path.clone(),
+                    reason,
+                });
+            }
             Err(fsutil::PrivateReadError::Io(source)) => {
                 return Err(StateError::Io {
                     path: self.path.clone(),
