@@ -262,6 +262,9 @@ pub async fn tunnel(session: &Session, service: &str) -> Result<(), StreamCode> 
             let _ = send.finish();
             Ok(())
         }
+        Ok(Err(quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(_)))) => {
+            Err(StreamCode::CANCELLED)
+        }
         Ok(Err(quinn::ReadExactError::ReadError(quinn::ReadError::Reset(code)))) => {
             Err(StreamCode::from_varint(code))
         }

@@ -412,3 +412,23 @@ async fn close_if_unpaired(conn: Arc<Conn>, timeout: Duration) {
         _ = conn.quic.closed() => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Issue 9: a 65,000-character client name was logged whole, raw.
+    #[test]
+    fn client_names_are_cut_and_escaped_for_logs() {
+        let hello = |name: Option<String>| Hello {
+            version: 1,
+            sct: None,
+            client_name: name,
+        };
+        let long = client_name(&hello(Some("x".repeat(65_000))));
+        assert_eq!(long.chars().count(), MAX_CLIENT_NAME);
+        let evil = client_name(&hello(Some("\x1b[2Jlaptop\n".into())));
+        assert_eq!(evil, "\\u{1b}[2Jlaptop\\u{a}");
+        assert_eq!(client_name(&hello(None)), "-");
+    }
+}

@@ -13,6 +13,7 @@
     reason = "tests: a panic is a failure with a message"
 )]
 
+mod hardening;
 mod matrix;
 mod mitm;
 mod pairing;

@@ -11,6 +11,7 @@
 
 mod basic;
 mod cli;
+mod hardening;
 mod negative;
 mod pairing;
 mod peers;
