@@ -1,6 +1,6 @@
 //! The running device's shared state: the current configuration, state and IAM (swapped whole on
 //! every change), the registry of live connections and their tunnels, the limits, and the
-//! application of [`authz`] decisions (closing connections, resetting tunnels).
+//! application of [`crate::authz`] decisions (closing connections, resetting tunnels).
 //!
 //! Kind: IO (state writes on a blocking thread; closes QUIC connections).
 //!
