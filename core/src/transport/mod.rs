@@ -20,7 +20,7 @@ use quinn::{Endpoint, EndpointConfig, IdleTimeout, TransportConfig, VarInt};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::identity::{Fingerprint, SecretKey};
-pub use settings::{SettingsError, TransportSettings};
+pub use settings::{Congestion, SettingsError, TransportSettings};
 pub use socket::bind_udp;
 use verify::provider;
 pub use verify::{
@@ -113,6 +113,13 @@ pub fn transport_config(settings: &TransportSettings, max_bidi_streams: u32) -> 
         .send_window(settings.connection_window)
         .datagram_receive_buffer_size(None)
         .mtu_discovery_config(Some(mtu_discovery()));
+    let congestion: Arc<dyn quinn::congestion::ControllerFactory + Send + Sync> =
+        match settings.congestion {
+            Congestion::Cubic => Arc::new(quinn::congestion::CubicConfig::default()),
+            Congestion::Bbr => Arc::new(quinn::congestion::BbrConfig::default()),
+            Congestion::NewReno => Arc::new(quinn::congestion::NewRenoConfig::default()),
+        };
+    t.congestion_controller_factory(congestion);
     t
 }
 

@@ -13,7 +13,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use super::{ConfigError, Host, HostPort, IpNet, ValueError, check_id, is_private};
-pub use tunnel_core::transport::TransportSettings;
+pub use tunnel_core::transport::{Congestion, TransportSettings};
 
 /// Default UDP port of a device.
 pub const DEFAULT_PORT: u16 = 5592;
@@ -555,11 +555,34 @@ port = 80
                 "device_id = \"a\"\nname = \"b\"\n[limits]\nmax_connections = 0\n",
                 "at least 1",
             ),
+            (
+                "device_id = \"a\"\nname = \"b\"\n[transport]\ncongestion = \"vegas\"\n",
+                "unknown variant",
+            ),
             ("device_id = \"a\"\nname = \n", "line 2"),
         ];
         for (text, needle) in cases {
             let err = DeviceConfig::from_toml(text).unwrap_err().0;
             assert!(err.contains(needle), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn congestion_controller_is_bbr_unless_chosen() {
+        use crate::config::Congestion;
+        let base = "device_id = \"a\"\nname = \"b\"\n";
+        let d = DeviceConfig::from_toml(base).unwrap();
+        assert_eq!(d.transport.congestion, Congestion::Bbr);
+        for (name, want) in [
+            ("cubic", Congestion::Cubic),
+            ("newreno", Congestion::NewReno),
+            ("bbr", Congestion::Bbr),
+        ] {
+            let text = format!("{base}[transport]\ncongestion = \"{name}\"\n");
+            assert_eq!(
+                DeviceConfig::from_toml(&text).unwrap().transport.congestion,
+                want
+            );
         }
     }
 

@@ -12,7 +12,7 @@ pub mod values;
 use std::path::{Path, PathBuf};
 
 pub use device::{
-    DEFAULT_PORT, DeviceConfig, Limits, NetworkSettings, ServiceConfig, ServiceSpec,
+    Congestion, DEFAULT_PORT, DeviceConfig, Limits, NetworkSettings, ServiceConfig, ServiceSpec,
     TransportSettings, add_service_to_toml, remove_service_from_toml, set_name_in_toml,
 };
 pub use values::{Host, HostPort, IpNet, check_id, is_private};
