@@ -163,6 +163,11 @@ impl DeviceFixture {
 
     /// Starts `tunnel-device run` with extra arguments.
     pub fn start_with(&self, extra: &[&str]) -> RunningDevice {
+        self.start_in(None, extra)
+    }
+
+    /// Starts `tunnel-device run` with extra arguments, inside `ns` when given.
+    pub fn start_in(&self, ns: Option<&dyn netns::Namespace>, extra: &[&str]) -> RunningDevice {
         let name = self
             .home
             .file_name()
@@ -171,7 +176,10 @@ impl DeviceFixture {
             .into_owned();
         let ready = self.logs.join(format!("{name}.ready"));
         let _ = fs::remove_file(&ready);
-        let mut cmd = Command::new(bin("tunnel-device"));
+        let mut cmd = match ns {
+            Some(ns) => ns.command(bin("tunnel-device").as_os_str()),
+            None => Command::new(bin("tunnel-device")),
+        };
         cmd.arg("--home")
             .arg(&self.home)
             .args(["--log-level", "debug", "run", "--ready-file"])
@@ -261,7 +269,7 @@ impl ClientFixture {
     /// As [`Self::open`], inside a network namespace when `ns` is given.
     pub fn open_in(
         &self,
-        ns: Option<&netns::NetNs>,
+        ns: Option<&dyn netns::Namespace>,
         device: &str,
         forwards: &[&str],
         extra: &[&str],
@@ -275,7 +283,7 @@ impl ClientFixture {
         let tag = format!("{name}-open-{}", rand::random::<u32>());
         let ready = self.logs.join(format!("{tag}.ready"));
         let mut cmd = match ns {
-            Some(ns) => ns.command(bin("tunnel-client")),
+            Some(ns) => ns.command(bin("tunnel-client").as_os_str()),
             None => Command::new(bin("tunnel-client")),
         };
         cmd.arg("--home")

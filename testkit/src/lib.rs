@@ -2,7 +2,7 @@
 //! ([`fixture`], the real binaries as [`process`]es), devices and clients in this process
 //! ([`inproc`]), target servers ([`servers`]: echo, hash responder, data source, a private `sshd`,
 //! an HTTP server), hostile peers ([`hostile`]: handshake floods, garbage, a lying device),
-//! network namespaces ([`netns`]) and a UDP impairment relay ([`impair`]).
+//! network namespaces ([`netns`], and [`natlab`]: a download across two NATs) and a UDP impairment relay ([`impair`]).
 //!
 //! Nothing here uses fixed ports or sleeps for synchronization: readiness comes from ready files
 //! and listener sockets; waits poll a condition until a deadline. Every child process is killed
@@ -19,6 +19,7 @@ pub mod fixture;
 pub mod hostile;
 pub mod impair;
 pub mod inproc;
+pub mod natlab;
 pub mod netns;
 pub mod process;
 pub mod servers;

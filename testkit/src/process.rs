@@ -15,11 +15,19 @@ use crate::{SOON, wait_for};
 /// --bins`, which `.ci/run` does before testing).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    // target/<profile>/deps/<test> → target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in target/<profile>/deps");
+    // Tests live in target/<profile>/deps, programs (the reliability harness) in
+    // target/<profile>; `TUNNEL_BIN_DIR` overrides both.
+    let dir = std::env::var_os("TUNNEL_BIN_DIR").map_or_else(
+        || {
+            let parent = exe.parent().expect("the executable is in a directory");
+            if parent.file_name().is_some_and(|n| n == "deps") {
+                parent.parent().expect("target/<profile>").to_owned()
+            } else {
+                parent.to_owned()
+            }
+        },
+        PathBuf::from,
+    );
     let path = dir.join(name);
     assert!(
         path.exists(),
@@ -189,4 +197,31 @@ pub fn run_ok(bin_name: &str, home: &Path, args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).expect("utf-8 output")
+}
+
+fn status_kib(pid: u32, key: &str) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+}
+
+/// Resident memory now, KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:").unwrap_or(0)
+}
+
+/// Peak resident memory since start or the last [`reset_peak`], KiB.
+pub fn peak_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmHWM:").unwrap_or(0)
+}
+
+/// Resets the peak-RSS counter (Linux `clear_refs` 5).
+pub fn reset_peak(pid: u32) {
+    let _ = fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+/// Open file descriptors of a process.
+pub fn fd_count(pid: u32) -> usize {
+    fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, Iterator::count)
 }

@@ -105,6 +105,8 @@ pub(crate) fn descendants(pid: u32) -> Vec<u32> {
     out
 }
 
+pub(crate) use tunnel_testkit::process::{peak_kib, reset_peak, rss_kib};
+
 /// CPU seconds (user + system) used so far by `pid` and its live descendants.
 pub(crate) fn cpu_seconds_tree(pid: u32) -> f64 {
     let ticks: u64 = std::iter::once(pid)
@@ -124,28 +126,6 @@ fn clock_ticks() -> f64 {
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
         .unwrap_or(100.0)
-}
-
-fn status_kib(pid: u32, key: &str) -> Option<u64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-}
-
-/// Resident memory now, KiB.
-pub(crate) fn rss_kib(pid: u32) -> u64 {
-    status_kib(pid, "VmRSS:").unwrap_or(0)
-}
-
-/// Peak resident memory since start or the last [`reset_peak`], KiB.
-pub(crate) fn peak_kib(pid: u32) -> u64 {
-    status_kib(pid, "VmHWM:").unwrap_or(0)
-}
-
-/// Resets the peak-RSS counter (Linux `clear_refs` 5).
-pub(crate) fn reset_peak(pid: u32) {
-    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
 }
 
 pub(crate) fn sh(cmd: &str) -> String {
