@@ -42,6 +42,8 @@ pub mod client;
 pub mod config;
 pub mod device;
 pub mod discovery;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod iam;
 pub mod limits;
 pub mod pairing;
