@@ -7,7 +7,10 @@
 //! | [`secret`] | pure | [`secret::Secret`]: tokens and passwords (zeroized, redacted, constant-time) |
 //! | [`codec`] | pure | the frame codec (`len ‖ postcard ‖ crc32`) |
 //! | [`framed`] | IO | frames on QUIC streams |
-//! | [`transport`] | IO | UDP sockets, quinn endpoints, TLS configs, pinning verifiers |
+//! | [`transport`] | IO | UDP sockets (direct and relayed paths), quinn endpoints, TLS configs, pinning verifiers |
+//! | [`jwt`] | pure + JWKS file | JWTs of an identity provider (ES256, RS256) as an alternative to tokens |
+//! | [`limits`] | pure | sources (IPv4, IPv6 /64), token buckets, the handshake gate |
+//! | [`relay`] | pure | the relay leg protocol: hello, events, codes, token hashes, datagram tags |
 //! | [`fsutil`] | IO | atomic writes, private dirs and files, locks |
 //! | [`shutdown`] | IO | SIGINT/SIGTERM: graceful first, immediate second |
 //!
@@ -30,6 +33,9 @@ pub mod codec;
 pub mod framed;
 pub mod fsutil;
 pub mod identity;
+pub mod jwt;
+pub mod limits;
+pub mod relay;
 pub mod secret;
 pub mod shutdown;
 pub mod transport;

@@ -3,14 +3,13 @@
 //! # Layout
 //! | module | kind | holds |
 //! |---|---|---|
-//! | [`identity`], [`secret`], [`fsutil`], [`framed`], [`transport`], [`shutdown`] | re-exported | from `tunnel-core`: keys, secrets, files, frames, QUIC, signals |
+//! | [`identity`], [`secret`], [`fsutil`], [`framed`], [`transport`], [`shutdown`], [`limits`], [`relay`], [`jwt`] | re-exported | from `tunnel-core`: keys, secrets, files, frames, QUIC and relayed paths, signals, limits, the relay leg protocol, JWTs |
 //! | [`proto`] | pure | ALPN, messages, stream header, close/reject/error codes |
 //! | [`wire`] | IO | the tunnel protocol on QUIC: hello, control calls, tunnel stream headers |
 //! | [`config`] | pure + file edge | `device.toml`, `HOST:PORT`, networks, identifiers |
 //! | [`iam`] | pure (+ `iam.toml` loader) | actions, policies, roles, evaluation |
 //! | [`authz`] | pure | who a connection is, admission, every decision, re-enforcement actions |
 //! | [`pairing`] | pure | modes, pairing strings, SPAKE2 with channel binding, limiter, password flow |
-//! | [`limits`] | pure | sources (IPv4, IPv6 /64), token buckets, the handshake gate |
 //! | [`sanitize`] | pure | peer strings made safe to print (control and bidi characters escaped) |
 //! | [`state`] | pure + [`state::StateStore`] | `state.json`: users; locked, atomic updates |
 //! | [`splice`] | IO | TCP ⇄ QUIC stream copy with the half-close / reset contract |
@@ -35,7 +34,7 @@
     clippy::too_many_lines
 )]
 
-pub use tunnel_core::{framed, fsutil, identity, secret, shutdown, transport};
+pub use tunnel_core::{framed, fsutil, identity, jwt, limits, relay, secret, shutdown, transport};
 
 pub mod authz;
 pub mod client;
@@ -45,7 +44,6 @@ pub mod discovery;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod iam;
-pub mod limits;
 pub mod pairing;
 pub mod proto;
 pub mod sanitize;

@@ -127,7 +127,13 @@ impl Sanitize for Response {
             Self::Settings(Settings {
                 open_pairing_role, ..
             }) => open_pairing_role.sanitize(),
-            Self::Ok | Self::PakeReply { .. } | Self::PakeConfirmed { .. } | Self::Token(_) => {}
+            // Relays are parsed values (`HOST:PORT` with a checked host, a hex fingerprint):
+            // nothing printable is left to escape.
+            Self::Ok
+            | Self::PakeReply { .. }
+            | Self::PakeConfirmed { .. }
+            | Self::Token(_)
+            | Self::Relays(_) => {}
         }
     }
 }

@@ -208,6 +208,8 @@ impl TestClient {
                 addresses: &addrs,
                 pin: Some(dev.fingerprint),
                 sct,
+                relays: &[],
+                device_id: None,
             },
             &opts,
         )

@@ -21,13 +21,12 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tunnel_shared::client::open::{ForwardSpec, OpenOptions, Opener};
 use tunnel_shared::client::pair::{self, LocalPairing, PairOutcome};
-use tunnel_shared::client::{ClientError, ClientHome, ConnectOptions, connect_paired};
-use tunnel_shared::config::{HostPort, default_client_home};
+use tunnel_shared::client::{ClientError, ClientHome, ConnectOptions, Dialer, connect_paired};
+use tunnel_shared::config::{HostPort, RelayRef, default_client_home};
 use tunnel_shared::discovery;
 use tunnel_shared::identity::{Fingerprint, KeyFileError};
 use tunnel_shared::pairing::{PairingMode, PairingString};
 use tunnel_shared::secret::Secret;
-use tunnel_shared::transport;
 
 /// Reach a device's TCP services (ssh, a camera's RTSP, a web UI) through local listeners carried
 /// over an authenticated, encrypted QUIC tunnel. Devices are pinned by key fingerprint, like
@@ -177,13 +176,32 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum DeviceCmd {
-    /// Pin a device: its addresses and key fingerprint (like a known_hosts line).
+    /// Pin a device: its addresses and/or relays, and its key fingerprint (like a known_hosts
+    /// line).
     Add {
         /// Local name for the device.
         name: String,
         /// HOST:PORT, repeatable (tried in order). HOST may be IPv4, [IPv6] or a DNS name.
-        #[arg(long = "addr", value_name = "HOST:PORT", required = true)]
+        #[arg(
+            long = "addr",
+            value_name = "HOST:PORT",
+            required_unless_present = "relays"
+        )]
         addrs: Vec<HostPort>,
+        /// A relay the device is attached to, HOST:PORT, repeatable (each with a
+        /// --relay-fingerprint, in the same order). Tried in parallel with the addresses.
+        #[arg(
+            long = "relay",
+            value_name = "HOST:PORT",
+            requires = "relay_fingerprints"
+        )]
+        relays: Vec<HostPort>,
+        /// The relay's key fingerprint (`tunnel-relay fingerprint`), one per --relay.
+        #[arg(long = "relay-fingerprint", value_name = "FP")]
+        relay_fingerprints: Vec<Fingerprint>,
+        /// The device's id (needed with --relay: a relay knows devices by id).
+        #[arg(long, value_name = "ID")]
+        device_id: Option<String>,
         /// The device's full key fingerprint (64 hex; `tunnel-device fingerprint` prints it).
         #[arg(long)]
         fingerprint: Fingerprint,
@@ -276,7 +294,8 @@ fn exit_code(e: &ClientError) -> u8 {
         | E::PinnedToOtherKey { .. }
         | E::NoForwards
         | E::NeedsUsername
-        | E::NeedsPairingString(_) => 2,
+        | E::NeedsPairingString(_)
+        | E::NeedsDeviceId => 2,
         E::Key(
             KeyFileError::Unprotected { .. }
             | KeyFileError::Invalid { .. }
@@ -458,17 +477,38 @@ fn dispatch(command: Command, home: ClientHome) -> Result<(), Failure> {
         Command::Device(DeviceCmd::Add {
             name,
             addrs,
+            relays,
+            relay_fingerprints,
+            device_id,
             fingerprint,
             sct,
             sct_file,
         }) => {
+            if relays.len() != relay_fingerprints.len() {
+                return Err(Failure::usage(
+                    "give one --relay-fingerprint per --relay, in the same order",
+                ));
+            }
+            let relays: Vec<RelayRef> = relays
+                .into_iter()
+                .zip(relay_fingerprints)
+                .map(|(addr, fingerprint)| RelayRef { addr, fingerprint })
+                .collect();
             let sct = secret_arg(sct, sct_file, "TUNNEL_SCT", "token", "--sct-file")?;
-            let dev = home.add_device(&name, addrs, fingerprint, sct.map(Secret::new))?;
-            let addrs: Vec<String> = dev.addresses.iter().map(ToString::to_string).collect();
+            let dev = home.add_device(
+                &name,
+                addrs,
+                fingerprint,
+                sct.map(Secret::new),
+                relays,
+                device_id,
+            )?;
+            let mut paths: Vec<String> = dev.addresses.iter().map(ToString::to_string).collect();
+            paths.extend(dev.relays.iter().map(|r| format!("relay {}", r.addr)));
             println!(
                 "Pinned device '{}' at {} with key {}",
                 dev.name,
-                addrs.join(", "),
+                paths.join(", "),
                 dev.fingerprint
             );
         }
@@ -617,6 +657,9 @@ fn print_devices(home: &ClientHome, json: bool) -> Result<(), Failure> {
                     "device_id": d.device_id,
                     "user": d.user,
                     "has_sct": d.sct.is_some(),
+                    "relays": d.relays.iter().map(|r| serde_json::json!({
+                        "addr": r.addr.to_string(), "fingerprint": r.fingerprint.to_string(),
+                    })).collect::<Vec<_>>(),
                 })
             })
             .collect();
@@ -632,7 +675,8 @@ fn print_devices(home: &ClientHome, json: bool) -> Result<(), Failure> {
             "NAME", "DEVICE ID", "FINGERPRINT", "USER"
         );
         for d in &known.devices {
-            let addrs: Vec<String> = d.addresses.iter().map(ToString::to_string).collect();
+            let mut addrs: Vec<String> = d.addresses.iter().map(ToString::to_string).collect();
+            addrs.extend(d.relays.iter().map(|r| format!("relay {}", r.addr)));
             println!(
                 "{:<16} {:<24} {:<18} {:<10} {}",
                 d.name,
@@ -650,11 +694,12 @@ async fn services_cmd(home: ClientHome, device: &str, json: bool) -> Result<(), 
     let identity = home.identity()?;
     let dev = home.find_device(device)?;
     let opts = ConnectOptions::default();
-    let endpoint = transport::client_endpoint(&opts.transport)?;
-    let session = connect_paired(&home, &endpoint, &identity, &dev, &opts).await?;
+    let dialer = Dialer::new(&opts.transport)?;
+    let session = connect_paired(&home, &dialer, &identity, &dev, &opts).await?;
     let services = session.services().await?;
     session.close();
-    endpoint.wait_idle().await;
+    drop(session);
+    dialer.close().await;
     if json {
         let v: Vec<_> = services
             .iter()

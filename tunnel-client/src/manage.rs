@@ -4,10 +4,9 @@
 use std::io::IsTerminal;
 
 use tunnel_shared::client::{
-    ClientError, ClientHome, ConnectOptions, KnownDevice, Session, connect_paired,
+    ClientError, ClientHome, ConnectOptions, Dialer, KnownDevice, Session, connect_paired,
 };
 use tunnel_shared::pairing::{PairingMode, PairingString};
-use tunnel_shared::transport;
 
 use crate::{PairingCmd, UserCmd};
 
@@ -20,11 +19,12 @@ async fn with_session<T>(
     let identity = home.identity()?;
     let dev = home.find_device(device)?;
     let opts = ConnectOptions::default();
-    let endpoint = transport::client_endpoint(&opts.transport)?;
-    let session = connect_paired(home, &endpoint, &identity, &dev, &opts).await?;
+    let dialer = Dialer::new(&opts.transport)?;
+    let session = connect_paired(home, &dialer, &identity, &dev, &opts).await?;
     let out = f(&session, &dev).await;
     session.close();
-    endpoint.wait_idle().await;
+    drop(session);
+    dialer.close().await;
     out
 }
 
@@ -130,6 +130,7 @@ pub(crate) async fn user(home: &ClientHome, device: &str, cmd: UserCmd) -> Resul
                 username: Some(invite.username),
                 password: invite.password,
                 sct: Some(invite.sct),
+                relays: dev.relays.clone(),
             });
             Ok(())
         }
@@ -170,6 +171,7 @@ pub(crate) async fn pairing(
                     username: None,
                     password: settings.open_password,
                     sct: Some(settings.open_sct),
+                    relays: dev.relays.clone(),
                 });
             }
             Ok(())

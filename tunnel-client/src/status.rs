@@ -158,8 +158,13 @@ fn link_line(status: &Status) -> String {
     let link = status.link.borrow().clone();
     match link {
         LinkState::Connecting => format!("device {}: connecting…", status.device),
-        LinkState::Connected { conn, addr } => format!(
-            "device {}: connected to {addr}, rtt {:.1} ms",
+        LinkState::Connected { conn, addr, path } if path == "direct" => format!(
+            "device {}: connected to {addr} (direct), rtt {:.1} ms",
+            status.device,
+            conn.rtt().as_secs_f64() * 1000.0
+        ),
+        LinkState::Connected { conn, path, .. } => format!(
+            "device {}: connected, {path}, rtt {:.1} ms",
             status.device,
             conn.rtt().as_secs_f64() * 1000.0
         ),

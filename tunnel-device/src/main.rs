@@ -15,7 +15,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
-use tunnel_shared::config::{HostPort, ServiceSpec, default_device_home};
+use tunnel_shared::config::{HostPort, RelayRef, ServiceSpec, default_device_home};
 use tunnel_shared::device::admin::{self, ExplainQuery, InitOptions};
 use tunnel_shared::device::{self, DeviceError, DeviceHome, RunOptions};
 use tunnel_shared::iam::{Action, DEFAULT_IAM_TOML};
@@ -101,6 +101,9 @@ enum Command {
     /// Manage the services in device.toml (a running device reloads them).
     #[command(subcommand)]
     Service(ServiceCmd),
+    /// Relays the device attaches to, so clients reach it from anywhere (behind NAT too).
+    #[command(subcommand)]
+    Relay(RelayCmd),
     /// Manage users, the device's access list (like authorized_keys).
     #[command(subcommand)]
     User(UserCmd),
@@ -130,6 +133,31 @@ enum ServiceCmd {
     Remove {
         /// Service id.
         id: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RelayCmd {
+    /// List the relays and their fingerprints (`run` shows each one's state).
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Attach to a relay (a running device connects within a second). The relay's operator
+    /// must serve this device: `tunnel-relay device add DEVICE_ID --fingerprint DEVICE_FP`.
+    Add {
+        /// The relay's UDP address, HOST:PORT.
+        addr: HostPort,
+        /// The relay's key fingerprint (`tunnel-relay fingerprint`); the device refuses a relay
+        /// with another key.
+        #[arg(long)]
+        fingerprint: Fingerprint,
+    },
+    /// Detach from a relay.
+    Remove {
+        /// The relay's address as added.
+        addr: HostPort,
     },
 }
 
@@ -394,6 +422,7 @@ fn dispatch(command: Command, home: &DeviceHome) -> Result<ExitCode, Failure> {
         }
         Command::Fingerprint => println!("{}", admin::fingerprint(home)?),
         Command::Service(cmd) => service_cmd(home, cmd)?,
+        Command::Relay(cmd) => relay_cmd(home, cmd)?,
         Command::User(cmd) => user_cmd(home, cmd)?,
         Command::Pairing(cmd) => pairing_cmd(home, cmd)?,
         Command::Iam(cmd) => return iam_cmd(home, cmd),
@@ -484,6 +513,49 @@ async fn self_test_cmd(home: &DeviceHome) -> Result<ExitCode, Failure> {
     } else {
         ExitCode::from(1)
     })
+}
+
+fn relay_cmd(home: &DeviceHome, cmd: RelayCmd) -> Result<(), Failure> {
+    match cmd {
+        RelayCmd::List { json } => {
+            let relays = admin::relay_list(home)?;
+            if json {
+                let v: Vec<_> = relays
+                    .iter()
+                    .map(|r| {
+                        serde_json::json!({"addr": r.addr.to_string(), "fingerprint": r.fingerprint.to_string()})
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else if relays.is_empty() {
+                println!(
+                    "No relays (add one with `tunnel-device relay add HOST:PORT --fingerprint FP`)"
+                );
+            } else {
+                println!("{:<32} FINGERPRINT", "RELAY");
+                for r in relays {
+                    println!("{:<32} {}", r.addr.to_string(), r.fingerprint);
+                }
+            }
+        }
+        RelayCmd::Add { addr, fingerprint } => {
+            let relay = RelayRef { addr, fingerprint };
+            admin::relay_add(home, &relay)?;
+            println!(
+                "Added relay {} (key {}). Its operator must serve this device: tunnel-relay \
+                 device add {} --fingerprint {}",
+                relay.addr,
+                relay.fingerprint.fmt_short(),
+                admin::device_id(home)?,
+                admin::fingerprint(home)?
+            );
+        }
+        RelayCmd::Remove { addr } => {
+            admin::relay_remove(home, &addr)?;
+            println!("Removed relay {addr}");
+        }
+    }
+    Ok(())
 }
 
 fn service_cmd(home: &DeviceHome, cmd: ServiceCmd) -> Result<(), Failure> {

@@ -7,6 +7,7 @@
 //! (the caller's), 0-RTT off. Everything that speaks QUIC in the project builds its configs and
 //! endpoints here: device and client (ALPN `tunnel/1`) and, later, the relay and its legs.
 
+pub mod path;
 pub mod settings;
 pub mod socket;
 pub mod verify;
@@ -120,6 +121,47 @@ pub fn transport_config(settings: &TransportSettings, max_bidi_streams: u32) -> 
             Congestion::NewReno => Arc::new(quinn::congestion::NewRenoConfig::default()),
         };
     t.congestion_controller_factory(congestion);
+    t
+}
+
+/// Largest UDP payload of a relay leg: an Internet path (Ethernet MTU 1500 − 20 − 28). Legs run
+/// path MTU discovery up to it; the inner connection's packets must fit in one leg datagram.
+pub const LEG_MAX_UDP_PAYLOAD: u16 = 1452;
+
+/// Transport parameters of a relay leg (a device's or client's connection to a relay, or the
+/// relay's end of one): as [`transport_config`], with QUIC DATAGRAM frames on (they carry the
+/// relayed packets) and path MTU discovery capped at [`LEG_MAX_UDP_PAYLOAD`].
+pub fn leg_transport_config(
+    settings: &TransportSettings,
+    max_bidi_streams: u32,
+) -> TransportConfig {
+    let mut t = transport_config(settings, max_bidi_streams);
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(LEG_MAX_UDP_PAYLOAD);
+    // Datagram queues: a few round trips of a fast inner connection; beyond them datagrams are
+    // dropped (and the inner connection's congestion control backs off), never buffered without
+    // bound.
+    t.datagram_receive_buffer_size(Some(2 * 1024 * 1024))
+        .datagram_send_buffer_size(2 * 1024 * 1024)
+        .mtu_discovery_config(Some(mtu));
+    t
+}
+
+/// Transport parameters of an end-to-end connection that runs through a relay, whose legs carry
+/// datagrams of up to `leg_datagram` bytes: packets start at QUIC's minimum (1200) and path MTU
+/// discovery probes up to what one leg datagram holds after its tag.
+pub fn relayed_transport_config(
+    settings: &TransportSettings,
+    max_bidi_streams: u32,
+    leg_datagram: usize,
+) -> TransportConfig {
+    let mut t = transport_config(settings, max_bidi_streams);
+    let room = leg_datagram.saturating_sub(crate::relay::TAG_LEN).max(1200);
+    let mut mtu = quinn::MtuDiscoveryConfig::default();
+    mtu.upper_bound(u16::try_from(room).unwrap_or(1200));
+    t.initial_mtu(1200)
+        .min_mtu(1200)
+        .mtu_discovery_config(Some(mtu));
     t
 }
 
@@ -243,12 +285,34 @@ pub fn server_endpoint(
     server: quinn::ServerConfig,
     settings: &TransportSettings,
 ) -> Result<Endpoint, TransportError> {
+    server_endpoint_with_paths(addr, key, server, settings).map(|(ep, _)| ep)
+}
+
+/// As [`server_endpoint`], on a [`path::PathSocket`]: the endpoint also serves connections that
+/// arrive through relays, routed with the returned [`path::Paths`].
+///
+/// # Errors
+/// [`TransportError`].
+pub fn server_endpoint_with_paths(
+    addr: SocketAddr,
+    key: &SecretKey,
+    server: quinn::ServerConfig,
+    settings: &TransportSettings,
+) -> Result<(Endpoint, path::Paths), TransportError> {
     let socket = bind_udp(addr, settings.socket_buffer)?;
+    let (socket, paths) =
+        path::PathSocket::new(socket).map_err(|source| TransportError::Bind { addr, source })?;
     let reset_secret = key.derive_secret(b"tunnel/1 stateless reset key");
     let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_secret.as_slice());
     let config = endpoint_config(Some(Arc::new(reset_key)));
-    Endpoint::new(config, Some(server), socket, Arc::new(quinn::TokioRuntime))
-        .map_err(|source| TransportError::Bind { addr, source })
+    let ep = Endpoint::new_with_abstract_socket(
+        config,
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| TransportError::Bind { addr, source })?;
+    Ok((ep, paths))
 }
 
 /// A client endpoint bound to `addr` (e.g. a particular local address of a multi-homed host).
@@ -274,17 +338,31 @@ pub fn client_endpoint_on(
 /// # Errors
 /// [`TransportError::Bind`].
 pub fn client_endpoint(settings: &TransportSettings) -> Result<Endpoint, TransportError> {
+    client_endpoint_with_paths(settings).map(|(ep, _)| ep)
+}
+
+/// As [`client_endpoint`], on a [`path::PathSocket`], so connections can also run through relays
+/// (routed with the returned [`path::Paths`]).
+///
+/// # Errors
+/// [`TransportError::Bind`].
+pub fn client_endpoint_with_paths(
+    settings: &TransportSettings,
+) -> Result<(Endpoint, path::Paths), TransportError> {
     let v6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 0));
     let v4 = SocketAddr::from((std::net::Ipv4Addr::UNSPECIFIED, 0));
     let (socket, addr) = match bind_udp(v6, settings.socket_buffer) {
         Ok(s) => (s, v6),
         Err(_) => (bind_udp(v4, settings.socket_buffer)?, v4),
     };
-    Endpoint::new(
+    let (socket, paths) =
+        path::PathSocket::new(socket).map_err(|source| TransportError::Bind { addr, source })?;
+    let ep = Endpoint::new_with_abstract_socket(
         endpoint_config(None),
         None,
         socket,
         Arc::new(quinn::TokioRuntime),
     )
-    .map_err(|source| TransportError::Bind { addr, source })
+    .map_err(|source| TransportError::Bind { addr, source })?;
+    Ok((ep, paths))
 }

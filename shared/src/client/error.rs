@@ -10,6 +10,7 @@ use crate::config::{ConfigError, HostPort, ValueError};
 use crate::identity::{Fingerprint, KeyFileError};
 use crate::pairing::PairingMode;
 use crate::proto::{CloseCode, ErrorCode};
+use crate::relay::RelayCode;
 use crate::transport::TransportError;
 
 pub use super::known::LookupError;
@@ -35,9 +36,14 @@ pub enum ClientError {
     /// A name or value given is malformed.
     #[error(transparent)]
     Value(#[from] ValueError),
-    /// `device add` without an address.
-    #[error("give at least one --addr HOST:PORT")]
+    /// `device add` without an address or a relay.
+    #[error("give at least one --addr HOST:PORT (or --relay ADDR with --relay-fingerprint)")]
     NoAddress,
+    /// `device add` with a relay but no device id.
+    #[error(
+        "a relay knows the device by its id: give --device-id ID (tunnel-device init printed it)"
+    )]
+    NeedsDeviceId,
     /// `device add` with a name that is pinned already.
     #[error(
         "a device named '{name}' is already known (fingerprint {fingerprint}); `tunnel-client \
@@ -151,6 +157,31 @@ pub enum ConnectError {
         /// What happened.
         reason: String,
     },
+    /// A relay refused to connect us to the device (nothing was forwarded).
+    #[error("{}", relay_refused_message(.device, .relay, *.code))]
+    RelayRefused {
+        /// The device's local name.
+        device: String,
+        /// The relay's address.
+        relay: String,
+        /// Why.
+        code: RelayCode,
+    },
+}
+
+fn relay_refused_message(device: &str, relay: &str, code: RelayCode) -> String {
+    let hint = match code {
+        RelayCode::TOKEN_REJECTED => {
+            " (pairing stores the token; re-pair, or ask the owner for it: `tunnel-client device \
+             add ... --sct -`)"
+        }
+        RelayCode::UNKNOWN_DEVICE => {
+            " (the relay's operator adds it with `tunnel-relay device add ID --fingerprint FP`)"
+        }
+        RelayCode::DEVICE_OFFLINE => " (is tunnel-device running, with this relay in device.toml?)",
+        _ => "",
+    };
+    format!("relay {relay} refused the connection to device '{device}': {code}{hint}")
 }
 
 /// A device key that differs from the pinned one.
@@ -236,6 +267,10 @@ impl ConnectError {
                     | CloseCode::VERSION
                     | CloseCode::SCT_REJECTED
                     | CloseCode::REMOTE_DISABLED
+            ),
+            Self::RelayRefused { code, .. } => matches!(
+                *code,
+                RelayCode::TOKEN_REJECTED | RelayCode::UNKNOWN_DEVICE | RelayCode::WRONG_KEY
             ),
             Self::Device { .. } | Self::Unreachable { .. } | Self::Protocol { .. } => false,
         }

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::config::{ConfigError, HostPort, ValueError, check_id};
+use crate::config::{ConfigError, HostPort, RelayRef, ValueError, check_id};
 use crate::fsutil;
 use crate::identity::Fingerprint;
 use crate::secret::Secret;
@@ -39,9 +39,13 @@ pub struct KnownDevice {
     /// The user this client is paired as, if known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
-    /// Server-connect token for remote connections.
+    /// Server-connect token for remote connections (or a JWT of the device's identity
+    /// provider).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sct: Option<Secret>,
+    /// Relays the device is attached to (tried in parallel with the direct addresses).
+    #[serde(default, rename = "relay", skip_serializing_if = "Vec::is_empty")]
+    pub relays: Vec<RelayRef>,
 }
 
 /// A device reference could not be resolved.
@@ -76,8 +80,11 @@ impl KnownDevices {
                     d.name
                 )));
             }
-            if d.addresses.is_empty() {
-                return Err(ValueError(format!("device '{}' has no addresses", d.name)));
+            if d.addresses.is_empty() && d.relays.is_empty() {
+                return Err(ValueError(format!(
+                    "device '{}' has no addresses and no relays",
+                    d.name
+                )));
             }
         }
         Ok(known)
@@ -205,6 +212,10 @@ mod tests {
                     device_id: Some("cam-1".into()),
                     user: None,
                     sct: Some(Secret::new("tok")),
+                    relays: vec![RelayRef {
+                        addr: "relay.example.net:5593".parse().unwrap(),
+                        fingerprint: fp2,
+                    }],
                 },
                 KnownDevice {
                     name: "nas".into(),
@@ -213,6 +224,7 @@ mod tests {
                     device_id: None,
                     user: None,
                     sct: None,
+                    relays: Vec::new(),
                 },
             ],
         };

@@ -15,6 +15,7 @@ mod error;
 pub mod known;
 pub mod open;
 pub mod pair;
+mod relayed;
 mod session;
 
 use std::path::{Path, PathBuf};
@@ -23,9 +24,13 @@ use std::path::{Path, PathBuf};
 pub use crate::proto::{Invite, PairingInfo, ServiceInfo, Settings, UserInfo, Welcome};
 pub use error::{ClientError, ConnectError, LookupError, Mismatch};
 pub use known::{KnownDevice, KnownDevices};
-pub use session::{ConnectOptions, Session, Target, connect, connect_paired, connect_to};
+pub use relayed::{Channel, Dialer};
+pub use session::{
+    ConnectOptions, DIRECT_HEAD_START, Session, SessionPath, Target, connect, connect_paired,
+    connect_to, dial,
+};
 
-use crate::config::HostPort;
+use crate::config::{HostPort, RelayRef};
 use crate::fsutil::{self, LockFile};
 use crate::identity::{self, Fingerprint};
 use crate::secret::Secret;
@@ -121,20 +126,31 @@ impl ClientHome {
         Ok(out)
     }
 
-    /// Pins a device by hand (like adding a `known_hosts` line).
+    /// Pins a device by hand (like adding a `known_hosts` line): its direct addresses and/or
+    /// relays (a relay knows the device by its id, so relays need `device_id`).
     ///
     /// # Errors
-    /// [`ClientError::NameTaken`] when the name is already pinned.
+    /// [`ClientError::NameTaken`] when the name is already pinned, [`ClientError::NoAddress`]
+    /// with neither an address nor a relay, [`ClientError::NeedsDeviceId`] for relays without
+    /// the id.
     pub fn add_device(
         &self,
         name: &str,
         addresses: Vec<HostPort>,
         fingerprint: Fingerprint,
         sct: Option<Secret>,
+        relays: Vec<RelayRef>,
+        device_id: Option<String>,
     ) -> Result<KnownDevice, ClientError> {
         crate::config::check_id("device name", name)?;
-        if addresses.is_empty() {
+        if addresses.is_empty() && relays.is_empty() {
             return Err(ClientError::NoAddress);
+        }
+        if !relays.is_empty() && device_id.is_none() {
+            return Err(ClientError::NeedsDeviceId);
+        }
+        if let Some(id) = &device_id {
+            crate::config::check_id("device id", id)?;
         }
         self.update_known(|known| {
             if let Some(d) = known.devices.iter().find(|d| d.name == name) {
@@ -147,9 +163,10 @@ impl ClientHome {
                 name: name.to_string(),
                 fingerprint,
                 addresses,
-                device_id: None,
+                device_id,
                 user: None,
                 sct,
+                relays,
             };
             known.devices.push(dev.clone());
             Ok(dev)
@@ -196,8 +213,8 @@ impl ClientHome {
         })
     }
 
-    /// Records what a device told us about itself on connect (id, user, and the user's token when
-    /// known), if anything changed.
+    /// Records what a device told us about itself on connect (id, user, the user's token when
+    /// known, its relays when it said), if anything changed.
     ///
     /// # Errors
     /// File errors.
@@ -206,6 +223,7 @@ impl ClientHome {
         name: &str,
         welcome: &Welcome,
         sct: Option<&Secret>,
+        relays: Option<&[RelayRef]>,
     ) -> Result<(), ClientError> {
         let known = self.known_devices()?;
         let unchanged = known.devices.iter().any(|d| {
@@ -213,6 +231,7 @@ impl ClientHome {
                 && d.device_id.as_deref() == Some(welcome.device_id.as_str())
                 && d.user == welcome.user
                 && sct.is_none_or(|s| d.sct.as_ref() == Some(s))
+                && relays.is_none_or(|r| d.relays == r)
         });
         if unchanged {
             return Ok(());
@@ -223,6 +242,9 @@ impl ClientHome {
                 d.user.clone_from(&welcome.user);
                 if let Some(s) = sct {
                     d.sct = Some(s.clone());
+                }
+                if let Some(r) = relays {
+                    d.relays = r.to_vec();
                 }
             }
             Ok(())

@@ -29,12 +29,14 @@ use tokio_util::task::TaskTracker;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::session::{connection_error, learn};
-use super::{ClientError, ClientHome, ConnectError, ConnectOptions, KnownDevice, Session, connect};
+use super::{
+    ClientError, ClientHome, ConnectError, ConnectOptions, Dialer, KnownDevice, Session, connect,
+};
 use crate::fsutil;
 use crate::identity::Fingerprint;
 use crate::proto::{CloseCode, StreamCode};
 use crate::splice::{self, Counters, Kill};
-use crate::transport::{self, Identity};
+use crate::transport::Identity;
 use crate::wire;
 
 /// One `-L [BIND:]PORT:SERVICE`.
@@ -148,8 +150,10 @@ pub enum LinkState {
     Connected {
         /// The connection.
         conn: quinn::Connection,
-        /// The device address.
+        /// The device address (a virtual one when relayed).
         addr: SocketAddr,
+        /// `direct` or `relayed via RELAY`.
+        path: String,
     },
     /// Not connected; the next attempt is scheduled.
     Down {
@@ -182,6 +186,42 @@ struct ReadyFile<'a> {
     device: &'a str,
     device_fingerprint: String,
     services: Vec<ReadyService<'a>>,
+    /// `direct` or `relayed via RELAY` once connected (the file is rewritten at each connect).
+    path: Option<String>,
+    /// Round-trip time when it connected, ms.
+    rtt_ms: Option<f64>,
+}
+
+fn write_ready(
+    path: &std::path::Path,
+    identity: &Identity,
+    device: &KnownDevice,
+    status: &Status,
+    link: Option<(&str, Duration)>,
+) -> Result<(), ClientError> {
+    let ready = ReadyFile {
+        pid: std::process::id(),
+        fingerprint: identity.fingerprint().to_string(),
+        device: &device.name,
+        device_fingerprint: device.fingerprint.to_string(),
+        services: status
+            .services
+            .iter()
+            .map(|s| ReadyService {
+                service: &s.service,
+                local: s.local,
+            })
+            .collect(),
+        path: link.map(|(p, _)| p.to_string()),
+        rtt_ms: link.map(|(_, rtt)| rtt.as_secs_f64() * 1000.0),
+    };
+    let io = |source| ClientError::Io {
+        path: path.to_owned(),
+        source,
+    };
+    let mut json = serde_json::to_vec(&ready).map_err(|e| io(std::io::Error::other(e)))?;
+    json.push(b'\n');
+    fsutil::write_atomic(path, &json, 0o644).map_err(io)
 }
 
 #[derive(Serialize)]
@@ -196,7 +236,7 @@ pub struct Opener {
     opts: OpenOptions,
     device: KnownDevice,
     identity: Identity,
-    endpoint: quinn::Endpoint,
+    dialer: Dialer,
     listeners: Vec<(TcpListener, Arc<ServiceStatus>)>,
     status: Arc<Status>,
     link_tx: watch::Sender<LinkState>,
@@ -243,7 +283,7 @@ impl Opener {
             services.push(status.clone());
             listeners.push((listener, status));
         }
-        let endpoint = transport::client_endpoint(&opts.connect.transport)?;
+        let dialer = Dialer::new(&opts.connect.transport)?;
         let (link_tx, link_rx) = watch::channel(LinkState::Connecting);
         let status = Arc::new(Status {
             device: device.name.clone(),
@@ -252,35 +292,13 @@ impl Opener {
             link: link_rx,
         });
         if let Some(path) = &opts.ready_file {
-            let ready = ReadyFile {
-                pid: std::process::id(),
-                fingerprint: identity.fingerprint().to_string(),
-                device: &device.name,
-                device_fingerprint: device.fingerprint.to_string(),
-                services: status
-                    .services
-                    .iter()
-                    .map(|s| ReadyService {
-                        service: &s.service,
-                        local: s.local,
-                    })
-                    .collect(),
-            };
-            let mut json = serde_json::to_vec(&ready).map_err(|e| ClientError::Io {
-                path: path.clone(),
-                source: std::io::Error::other(e),
-            })?;
-            json.push(b'\n');
-            fsutil::write_atomic(path, &json, 0o644).map_err(|source| ClientError::Io {
-                path: path.clone(),
-                source,
-            })?;
+            write_ready(path, &identity, &device, &status, None)?;
         }
         Ok(Self {
             opts,
             device,
             identity,
-            endpoint,
+            dialer,
             listeners,
             status,
             link_tx,
@@ -302,9 +320,9 @@ impl Opener {
             opts,
             device,
             identity,
-            endpoint,
+            dialer,
             listeners,
-            status: _,
+            status,
             link_tx,
         } = self;
         let link_rx = link_tx.subscribe();
@@ -327,7 +345,9 @@ impl Opener {
                 stop.clone(),
             ));
         }
-        let manager = manage(&endpoint, &identity, &device, &opts, &link_tx, &ctx, &stop);
+        let manager = manage(
+            &dialer, &identity, &device, &opts, &status, &link_tx, &ctx, &stop,
+        );
         let result = manager.await;
         // Either a signal (result Ok) or a fatal error: stop accepting in both cases.
         stop.cancel();
@@ -348,7 +368,7 @@ impl Opener {
             conn.close(CloseCode::NORMAL.to_varint(), b"client exiting");
         }
         link_tx.send_replace(LinkState::Stopped(reason));
-        let _ = tokio::time::timeout(Duration::from_secs(1), endpoint.wait_idle()).await;
+        dialer.close().await;
         if let Some(path) = &opts.ready_file {
             let _ = std::fs::remove_file(path);
         }
@@ -389,12 +409,18 @@ impl Backoff {
     }
 }
 
-/// Keeps one connection to the device until `stop`. Returns `Err` only for fatal errors.
+/// Keeps one connection to the device until `stop`, direct or relayed, whichever path answers
+/// first at each attempt. Returns `Err` only for fatal errors.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the parts of one running `open`, passed once"
+)]
 async fn manage(
-    endpoint: &quinn::Endpoint,
+    dialer: &Dialer,
     identity: &Identity,
     device: &KnownDevice,
     opts: &OpenOptions,
+    status: &Status,
     link_tx: &watch::Sender<LinkState>,
     ctx: &Ctx,
     stop: &CancellationToken,
@@ -403,8 +429,16 @@ async fn manage(
     let mut checked_services = false;
     loop {
         link_tx.send_replace(LinkState::Connecting);
+        // What the last connection learned (its relays, its token) is in the file now.
+        let current = opts
+            .home
+            .find_device(&device.name)
+            .ok()
+            .filter(|d| d.fingerprint == device.fingerprint)
+            .unwrap_or_else(|| device.clone());
+        let device = &current;
         let attempt = tokio::select! {
-            r = connect(endpoint, identity, device, &opts.connect) => r,
+            r = connect(dialer, identity, device, &opts.connect) => r,
             () = stop.cancelled() => return Ok(()),
         };
         let error = match attempt {
@@ -414,13 +448,22 @@ async fn manage(
                     return Err(e);
                 }
                 backoff.reset();
+                let path = session.path.to_string();
                 info!(
                     device = %device.name,
                     addr = %session.addr,
+                    %path,
+                    rtt_ms = session.rtt().as_secs_f64() * 1000.0,
                     user = session.welcome.user.as_deref().unwrap_or("-"),
                     role = %session.welcome.role,
                     "connected"
                 );
+                if let Some(file) = &opts.ready_file
+                    && let Err(e) =
+                        write_ready(file, identity, device, status, Some((&path, session.rtt())))
+                {
+                    warn!("cannot update the ready file: {e}");
+                }
                 // Learn this user's token (needed for remote connections) if we lack it.
                 learn(&opts.home, &session, device).await;
                 if !checked_services {
@@ -430,6 +473,7 @@ async fn manage(
                 link_tx.send_replace(LinkState::Connected {
                     conn: session.conn.clone(),
                     addr: session.addr,
+                    path,
                 });
                 let reason = tokio::select! {
                     r = session.conn.closed() => r,

@@ -14,7 +14,8 @@
 use tracing::info;
 
 use super::{
-    ClientError, ClientHome, ConnectError, ConnectOptions, KnownDevice, Session, Target, connect_to,
+    ClientError, ClientHome, ConnectError, ConnectOptions, Dialer, KnownDevice, Session, Target,
+    connect_to, dial,
 };
 use crate::config::HostPort;
 use crate::identity::Fingerprint;
@@ -133,14 +134,18 @@ pub async fn pair_with_string(
     let name = name.unwrap_or(&ps.device_id).to_string();
     crate::config::check_id("device name", &name)?;
     let identity = home.identity()?;
-    let endpoint = transport::client_endpoint(&opts.transport)?;
+    let dialer = Dialer::new(&opts.transport)?;
+    // Direct, or through the string's relays: the PAKE is bound to the end-to-end TLS session,
+    // so a relay cannot take part in it.
     let target = Target {
         name: &name,
         addresses: &ps.addresses,
         pin: Some(ps.fingerprint),
         sct: ps.sct.as_ref(),
+        relays: &ps.relays,
+        device_id: Some(&ps.device_id),
     };
-    let session = connect_to(&endpoint, &identity, &target, opts).await?;
+    let session = dial(&dialer, &identity, &target, opts).await?;
     let dev = KnownDevice {
         name: name.clone(),
         fingerprint: ps.fingerprint,
@@ -148,6 +153,7 @@ pub async fn pair_with_string(
         device_id: Some(session.welcome.device_id.clone()),
         user: None,
         sct: ps.sct.clone(),
+        relays: ps.relays.clone(),
     };
     let result = if session.welcome.user.is_some() {
         already_paired(home, &session, dev).await
@@ -173,7 +179,8 @@ pub async fn pair_with_string(
         request_pairing(home, &session, &request, dev, mode, false).await
     };
     session.close();
-    endpoint.wait_idle().await;
+    drop(session);
+    dialer.close().await;
     result
 }
 
@@ -244,6 +251,8 @@ pub async fn pair_local(
         addresses: &addresses,
         pin: opts.fingerprint,
         sct: None,
+        relays: &[],
+        device_id: None,
     };
     let session = connect_to(&endpoint, &identity, &target, connect).await?;
     let name = opts
@@ -258,6 +267,7 @@ pub async fn pair_local(
         device_id: Some(session.welcome.device_id.clone()),
         user: None,
         sct: None,
+        relays: Vec::new(),
     };
     let tofu = opts.fingerprint.is_none();
     if tofu {

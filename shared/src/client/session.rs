@@ -21,8 +21,9 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 use tracing::debug;
 
+use super::relayed::{self, Channel, Dialer};
 use super::{ClientError, ClientHome, ConnectError, KnownDevice, Mismatch};
-use crate::config::{HostPort, TransportSettings};
+use crate::config::{HostPort, RelayRef, TransportSettings};
 use crate::identity::Fingerprint;
 use crate::pairing::PairingMode;
 use crate::proto::{
@@ -73,8 +74,33 @@ pub struct Session {
     pub device_fingerprint: Fingerprint,
     /// This client's key.
     pub client_fingerprint: Fingerprint,
+    /// Direct, or through which relay.
+    pub path: SessionPath,
     control: Arc<Mutex<ControlClient>>,
     device: String,
+    /// The relayed channel the connection runs in (kept open while the session lives).
+    channel: Option<Arc<Channel>>,
+}
+
+/// How a session reaches its device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionPath {
+    /// Straight to one of its addresses.
+    Direct,
+    /// Through a relay.
+    Relayed {
+        /// The relay's address.
+        relay: String,
+    },
+}
+
+impl std::fmt::Display for SessionPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Direct => f.write_str("direct"),
+            Self::Relayed { relay } => write!(f, "relayed via {relay}"),
+        }
+    }
 }
 
 /// Takes the expected answer out of a response, or turns any other into a protocol error.
@@ -173,6 +199,19 @@ impl Session {
     /// [`ConnectError`].
     pub async fn me(&self) -> Result<Option<UserInfo>, ConnectError> {
         expect!(self, self.call(&Request::GetMe).await?, Response::Me(m) => m)
+    }
+
+    /// The relays the device is attached to.
+    ///
+    /// # Errors
+    /// [`ConnectError`] (an older device answers "unknown request").
+    pub async fn relays(&self) -> Result<Vec<RelayRef>, ConnectError> {
+        expect!(self, self.call(&Request::GetRelays).await?, Response::Relays(r) => r)
+    }
+
+    /// The round-trip time of the connection now.
+    pub fn rtt(&self) -> Duration {
+        self.conn.rtt()
     }
 
     /// Pairing modes usable on this connection.
@@ -360,6 +399,10 @@ pub struct Target<'a> {
     pub pin: Option<Fingerprint>,
     /// Token for remote connections.
     pub sct: Option<&'a Secret>,
+    /// Relays the device is attached to (used only with a pin and a device id).
+    pub relays: &'a [RelayRef],
+    /// The device's id (what a relay knows it by).
+    pub device_id: Option<&'a str>,
 }
 
 impl<'a> From<&'a KnownDevice> for Target<'a> {
@@ -369,9 +412,14 @@ impl<'a> From<&'a KnownDevice> for Target<'a> {
             addresses: &d.addresses,
             pin: Some(d.fingerprint),
             sct: d.sct.as_ref(),
+            relays: &d.relays,
+            device_id: d.device_id.as_deref(),
         }
     }
 }
+
+/// How long the direct path gets before the relays are tried too.
+pub const DIRECT_HEAD_START: Duration = Duration::from_millis(300);
 
 /// Connects to `device`: tries each address in order, authenticates both keys, exchanges
 /// `Hello`/`Welcome`.
@@ -379,15 +427,197 @@ impl<'a> From<&'a KnownDevice> for Target<'a> {
 /// # Errors
 /// [`ConnectError`]; a fingerprint mismatch or refusal stops at once (no other address is tried).
 pub async fn connect(
-    endpoint: &quinn::Endpoint,
+    dialer: &Dialer,
     identity: &Identity,
     device: &KnownDevice,
     opts: &ConnectOptions,
 ) -> Result<Session, ConnectError> {
-    connect_to(endpoint, identity, &Target::from(device), opts).await
+    dial(dialer, identity, &Target::from(device), opts).await
 }
 
-/// As [`connect`], for any [`Target`].
+/// Connects to `target` by whichever path completes first: its direct addresses (with a head
+/// start of [`DIRECT_HEAD_START`]) or its relays (in parallel after that, or at once when the
+/// direct path fails). A refusal by the device itself or a wrong device key ends every attempt:
+/// another path would meet the same device.
+///
+/// # Errors
+/// As [`connect`]; when every path fails, the errors of all of them.
+pub async fn dial(
+    dialer: &Dialer,
+    identity: &Identity,
+    target: &Target<'_>,
+    opts: &ConnectOptions,
+) -> Result<Session, ConnectError> {
+    let relays: &[RelayRef] = match (target.pin, target.device_id) {
+        (Some(_), Some(_)) => target.relays,
+        _ => &[],
+    };
+    if relays.is_empty() {
+        return connect_to(&dialer.endpoint, identity, target, opts).await;
+    }
+    let direct = async {
+        if target.addresses.is_empty() {
+            return Err(ConnectError::Unreachable {
+                device: target.name.to_string(),
+                reason: "no direct address".into(),
+            });
+        }
+        connect_to(&dialer.endpoint, identity, target, opts).await
+    };
+    tokio::pin!(direct);
+    let mut direct_error = None;
+    // The head start: the direct path alone.
+    tokio::select! {
+        r = &mut direct => match r {
+            Ok(s) => return Ok(s),
+            Err(e) if decisive(&e) => return Err(e),
+            Err(e) => direct_error = Some(e),
+        },
+        () = tokio::time::sleep(DIRECT_HEAD_START) => {}
+    }
+    let mut attempts = futures_unordered(
+        relays
+            .iter()
+            .map(|r| dial_relayed(dialer, identity, target, r, opts)),
+    );
+    let mut failures = Vec::new();
+    loop {
+        tokio::select! {
+            r = &mut direct, if direct_error.is_none() => match r {
+                Ok(s) => return Ok(s),
+                Err(e) if decisive(&e) => return Err(e),
+                Err(e) => direct_error = Some(e),
+            },
+            r = attempts.join_next(), if !attempts.is_empty() => match r {
+                Some(Ok(s)) => return Ok(s),
+                Some(Err(e)) if matches!(e, ConnectError::FingerprintMismatch(_) | ConnectError::Refused { .. }) => return Err(e),
+                Some(Err(e)) => failures.push(e),
+                None => {}
+            },
+            else => break,
+        }
+        if direct_error.is_some() && attempts.is_empty() {
+            break;
+        }
+    }
+    // Every path failed: a relay's refusal says more than "unreachable".
+    if let Some(e) = failures
+        .iter()
+        .position(|e| matches!(e, ConnectError::RelayRefused { .. }))
+    {
+        return Err(failures.swap_remove(e));
+    }
+    let mut reasons: Vec<String> = direct_error.into_iter().map(|e| reason(&e)).collect();
+    reasons.extend(failures.iter().map(reason));
+    Err(ConnectError::Unreachable {
+        device: target.name.to_string(),
+        reason: reasons.join("; "),
+    })
+}
+
+/// A failure no other path can cure: the device's key is wrong, or the device refused us.
+fn decisive(e: &ConnectError) -> bool {
+    matches!(
+        e,
+        ConnectError::FingerprintMismatch(_)
+            | ConnectError::Refused { .. }
+            | ConnectError::Protocol { .. }
+    )
+}
+
+fn reason(e: &ConnectError) -> String {
+    match e {
+        ConnectError::Unreachable { reason, .. } | ConnectError::Protocol { reason, .. } => {
+            reason.clone()
+        }
+        other => other.to_string(),
+    }
+}
+
+/// Runs the relayed attempts concurrently on the current task.
+fn futures_unordered<F>(futs: impl Iterator<Item = F>) -> Attempts<F>
+where
+    F: Future<Output = Result<Session, ConnectError>>,
+{
+    Attempts {
+        futs: futs.map(Box::pin).collect(),
+    }
+}
+
+/// A small set of futures polled together, first result first (no spawning: they borrow).
+struct Attempts<F> {
+    futs: Vec<std::pin::Pin<Box<F>>>,
+}
+
+impl<F> Attempts<F>
+where
+    F: Future<Output = Result<Session, ConnectError>>,
+{
+    fn is_empty(&self) -> bool {
+        self.futs.is_empty()
+    }
+
+    async fn join_next(&mut self) -> Option<Result<Session, ConnectError>> {
+        if self.futs.is_empty() {
+            return None;
+        }
+        Some(
+            std::future::poll_fn(|cx| {
+                for i in 0..self.futs.len() {
+                    if let std::task::Poll::Ready(r) = self.futs[i].as_mut().poll(cx) {
+                        drop(self.futs.swap_remove(i));
+                        return std::task::Poll::Ready(r);
+                    }
+                }
+                std::task::Poll::Pending
+            })
+            .await,
+        )
+    }
+}
+
+/// One relayed attempt: a channel through `relay`, then the end-to-end handshake in it.
+async fn dial_relayed(
+    dialer: &Dialer,
+    identity: &Identity,
+    target: &Target<'_>,
+    relay: &RelayRef,
+    opts: &ConnectOptions,
+) -> Result<Session, ConnectError> {
+    let req = relayed::Request {
+        device: target.name,
+        device_id: target.device_id.unwrap_or_default(),
+        token: target.sct,
+        identity,
+        settings: &opts.transport,
+    };
+    let channel = tokio::time::timeout(opts.timeout, relayed::open(dialer, &req, relay))
+        .await
+        .map_err(|_| ConnectError::Unreachable {
+            device: target.name.to_string(),
+            reason: format!(
+                "via relay {}: no answer within {:?}",
+                relay.addr, opts.timeout
+            ),
+        })??;
+    let mut session = connect_addr(
+        &dialer.endpoint,
+        identity,
+        target,
+        &relay.addr,
+        channel.addr,
+        opts,
+        Some(channel.leg_datagram),
+    )
+    .await?;
+    session.path = SessionPath::Relayed {
+        relay: relay.addr.to_string(),
+    };
+    session.channel = Some(Arc::new(channel));
+    Ok(session)
+}
+
+/// Connects directly to one of `target`'s addresses (no relays).
 ///
 /// # Errors
 /// As [`connect`].
@@ -407,7 +637,7 @@ pub async fn connect_to(
             }
         };
         for addr in addrs {
-            match connect_addr(endpoint, identity, target, hp, addr, opts).await {
+            match connect_addr(endpoint, identity, target, hp, addr, opts, None).await {
                 Ok(s) => return Ok(s),
                 // A device that answered and refused, or broke the protocol, will not do better
                 // at another address.
@@ -436,6 +666,8 @@ pub async fn connect_to(
     })
 }
 
+/// One handshake with `addr`; `leg_datagram` is set when `addr` is a relayed channel (whose
+/// packets must fit in the leg's datagrams).
 async fn connect_addr(
     endpoint: &quinn::Endpoint,
     identity: &Identity,
@@ -443,15 +675,23 @@ async fn connect_addr(
     hp: &HostPort,
     addr: std::net::SocketAddr,
     opts: &ConnectOptions,
+    leg_datagram: Option<usize>,
 ) -> Result<Session, ConnectError> {
     let name = target.name;
     let unreachable = |reason: String| ConnectError::Unreachable {
         device: name.to_string(),
         reason,
     };
-    let (cfg, observed) =
+    let (mut cfg, observed) =
         transport::client_config(identity, proto::ALPN, target.pin, &opts.transport)
             .map_err(|e| unreachable(e.to_string()))?;
+    if let Some(size) = leg_datagram {
+        cfg.transport_config(Arc::new(transport::relayed_transport_config(
+            &opts.transport,
+            0,
+            size,
+        )));
+    }
     let connecting = endpoint
         .connect_with(cfg, addr, transport::SERVER_NAME)
         .map_err(|e| unreachable(e.to_string()))?;
@@ -495,8 +735,10 @@ async fn connect_addr(
             host_port: hp.clone(),
             device_fingerprint,
             client_fingerprint: me,
+            path: SessionPath::Direct,
             control: Arc::new(Mutex::new(control)),
             device: name.to_string(),
+            channel: None,
         })
     };
     match tokio::time::timeout(opts.timeout, handshake).await {
@@ -513,7 +755,7 @@ async fn connect_addr(
 /// [`ConnectError::NotPaired`] for a key on no user, or any connection error.
 pub async fn connect_paired(
     home: &ClientHome,
-    endpoint: &quinn::Endpoint,
+    endpoint: &Dialer,
     identity: &Identity,
     device: &KnownDevice,
     opts: &ConnectOptions,
@@ -524,15 +766,22 @@ pub async fn connect_paired(
     Ok(session)
 }
 
-/// Records the device id and user this session revealed, and the user's token when the entry
-/// lacks it (or belongs to another user); a file error is only logged.
+/// Records the device id and user this session revealed, the user's token when the entry lacks
+/// it (or belongs to another user), and the device's relays; a file error is only logged.
 pub(crate) async fn learn(home: &ClientHome, session: &Session, device: &KnownDevice) {
     let sct = if device.sct.is_none() || device.user != session.welcome.user {
         session.me().await.ok().flatten().and_then(|m| m.sct)
     } else {
         None
     };
-    if let Err(e) = home.remember(&device.name, &session.welcome, sct.as_ref()) {
+    // An older device does not know the request: keep what we have.
+    let relays = session.relays().await.ok();
+    if let Err(e) = home.remember(
+        &device.name,
+        &session.welcome,
+        sct.as_ref(),
+        relays.as_deref(),
+    ) {
         tracing::warn!("could not update known_devices.toml: {e}");
     }
 }

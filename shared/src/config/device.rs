@@ -12,7 +12,7 @@ use std::str::FromStr;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-use super::{ConfigError, Host, HostPort, IpNet, ValueError, check_id, is_private};
+use super::{ConfigError, Host, HostPort, IpNet, RelayRef, ValueError, check_id, is_private};
 pub use tunnel_core::transport::{Congestion, TransportSettings};
 
 /// Default UDP port of a device.
@@ -38,6 +38,12 @@ pub struct DeviceConfig {
     /// Who counts as local, remote access, discovery.
     #[serde(default)]
     pub network: NetworkSettings,
+    /// Tokens from an external identity provider, accepted besides the users' own tokens.
+    #[serde(default)]
+    pub jwt: Option<crate::jwt::JwtConfig>,
+    /// Relays the device attaches to, so clients anywhere reach it (docs/RELAY.md).
+    #[serde(default, rename = "relay")]
+    pub relays: Vec<RelayRef>,
     /// The services clients may tunnel to.
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
@@ -143,6 +149,10 @@ impl NetworkSettings {
     /// Whether a connection from `ip` is local.
     pub fn is_local(&self, ip: IpAddr) -> bool {
         let ip = ip.to_canonical();
+        // A relayed connection is remote whatever the networks say (DESIGN §6).
+        if crate::transport::path::is_virtual(SocketAddr::new(ip, 0)) {
+            return false;
+        }
         (self.trust_private_networks && is_private(ip))
             || self.local_networks.iter().any(|n| n.contains(ip))
     }
@@ -268,6 +278,17 @@ impl DeviceConfig {
         }
         if self.listen.is_empty() {
             return Err(ValueError("listen must hold at least one address".into()));
+        }
+        if self.relays.len() > 8 {
+            return Err(ValueError("at most 8 [[relay]] entries".into()));
+        }
+        for (i, r) in self.relays.iter().enumerate() {
+            if self.relays[..i].iter().any(|o| o.addr == r.addr) {
+                return Err(ValueError(format!(
+                    "relay {} appears twice in device.toml",
+                    r.addr
+                )));
+            }
         }
         let l = &self.limits;
         if l.max_connections == 0
@@ -429,6 +450,59 @@ pub fn add_service_to_toml(text: &str, svc: &ServiceConfig) -> Result<String, Va
     out.push_str(&service_toml(svc));
     DeviceConfig::from_toml(&out)?;
     Ok(out)
+}
+
+/// Adds a `[[relay]]` to the `device.toml` text (or replaces the fingerprint of the relay at
+/// that address), keeping everything else.
+///
+/// # Errors
+/// When the text does not parse or the result is not a valid `device.toml`.
+pub fn add_relay_to_toml(text: &str, relay: &RelayRef) -> Result<String, ValueError> {
+    let mut doc: toml_edit::DocumentMut = text
+        .parse()
+        .map_err(|e: toml_edit::TomlError| ValueError(e.to_string()))?;
+    let arr = doc
+        .entry("relay")
+        .or_insert_with(|| toml_edit::Item::ArrayOfTables(toml_edit::ArrayOfTables::new()))
+        .as_array_of_tables_mut()
+        .ok_or_else(|| ValueError("'relay' in device.toml must be [[relay]] tables".into()))?;
+    let addr = relay.addr.to_string();
+    if let Some(t) = arr
+        .iter_mut()
+        .find(|t| t.get("addr").and_then(toml_edit::Item::as_str) == Some(addr.as_str()))
+    {
+        t["fingerprint"] = toml_edit::value(relay.fingerprint.to_string());
+    } else {
+        let mut t = toml_edit::Table::new();
+        t["addr"] = toml_edit::value(addr);
+        t["fingerprint"] = toml_edit::value(relay.fingerprint.to_string());
+        arr.push(t);
+    }
+    let out = doc.to_string();
+    DeviceConfig::from_toml(&out)?;
+    Ok(out)
+}
+
+/// Removes the `[[relay]]` at `addr` from the `device.toml` text.
+///
+/// # Errors
+/// When the text does not parse or there is no such relay.
+pub fn remove_relay_from_toml(text: &str, addr: &HostPort) -> Result<String, ValueError> {
+    let mut doc: toml_edit::DocumentMut = text
+        .parse()
+        .map_err(|e: toml_edit::TomlError| ValueError(e.to_string()))?;
+    let addr = addr.to_string();
+    let missing = || ValueError(format!("there is no relay {addr} in device.toml"));
+    let arr = doc
+        .get_mut("relay")
+        .and_then(toml_edit::Item::as_array_of_tables_mut)
+        .ok_or_else(missing)?;
+    let before = arr.len();
+    arr.retain(|t| t.get("addr").and_then(toml_edit::Item::as_str) != Some(addr.as_str()));
+    if arr.len() == before {
+        return Err(missing());
+    }
+    Ok(doc.to_string())
 }
 
 /// Removes a service from the `device.toml` text, keeping everything else.

@@ -13,9 +13,10 @@ use std::path::{Path, PathBuf};
 
 pub use device::{
     Congestion, DEFAULT_PORT, DeviceConfig, Limits, NetworkSettings, ServiceConfig, ServiceSpec,
-    TransportSettings, add_service_to_toml, remove_service_from_toml, set_name_in_toml,
+    TransportSettings, add_relay_to_toml, add_service_to_toml, remove_relay_from_toml,
+    remove_service_from_toml, set_name_in_toml,
 };
-pub use values::{Host, HostPort, IpNet, check_id, is_private};
+pub use values::{Host, HostPort, IpNet, RelayRef, check_id, is_private};
 
 /// The default device home: `$XDG_DATA_HOME/tunnel-device`, else `~/.local/share/tunnel-device`.
 pub fn default_device_home() -> Option<PathBuf> {

@@ -67,6 +67,22 @@ impl fmt::Display for Host {
     }
 }
 
+/// A relay: where it listens and the fingerprint of its key (pinned like a device's).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RelayRef {
+    /// Its UDP address.
+    pub addr: HostPort,
+    /// Its key.
+    pub fingerprint: crate::identity::Fingerprint,
+}
+
+impl fmt::Display for RelayRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.addr, self.fingerprint.fmt_short())
+    }
+}
+
 /// `HOST:PORT` where HOST is an IPv4 address, `[IPv6]` or a DNS name.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct HostPort {

@@ -100,6 +100,8 @@ pub fn init(home: &DeviceHome, opts: InitOptions) -> Result<InitReport, DeviceEr
         limits: Limits::default(),
         transport: TransportSettings::default(),
         network: NetworkSettings::default(),
+        jwt: None,
+        relays: Vec::new(),
         services,
     };
     cfg.validate()?;
@@ -365,6 +367,7 @@ pub fn pairing_string(
         username: username.map(str::to_string),
         password,
         sct: Some(sct),
+        relays: config.relays,
     })
 }
 
@@ -390,6 +393,39 @@ pub fn service_add(home: &DeviceHome, svc: &ServiceConfig) -> Result<(), DeviceE
 /// [`DeviceError`].
 pub fn service_remove(home: &DeviceHome, id: &str) -> Result<(), DeviceError> {
     home.edit_config(|text| config::remove_service_from_toml(text, id))
+}
+
+/// Attaches the device to a relay (`[[relay]]` in `device.toml`); a running device connects to
+/// it within a second.
+///
+/// # Errors
+/// [`DeviceError`].
+pub fn relay_add(home: &DeviceHome, relay: &config::RelayRef) -> Result<(), DeviceError> {
+    home.edit_config(|text| config::add_relay_to_toml(text, relay))
+}
+
+/// Detaches the device from the relay at `addr`.
+///
+/// # Errors
+/// [`DeviceError`].
+pub fn relay_remove(home: &DeviceHome, addr: &HostPort) -> Result<(), DeviceError> {
+    home.edit_config(|text| config::remove_relay_from_toml(text, addr))
+}
+
+/// The device id of `device.toml`.
+///
+/// # Errors
+/// [`DeviceError::Config`].
+pub fn device_id(home: &DeviceHome) -> Result<String, DeviceError> {
+    Ok(home.load_config()?.device_id)
+}
+
+/// The relays of `device.toml`.
+///
+/// # Errors
+/// [`DeviceError::Config`].
+pub fn relay_list(home: &DeviceHome) -> Result<Vec<config::RelayRef>, DeviceError> {
+    Ok(home.load_config()?.relays)
 }
 
 /// Renames the device in `device.toml`, keeping its comments.

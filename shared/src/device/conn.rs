@@ -161,7 +161,15 @@ impl Drop for HandshakeSlot {
 
 /// Accepts connections on `endpoint` until shutdown, each in its own task, after the handshake
 /// gate: a Retry for unproven sources under load, caps per source and in total.
-pub(crate) async fn accept_loop(live: Arc<Live>, endpoint: quinn::Endpoint) {
+///
+/// A connection that arrives through a relay (from a virtual address) is accepted with
+/// `relayed`, the server configuration whose packets fit in relay legs; the relay validated its
+/// client's address already, so it gets no Retry.
+pub(crate) async fn accept_loop(
+    live: Arc<Live>,
+    endpoint: quinn::Endpoint,
+    relayed: Arc<quinn::ServerConfig>,
+) {
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => match i {
@@ -172,10 +180,11 @@ pub(crate) async fn accept_loop(live: Arc<Live>, endpoint: quinn::Endpoint) {
         };
         let limits = live.config().limits.handshakes();
         let source = incoming.remote_address().ip();
+        let via_relay = transport::path::is_virtual(incoming.remote_address());
         let gate = live.handshakes.lock().map_or(Gate::Ignore, |mut g| {
             let gate = g.decide(
                 source,
-                incoming.remote_address_validated(),
+                incoming.remote_address_validated() || via_relay,
                 incoming.may_retry(),
                 &limits,
             );
@@ -204,17 +213,30 @@ pub(crate) async fn accept_loop(live: Arc<Live>, endpoint: quinn::Endpoint) {
         };
         let id = live.next_id();
         let span = info_span!("conn", id, remote = %incoming.remote_address(), peer = tracing::field::Empty);
-        live.tasks
-            .spawn(handle(live.clone(), incoming, id, slot).instrument(span));
+        live.tasks.spawn(
+            handle(
+                live.clone(),
+                incoming,
+                via_relay.then(|| relayed.clone()),
+                id,
+                slot,
+            )
+            .instrument(span),
+        );
     }
 }
 
 /// Completes the handshake and `Hello` within the handshake timeout.
 async fn handshake(
     incoming: quinn::Incoming,
+    relayed: Option<Arc<quinn::ServerConfig>>,
     deadline: Duration,
 ) -> Option<(quinn::Connection, Fingerprint, ControlServer, Hello)> {
-    let connecting = match incoming.accept() {
+    let accepted = match relayed {
+        Some(cfg) => incoming.accept_with(cfg),
+        None => incoming.accept(),
+    };
+    let connecting = match accepted {
         Ok(c) => c,
         Err(e) => {
             debug!("handshake refused: {e}");
@@ -252,10 +274,18 @@ async fn handshake(
     }
 }
 
-async fn handle(live: Arc<Live>, incoming: quinn::Incoming, id: u64, slot: HandshakeSlot) {
+async fn handle(
+    live: Arc<Live>,
+    incoming: quinn::Incoming,
+    relayed: Option<Arc<quinn::ServerConfig>>,
+    id: u64,
+    slot: HandshakeSlot,
+) {
     let remote = incoming.remote_address();
     let deadline = Duration::from_secs(live.config().limits.handshake_timeout_secs);
-    let Some((quic, fingerprint, mut control, hello)) = handshake(incoming, deadline).await else {
+    let Some((quic, fingerprint, mut control, hello)) =
+        handshake(incoming, relayed, deadline).await
+    else {
         return;
     };
     let Some((conn, welcome, unpaired_timeout)) = admit(&live, &quic, fingerprint, remote, &hello)
@@ -275,6 +305,7 @@ async fn handle(live: Arc<Live>, incoming: quinn::Incoming, id: u64, slot: Hands
         user = welcome.user.as_deref().unwrap_or("(unpaired)"),
         role = %welcome.role,
         local = welcome.local,
+        path = if transport::path::is_virtual(remote) { "relayed" } else { "direct" },
         client = %client_name(&hello),
         "client connected"
     );

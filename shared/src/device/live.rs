@@ -63,6 +63,10 @@ pub(crate) struct Live {
     pub(crate) tasks: TaskTracker,
     /// Tunnel tasks (drained separately at shutdown).
     pub(crate) streams: TaskTracker,
+    /// Bumped at every change of the state (the relay legs upload new token hashes).
+    state_version: tokio::sync::watch::Sender<u64>,
+    /// Bumped at every change of the configuration (the relay legs follow `[[relay]]`).
+    config_version: tokio::sync::watch::Sender<u64>,
 }
 
 fn read<T: Clone>(lock: &RwLock<T>) -> T {
@@ -150,6 +154,8 @@ impl Live {
             kill: CancellationToken::new(),
             tasks: TaskTracker::new(),
             streams: TaskTracker::new(),
+            state_version: tokio::sync::watch::Sender::new(0),
+            config_version: tokio::sync::watch::Sender::new(0),
         }
     }
 
@@ -184,10 +190,22 @@ impl Live {
 
     pub(crate) fn set_config(&self, config: DeviceConfig) {
         write(&self.config, Arc::new(config));
+        self.config_version.send_modify(|v| *v += 1);
     }
 
     pub(crate) fn set_state(&self, state: DeviceState) {
         write(&self.state, Arc::new(state));
+        self.state_version.send_modify(|v| *v += 1);
+    }
+
+    /// Changes whenever the state changes.
+    pub(crate) fn state_changed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.state_version.subscribe()
+    }
+
+    /// Changes whenever the configuration changes.
+    pub(crate) fn config_changed(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.config_version.subscribe()
     }
 
     pub(crate) fn set_iam(&self, iam: IamConfig) {

@@ -10,6 +10,7 @@
 //! | `live` | the running state: current policy, live connections, applying [`crate::authz`] |
 //! | `reload` | watching the three files and re-enforcing after a change |
 //! | `conn` | one connection: handshake, `Hello`, admission, `Welcome` |
+//! | `relay` | legs to the relays of `[[relay]]`: attach, token hashes, relayed datagrams, backoff |
 //! | `stream` | tunnel streams: header, `Tunnel:Connect`, target connect, splice; the self-test |
 //! | `resolve` | connecting to a target: the one place service names are resolved (30 s cache) |
 //! | `control` | control requests, one file per area (services, pairing, users, settings) |
@@ -37,6 +38,7 @@ mod conn;
 mod control;
 pub mod home;
 mod live;
+mod relay;
 mod reload;
 mod resolve;
 mod stream;
@@ -60,6 +62,7 @@ use crate::state::{DeviceState, StateError};
 use crate::transport::{self, Identity, TransportError};
 pub use home::DeviceHome;
 use live::Live;
+pub use relay::RelayStatus;
 pub use stream::{Probe, probe_services};
 
 /// Options of [`run`].
@@ -103,6 +106,29 @@ pub struct Ready {
     pub name: String,
     /// Bound UDP addresses.
     pub listen: Vec<SocketAddr>,
+    /// Each relay of `[[relay]]` and its state (the ready file is rewritten when one changes).
+    pub relays: Vec<RelayStatus>,
+}
+
+impl Ready {
+    fn new(identity: &Identity, config: &DeviceConfig, bound: &[SocketAddr]) -> Self {
+        Self {
+            pid: std::process::id(),
+            fingerprint: identity.fingerprint().to_string(),
+            device_id: config.device_id.clone(),
+            name: config.name.clone(),
+            listen: bound.to_vec(),
+            relays: config
+                .relays
+                .iter()
+                .map(|r| RelayStatus {
+                    addr: r.addr.to_string(),
+                    state: "connecting".into(),
+                    observed: None,
+                })
+                .collect(),
+        }
+    }
 }
 
 /// A device operation (running it, or a command on its files) failed. Each variant says what
@@ -197,15 +223,11 @@ pub async fn run(
     } else {
         &opts.listen
     };
-    let (endpoints, bound) = bind(&identity, &config, listen)?;
+    let (endpoints, paths, bound) = bind(&identity, &config, listen)?;
+    // Relay legs are client connections from their own socket.
+    let leg_endpoint = transport::client_endpoint(&config.transport)?;
 
-    let ready = Ready {
-        pid: std::process::id(),
-        fingerprint: identity.fingerprint().to_string(),
-        device_id: config.device_id.clone(),
-        name: config.name.clone(),
-        listen: bound.clone(),
-    };
+    let ready = Ready::new(&identity, &config, &bound);
     log_start(&config, &state, &iam, &identity, &bound);
     let announcer = announce(&config, &identity, &bound);
 
@@ -227,20 +249,68 @@ pub async fn run(
 
     live.tasks
         .spawn(reload::watch(live.clone(), stamps, opts.reload_interval));
+    let relayed = Arc::new(relayed_server_config(&identity, &live.config())?);
     for ep in &endpoints {
         live.tasks
-            .spawn(conn::accept_loop(live.clone(), ep.clone()));
+            .spawn(conn::accept_loop(live.clone(), ep.clone(), relayed.clone()));
     }
+    start_relays(
+        &live,
+        identity,
+        leg_endpoint.clone(),
+        paths,
+        opts.ready_file.clone(),
+        ready,
+    );
 
     shutdown.cancelled().await;
     info!("shutting down: no new connections or tunnels");
     drop(announcer);
     stop(&live, &endpoints, opts.drain_timeout).await;
+    leg_endpoint.close(CloseCode::SHUTDOWN.to_varint(), b"device shutting down");
+    let _ = tokio::time::timeout(Duration::from_secs(1), leg_endpoint.wait_idle()).await;
     if let Some(path) = &opts.ready_file {
         let _ = std::fs::remove_file(path);
     }
     info!("stopped");
     Ok(())
+}
+
+/// Starts the legs to the relays of `[[relay]]` (following `device.toml`), and keeps the ready
+/// file in step with their states.
+fn start_relays(
+    live: &Arc<Live>,
+    identity: Identity,
+    leg_endpoint: quinn::Endpoint,
+    paths: transport::path::Paths,
+    ready_file: Option<PathBuf>,
+    mut ready: Ready,
+) {
+    let legs = Arc::new(relay::Legs {
+        live: live.clone(),
+        identity: Arc::new(identity),
+        endpoint: leg_endpoint,
+        paths,
+        statuses: Arc::new(relay::Statuses::default()),
+    });
+    live.tasks
+        .spawn(relay::supervise(legs.clone(), live.config_changed()));
+    let Some(path) = ready_file else {
+        return;
+    };
+    let (statuses, stop) = (legs.statuses.clone(), live.shutdown.clone());
+    live.tasks.spawn(async move {
+        loop {
+            tokio::select! {
+                () = statuses.changed() => {}
+                () = stop.cancelled() => return,
+            }
+            ready.relays = statuses.all();
+            if let Err(e) = write_ready_file(&path, &ready) {
+                warn!("cannot update the ready file '{}': {e}", path.display());
+            }
+        }
+    });
 }
 
 fn raise_open_files(config: &DeviceConfig) {
@@ -255,12 +325,20 @@ fn raise_open_files(config: &DeviceConfig) {
     }
 }
 
-/// One server endpoint per listen address; returns them with the addresses they bound.
+/// One server endpoint per listen address; returns them with the addresses they bound and the
+/// relayed paths of the first one (where relayed clients arrive).
 fn bind(
     identity: &Identity,
     config: &DeviceConfig,
     listen: &[SocketAddr],
-) -> Result<(Vec<quinn::Endpoint>, Vec<SocketAddr>), DeviceError> {
+) -> Result<
+    (
+        Vec<quinn::Endpoint>,
+        transport::path::Paths,
+        Vec<SocketAddr>,
+    ),
+    DeviceError,
+> {
     // A new connection may open the control stream only; tunnel streams are allowed once its
     // key is known to be a user's (`Conn::allow_tunnels`).
     let server_cfg = transport::server_config(
@@ -272,13 +350,15 @@ fn bind(
     )?;
     let mut endpoints = Vec::new();
     let mut bound = Vec::new();
+    let mut first_paths = None;
     for addr in listen {
-        let ep = transport::server_endpoint(
+        let (ep, paths) = transport::server_endpoint_with_paths(
             *addr,
             identity.secret_key(),
             server_cfg.clone(),
             &config.transport,
         )?;
+        first_paths.get_or_insert(paths);
         bound.push(ep.local_addr().map_err(|source| {
             DeviceError::Transport(TransportError::Bind {
                 addr: *addr,
@@ -287,7 +367,31 @@ fn bind(
         })?);
         endpoints.push(ep);
     }
-    Ok((endpoints, bound))
+    let paths = first_paths.ok_or_else(|| {
+        DeviceError::Value(ValueError("listen must hold at least one address".into()))
+    })?;
+    Ok((endpoints, paths, bound))
+}
+
+/// The server configuration for clients that arrive through a relay: as the direct one, with
+/// packets that fit in a relay leg's datagrams.
+fn relayed_server_config(
+    identity: &Identity,
+    config: &DeviceConfig,
+) -> Result<quinn::ServerConfig, DeviceError> {
+    let mut cfg = transport::server_config(
+        identity,
+        proto::ALPN,
+        &config.transport,
+        1,
+        config.limits.max_handshakes,
+    )?;
+    cfg.transport_config(Arc::new(transport::relayed_transport_config(
+        &config.transport,
+        1,
+        usize::from(transport::LEG_MAX_UDP_PAYLOAD),
+    )));
+    Ok(cfg)
 }
 
 /// The shutdown order after the signal (module docs).

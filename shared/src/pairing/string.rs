@@ -6,13 +6,15 @@ use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 
-use crate::config::{HostPort, check_id};
+use crate::config::{HostPort, RelayRef, check_id};
 use crate::identity::Fingerprint;
 use crate::secret::Secret;
 
-/// Everything a client needs to pair from one line: `tp1,d=ID,f=FINGERPRINT,a=ADDR+ADDR,u=USER,
-/// p=PASSWORD,s=SCT`. It carries the device's fingerprint, so the client pins the device from the
-/// first packet (no trust on first use). Safe to paste unquoted into a shell.
+/// Everything a client needs to pair from one line: `tp1,d=ID,f=FINGERPRINT,a=ADDR+ADDR,
+/// r=RELAY/RELAY_FP+…,u=USER,p=PASSWORD,s=SCT`. It carries the device's fingerprint (and each
+/// relay's), so the client pins the device from the first packet (no trust on first use). With a
+/// relay (`r=`), pairing works from anywhere; `a=` may then be left out. Safe to paste unquoted
+/// into a shell.
 #[derive(Clone, PartialEq, Eq)]
 pub struct PairingString {
     /// Device id.
@@ -27,6 +29,8 @@ pub struct PairingString {
     pub password: Secret,
     /// The server-connect token to present on remote connections.
     pub sct: Option<Secret>,
+    /// Relays the device is attached to.
+    pub relays: Vec<RelayRef>,
 }
 
 impl fmt::Debug for PairingString {
@@ -35,6 +39,7 @@ impl fmt::Debug for PairingString {
             .field("device_id", &self.device_id)
             .field("fingerprint", &self.fingerprint)
             .field("addresses", &self.addresses)
+            .field("relays", &self.relays)
             .field("username", &self.username)
             .finish_non_exhaustive()
     }
@@ -48,11 +53,20 @@ impl fmt::Display for PairingString {
         let addrs: Vec<String> = self.addresses.iter().map(ToString::to_string).collect();
         write!(
             f,
-            "{PAIRING_PREFIX},d={},f={},a={}",
-            self.device_id,
-            self.fingerprint,
-            addrs.join("+")
+            "{PAIRING_PREFIX},d={},f={}",
+            self.device_id, self.fingerprint
         )?;
+        if !addrs.is_empty() {
+            write!(f, ",a={}", addrs.join("+"))?;
+        }
+        if !self.relays.is_empty() {
+            let relays: Vec<String> = self
+                .relays
+                .iter()
+                .map(|r| format!("{}/{}", r.addr, r.fingerprint))
+                .collect();
+            write!(f, ",r={}", relays.join("+"))?;
+        }
         if let Some(u) = &self.username {
             write!(f, ",u={u}")?;
         }
@@ -114,7 +128,7 @@ impl FromStr for PairingString {
             let (k, v) = part
                 .split_once('=')
                 .ok_or_else(|| E::Malformed(part.to_string()))?;
-            if !matches!(k, "d" | "f" | "a" | "u" | "p" | "s") {
+            if !matches!(k, "d" | "f" | "a" | "r" | "u" | "p" | "s") {
                 return Err(E::UnknownField(k.to_string()));
             }
             if fields.insert(k, v).is_some() {
@@ -130,12 +144,18 @@ impl FromStr for PairingString {
         let fingerprint: Fingerprint = get("f", "device fingerprint")?
             .parse()
             .map_err(|e| invalid(&e))?;
-        let addresses = get("a", "address")?
-            .split('+')
-            .map(str::parse::<HostPort>)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| invalid(&e))?;
-        if addresses.is_empty() {
+        let addresses = match fields.get("a") {
+            Some(a) => a
+                .split('+')
+                .map(str::parse::<HostPort>)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| invalid(&e))?,
+            None => Vec::new(),
+        };
+        let relays = fields
+            .get("r")
+            .map_or(Ok(Vec::new()), |r| parse_relays(r))?;
+        if addresses.is_empty() && relays.is_empty() {
             return Err(E::Missing {
                 key: "a",
                 what: "address",
@@ -164,8 +184,26 @@ impl FromStr for PairingString {
             username,
             password: Secret::new(password),
             sct,
+            relays,
         })
     }
+}
+
+/// `r=`: `HOST:PORT/FINGERPRINT` joined by `+`.
+fn parse_relays(value: &str) -> Result<Vec<RelayRef>, PairingStringError> {
+    let invalid = |e: &dyn fmt::Display| PairingStringError::Invalid(e.to_string());
+    value
+        .split('+')
+        .map(|one| {
+            let (addr, fp) = one.rsplit_once('/').ok_or_else(|| {
+                PairingStringError::Invalid(format!("relay '{one}' must be HOST:PORT/FINGERPRINT"))
+            })?;
+            Ok(RelayRef {
+                addr: addr.parse().map_err(|e| invalid(&e))?,
+                fingerprint: fp.parse().map_err(|e| invalid(&e))?,
+            })
+        })
+        .collect()
 }
 
 /// `text` as a QR code drawn with Unicode half blocks (two rows per line), for a terminal.
@@ -215,6 +253,7 @@ mod tests {
             username: Some("owner".into()),
             password: Secret::generate(crate::pairing::SECRET_LEN),
             sct: Some(Secret::generate(crate::pairing::SECRET_LEN)),
+            relays: Vec::new(),
         };
         let s = p.to_string();
         assert!(!s.contains(' ') && !s.contains(';') && !s.contains('&'));
@@ -223,9 +262,31 @@ mod tests {
         let s_open = PairingString {
             username: None,
             sct: None,
-            ..p
+            ..p.clone()
         };
         assert_eq!(s_open.to_string().parse::<PairingString>().unwrap(), s_open);
+        // With relays, the direct addresses may be left out.
+        let relayed = PairingString {
+            addresses: Vec::new(),
+            relays: vec![
+                RelayRef {
+                    addr: "relay.example.net:5593".parse().unwrap(),
+                    fingerprint: SecretKey::generate().fingerprint(),
+                },
+                RelayRef {
+                    addr: "[2001:db8::1]:443".parse().unwrap(),
+                    fingerprint: SecretKey::generate().fingerprint(),
+                },
+            ],
+            ..p
+        };
+        let text = relayed.to_string();
+        assert!(!text.contains(",a=") && text.contains(",r=relay.example.net:5593/"));
+        assert_eq!(text.parse::<PairingString>().unwrap(), relayed);
+        for bad_relay in ["r=relay:5593", "r=relay:5593/abc", "r=nohost/00"] {
+            let t = format!("{},{bad_relay}", &s[..s.find(",a=").unwrap()]);
+            assert!(t.parse::<PairingString>().is_err(), "{t}");
+        }
         for bad in [
             "",
             "tp2,d=x",
@@ -255,6 +316,7 @@ mod tests {
             username: Some("owner".into()),
             password: Secret::generate(crate::pairing::SECRET_LEN),
             sct: None,
+            relays: Vec::new(),
         };
         let plain = p.to_terminal(false);
         assert_eq!(plain.lines().nth(2), Some(format!("  {p}").as_str()));

@@ -203,6 +203,9 @@ pub enum Request {
         /// User name.
         username: String,
     },
+    /// The relays the device is attached to, so a paired client can reach it from anywhere (any
+    /// user; no action needed, like [`Request::GetMe`]).
+    GetRelays,
 }
 
 impl Request {
@@ -214,6 +217,7 @@ impl Request {
             Self::ListServices
                 | Self::GetService { .. }
                 | Self::GetMe
+                | Self::GetRelays
                 | Self::PairingGet
                 | Self::PakeStart { .. }
                 | Self::PakeConfirm { .. }
@@ -264,6 +268,8 @@ pub enum Response {
     Settings(Settings),
     /// A user's new server-connect token.
     Token(Secret),
+    /// The device's relays (`[[relay]]` in its `device.toml`).
+    Relays(Vec<crate::config::RelayRef>),
 }
 
 /// What a client may learn about a user.

@@ -46,6 +46,8 @@ fn start_proxy(dev: &TestDevice) -> (std::net::SocketAddr, tunnel_shared::identi
                 addresses: &addrs,
                 pin: Some(dev_target.1),
                 sct: hello.sct.as_ref(),
+                relays: &[],
+                device_id: None,
             },
             &tunnel_shared::client::ConnectOptions::default(),
         )
@@ -105,6 +107,8 @@ async fn a_relaying_man_in_the_middle_cannot_complete_password_pairing() {
                 addresses: &addrs,
                 pin: Some(proxy_fp),
                 sct: None,
+                relays: &[],
+                device_id: None,
             },
             &tunnel_shared::client::ConnectOptions::default(),
         )

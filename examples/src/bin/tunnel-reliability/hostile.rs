@@ -47,6 +47,8 @@ async fn stranger(
         addresses: &addrs,
         pin: Some(pin),
         sct: None,
+        relays: &[],
+        device_id: None,
     };
     let opts = ConnectOptions {
         timeout: Duration::from_secs(10),

@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use tunnel_shared::client::{ConnectOptions, KnownDevice, connect};
+use tunnel_shared::client::{ConnectOptions, KnownDevice, Target, connect_to};
 use tunnel_shared::identity;
 use tunnel_shared::transport::{self, Identity};
 use tunnel_shared::wire;
@@ -25,7 +25,7 @@ async fn cycle(
         timeout: Duration::from_secs(10),
         ..ConnectOptions::default()
     };
-    let session = connect(endpoint, identity, device, &opts)
+    let session = connect_to(endpoint, identity, &Target::from(device), &opts)
         .await
         .map_err(|e| e.to_string())?;
     let header = wire::tunnel_header("echo").map_err(|e| e.to_string())?;
@@ -82,6 +82,7 @@ pub(crate) fn soak(mode: &Mode) -> Section {
                 device_id: None,
                 user: None,
                 sct: None,
+                relays: Vec::new(),
             })
         })
         .expect("the pinned device");

@@ -98,6 +98,7 @@ async fn handle(live: &Arc<Live>, conn: &Arc<Conn>, req: Request) -> Response {
         Request::SetPairingMode { mode, enabled } => settings::set_mode(&cx, mode, enabled).await,
         Request::SetDeviceName { name } => settings::set_name(&cx, name).await,
         Request::RotateToken { username } => users::rotate_token(&cx, username).await,
+        Request::GetRelays => settings::relays(&cx),
     }
 }
 

@@ -1,4 +1,5 @@
-//! `GetSettings`, `SetPairingMode` and `SetDeviceName`: the device-wide switches.
+//! `GetSettings`, `SetPairingMode`, `SetDeviceName` and `GetRelays`: the device-wide switches
+//! and facts.
 //!
 //! Kind: IO (state and `device.toml` writes).
 
@@ -27,6 +28,14 @@ pub(super) fn get(cx: &Cx<'_>) -> Response {
         open_password: pairing.open_password.clone(),
         open_sct: pairing.open_sct.clone(),
     })
+}
+
+/// The device's relays, for any user (a key on no user learns nothing).
+pub(super) fn relays(cx: &Cx<'_>) -> Response {
+    if cx.user().is_none() {
+        return forbidden();
+    }
+    Response::Relays(cx.snap.config.relays.clone())
 }
 
 /// Switches a pairing mode (`IAM:SetSettings`).

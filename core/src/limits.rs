@@ -1,8 +1,8 @@
 //! Resource limits as data: what counts as one source, a token bucket, and the gate every new
 //! QUIC handshake passes before the device spends anything on it.
 //!
-//! Kind: pure (time is an input). The device holds these behind locks and applies the decisions
-//! (`Incoming::accept`, `retry`, `ignore`).
+//! Kind: pure (time is an input). The device and the relay hold these behind locks and apply the
+//! decisions (`Incoming::accept`, `retry`, `ignore`).
 //!
 //! # The handshake gate (DESIGN §4, hardening)
 //! Anyone can send a device an Initial packet from any (spoofed) address, and each accepted one

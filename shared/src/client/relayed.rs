@@ -1,0 +1,324 @@
+//! Reaching a device through a relay: the client's leg, its `Connect` (device id and token,
+//! checked by the relay before anything is forwarded), and the channel that carries the
+//! end-to-end connection behind a virtual address of the client's endpoint.
+//!
+//! Kind: IO.
+//!
+//! The channel id is chosen here (random) and kept for the channel's life: when the leg drops
+//! (the relay restarted, the network moved), the channel dials the relay again with the same id,
+//! so the end-to-end connection keeps its address on both sides and survives if the leg comes
+//! back within its idle timeout.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::ConnectError;
+use crate::config::{RelayRef, TransportSettings};
+use crate::framed::{read_frame, write_frame};
+use crate::relay::{self, LegHello, RelayCode, RelayEvent};
+use crate::secret::Secret;
+use crate::transport::path::{Paths, RouteKey};
+use crate::transport::{self, Identity, TransportError};
+
+/// How long a leg may take to reach a datagram size that carries inner packets.
+const MTU_WAIT: Duration = Duration::from_secs(3);
+
+/// The client's sockets: one endpoint for its connections to devices (direct, or relayed
+/// behind virtual addresses) and one for its legs to relays.
+#[derive(Debug, Clone)]
+pub struct Dialer {
+    /// The endpoint of device connections.
+    pub endpoint: quinn::Endpoint,
+    paths: Paths,
+    legs: quinn::Endpoint,
+}
+
+impl Dialer {
+    /// Binds both sockets on ephemeral ports.
+    ///
+    /// # Errors
+    /// [`TransportError`] when a socket cannot be bound.
+    pub fn new(settings: &TransportSettings) -> Result<Self, TransportError> {
+        let (endpoint, paths) = transport::client_endpoint_with_paths(settings)?;
+        let legs = transport::client_endpoint(settings)?;
+        Ok(Self {
+            endpoint,
+            paths,
+            legs,
+        })
+    }
+
+    /// Closes both endpoints (code `NORMAL`) and waits, at most a second, for their connections
+    /// to end.
+    pub async fn close(&self) {
+        let code = crate::proto::CloseCode::NORMAL.to_varint();
+        self.endpoint.close(code, b"client exiting");
+        self.legs.close(code, b"client exiting");
+        let _ = tokio::time::timeout(Duration::from_secs(1), async {
+            self.endpoint.wait_idle().await;
+            self.legs.wait_idle().await;
+        })
+        .await;
+    }
+}
+
+/// What a relayed connection needs to ask for its channel.
+pub(crate) struct Request<'a> {
+    pub(crate) device: &'a str,
+    pub(crate) device_id: &'a str,
+    pub(crate) token: Option<&'a Secret>,
+    pub(crate) identity: &'a Identity,
+    pub(crate) settings: &'a TransportSettings,
+}
+
+/// An open channel: the virtual address to connect to, kept alive (and re-dialled) until
+/// dropped.
+#[derive(Debug)]
+pub struct Channel {
+    /// The virtual address the end-to-end connection uses.
+    pub addr: SocketAddr,
+    /// The relay it goes through.
+    pub relay: RelayRef,
+    /// The leg's largest datagram when it opened.
+    pub leg_datagram: usize,
+    key: RouteKey,
+    paths: Paths,
+    pump: JoinHandle<()>,
+}
+
+impl Drop for Channel {
+    fn drop(&mut self) {
+        self.pump.abort();
+        self.paths.unbind(self.key);
+    }
+}
+
+/// Dials `relay`, asks it for a channel to the device, and waits until the leg can carry inner
+/// packets.
+async fn dial(
+    dialer: &Dialer,
+    req: &Request<'_>,
+    relay: &RelayRef,
+    channel: u64,
+) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), ConnectError> {
+    let name = relay.addr.to_string();
+    let failed = |reason: String| ConnectError::Unreachable {
+        device: req.device.to_string(),
+        reason: format!("via relay {name}: {reason}"),
+    };
+    let target = relay
+        .addr
+        .resolve()
+        .await
+        .map_err(|e| failed(e.to_string()))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| failed("no address".into()))?;
+    let (mut cfg, observed) = transport::client_config(
+        req.identity,
+        relay::ALPN,
+        Some(relay.fingerprint),
+        req.settings,
+    )
+    .map_err(|e| failed(e.to_string()))?;
+    cfg.transport_config(Arc::new(transport::leg_transport_config(req.settings, 0)));
+    let conn = dialer
+        .legs
+        .connect_with(cfg, target, transport::SERVER_NAME)
+        .map_err(|e| failed(e.to_string()))?
+        .await
+        .map_err(|e| {
+            let seen = observed.lock().ok().and_then(|g| *g);
+            match seen.filter(|fp| *fp != relay.fingerprint) {
+                Some(actual) => failed(format!(
+                    "the relay presented key {actual}, not the pinned {}; nothing was sent",
+                    relay.fingerprint
+                )),
+                None => failed(e.to_string()),
+            }
+        })?;
+    let (send, recv) = ask(&conn, req, &name, channel).await?;
+    wait_for_mtu(&conn).await.map_err(failed)?;
+    Ok((conn, send, recv))
+}
+
+/// Sends `Connect` on the leg and reads the relay's answer.
+async fn ask(
+    conn: &quinn::Connection,
+    req: &Request<'_>,
+    name: &str,
+    channel: u64,
+) -> Result<(quinn::SendStream, quinn::RecvStream), ConnectError> {
+    let failed = |reason: String| ConnectError::Unreachable {
+        device: req.device.to_string(),
+        reason: format!("via relay {name}: {reason}"),
+    };
+    let refused = |code| ConnectError::RelayRefused {
+        device: req.device.to_string(),
+        relay: name.to_string(),
+        code,
+    };
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| failed(e.to_string()))?;
+    let hello = LegHello::Connect {
+        version: relay::PROTOCOL_VERSION,
+        device_id: req.device_id.to_string(),
+        channel,
+        token: req.token.cloned(),
+    };
+    write_frame(&mut send, &hello, relay::MAX_FRAME)
+        .await
+        .map_err(|e| failed(e.to_string()))?;
+    match read_frame::<RelayEvent>(&mut recv, relay::MAX_FRAME).await {
+        Ok(Some(RelayEvent::Connected { .. })) => Ok((send, recv)),
+        Ok(Some(RelayEvent::Refused { code })) => Err(refused(code)),
+        Ok(_) => Err(failed("unexpected answer".into())),
+        Err(e) => Err(match conn.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+                refused(RelayCode::from_varint(c.error_code))
+            }
+            _ => failed(e.to_string()),
+        }),
+    }
+}
+
+/// Waits until the leg carries datagrams that hold an inner packet (≥ 1200 bytes) and its tag:
+/// the leg's path MTU discovery must get there.
+async fn wait_for_mtu(conn: &quinn::Connection) -> Result<(), String> {
+    let deadline = tokio::time::Instant::now() + MTU_WAIT;
+    loop {
+        let size = conn.max_datagram_size().unwrap_or(0);
+        if size >= relay::MIN_LEG_DATAGRAM {
+            return Ok(());
+        }
+        if tokio::time::Instant::now() >= deadline {
+            conn.close(RelayCode::NORMAL.to_varint(), b"path MTU too small");
+            return Err(format!(
+                "the path to the relay carries datagrams of at most {size} bytes; relaying needs \
+                 {} (a path MTU of at least 1280 bytes)",
+                relay::MIN_LEG_DATAGRAM
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Opens a channel to the device through `relay`.
+///
+/// # Errors
+/// [`ConnectError::RelayRefused`] with the relay's code, or [`ConnectError::Unreachable`].
+pub(crate) async fn open(
+    dialer: &Dialer,
+    req: &Request<'_>,
+    relay: &RelayRef,
+) -> Result<Channel, ConnectError> {
+    let channel = rand::random::<u64>();
+    let (conn, send, recv) = dial(dialer, req, relay, channel).await?;
+    let key = RouteKey {
+        relay: relay.fingerprint,
+        channel,
+    };
+    let addr = dialer
+        .paths
+        .bind(key, &conn)
+        .ok_or_else(|| ConnectError::Unreachable {
+            device: req.device.to_string(),
+            reason: "too many relayed channels in this process".into(),
+        })?;
+    let leg_datagram = conn.max_datagram_size().unwrap_or(0);
+    debug!(relay = %relay.addr, channel, %addr, leg_datagram, "relayed channel open");
+    let redial = Redial {
+        dialer: dialer.clone(),
+        device: req.device.to_string(),
+        device_id: req.device_id.to_string(),
+        token: req.token.cloned(),
+        identity: Arc::new(
+            Identity::new(req.identity.secret_key().clone()).map_err(|e| {
+                ConnectError::Unreachable {
+                    device: req.device.to_string(),
+                    reason: e.to_string(),
+                }
+            })?,
+        ),
+        settings: req.settings.clone(),
+        relay: relay.clone(),
+    };
+    let pump = tokio::spawn(pump(
+        dialer.paths.clone(),
+        key,
+        addr,
+        (conn, send, recv),
+        redial,
+    ));
+    Ok(Channel {
+        addr,
+        relay: relay.clone(),
+        leg_datagram,
+        key,
+        paths: dialer.paths.clone(),
+        pump,
+    })
+}
+
+/// What re-dialling a leg takes.
+struct Redial {
+    dialer: Dialer,
+    device: String,
+    device_id: String,
+    token: Option<Secret>,
+    identity: Arc<Identity>,
+    settings: TransportSettings,
+    relay: RelayRef,
+}
+
+/// Carries the relay's datagrams for `key` to quinn; when the leg drops, dials again with the
+/// same channel (until the channel is dropped, which aborts this task).
+async fn pump(
+    paths: Paths,
+    key: RouteKey,
+    addr: SocketAddr,
+    mut leg: (quinn::Connection, quinn::SendStream, quinn::RecvStream),
+    redial: Redial,
+) {
+    loop {
+        let conn = leg.0.clone();
+        while let Ok(d) = conn.read_datagram().await {
+            match relay::split_tag(&d) {
+                Some((ch, _)) if ch == key.channel => {
+                    paths.deliver(addr, d.slice(relay::TAG_LEN..));
+                }
+                _ => {}
+            }
+        }
+        warn!(relay = %redial.relay.addr, "lost the relay leg; dialling it again");
+        let mut backoff = Duration::from_millis(100);
+        leg = loop {
+            tokio::time::sleep(backoff).await;
+            let req = Request {
+                device: &redial.device,
+                device_id: &redial.device_id,
+                token: redial.token.as_ref(),
+                identity: &redial.identity,
+                settings: &redial.settings,
+            };
+            match dial(&redial.dialer, &req, &redial.relay, key.channel).await {
+                Ok(l) => break l,
+                Err(e) if e.is_fatal() => {
+                    warn!("the relay refused the channel again: {e}");
+                    return;
+                }
+                Err(e) => {
+                    debug!("re-dial failed: {e}");
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        };
+        if paths.bind(key, &leg.0).is_none() {
+            return;
+        }
+        info!(relay = %redial.relay.addr, "relay leg back; the connection continues");
+    }
+}

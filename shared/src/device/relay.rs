@@ -1,0 +1,377 @@
+//! The device's legs to its relays (`[[relay]]` in `device.toml`): attach, keep the NAT mapping
+//! open, upload token hashes whenever they change, carry relayed datagrams to and from the one
+//! server endpoint, and reconnect with backoff.
+//!
+//! Kind: IO.
+//!
+//! A relayed client arrives at the device's ordinary endpoint from a virtual address
+//! ([`crate::transport::path`]), so the handshake, `Hello`, the token gate and IAM are exactly
+//! those of a direct client, and the connection is remote (a relay is not trusted with access
+//! decisions). The relay is pinned like a device: a leg to a relay with another key fails.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use super::live::Live;
+use crate::config::RelayRef;
+use crate::framed::{read_frame, write_frame};
+use crate::identity::Fingerprint;
+use crate::relay::{self, DeviceUpdate, LegHello, RelayCode, RelayEvent, TokenHash};
+use crate::state::DeviceState;
+use crate::transport::path::{Paths, RouteKey};
+use crate::transport::{self, Identity};
+
+/// One relay's state, as the ready file and the logs show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RelayStatus {
+    /// The relay's address as configured.
+    pub addr: String,
+    /// `connecting`, `attached`, or `refused: …` / `failed: …` (retrying).
+    pub state: String,
+    /// This device's address as the relay sees it (once attached).
+    pub observed: Option<SocketAddr>,
+}
+
+/// The relays' states, shared with the ready-file writer.
+#[derive(Debug, Default)]
+pub(crate) struct Statuses {
+    map: Mutex<Vec<RelayStatus>>,
+    changed: tokio::sync::Notify,
+}
+
+impl Statuses {
+    fn set(&self, addr: &str, state: String, observed: Option<SocketAddr>) {
+        if let Ok(mut m) = self.map.lock() {
+            let s = RelayStatus {
+                addr: addr.to_string(),
+                state,
+                observed,
+            };
+            match m.iter_mut().find(|r| r.addr == addr) {
+                Some(r) if *r == s => return,
+                Some(r) => *r = s,
+                None => m.push(s),
+            }
+        }
+        self.changed.notify_one();
+    }
+
+    fn remove(&self, addr: &str) {
+        if let Ok(mut m) = self.map.lock() {
+            m.retain(|r| r.addr != addr);
+        }
+        self.changed.notify_one();
+    }
+
+    /// The states now.
+    pub(crate) fn all(&self) -> Vec<RelayStatus> {
+        self.map.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Resolves at the next change.
+    pub(crate) async fn changed(&self) {
+        self.changed.notified().await;
+    }
+}
+
+/// The hashes of every token that may reach the device now: each user's, and the open-pairing
+/// token while password open pairing is on.
+pub(crate) fn token_hashes(state: &DeviceState) -> Vec<TokenHash> {
+    let mut v: Vec<TokenHash> = state.users.iter().map(|u| TokenHash::of(&u.sct)).collect();
+    if state.pairing.password_open {
+        v.push(TokenHash::of(&state.pairing.open_sct));
+    }
+    v.sort_by_key(|h| h.0);
+    v
+}
+
+/// What the relay legs share.
+pub(crate) struct Legs {
+    pub(crate) live: Arc<Live>,
+    pub(crate) identity: Arc<Identity>,
+    pub(crate) endpoint: quinn::Endpoint,
+    pub(crate) paths: Paths,
+    pub(crate) statuses: Arc<Statuses>,
+}
+
+/// Keeps one leg per `[[relay]]` of the current configuration, starting and stopping legs as
+/// `device.toml` changes, until shutdown.
+pub(crate) async fn supervise(legs: Arc<Legs>, mut config_changed: watch::Receiver<u64>) {
+    let mut running: HashMap<(String, Fingerprint), CancellationToken> = HashMap::new();
+    loop {
+        let wanted: Vec<RelayRef> = legs.live.config().relays.clone();
+        running.retain(|(addr, fp), stop| {
+            let keep = wanted
+                .iter()
+                .any(|r| r.addr.to_string() == *addr && r.fingerprint == *fp);
+            if !keep {
+                stop.cancel();
+                legs.statuses.remove(addr);
+            }
+            keep
+        });
+        for r in wanted {
+            let key = (r.addr.to_string(), r.fingerprint);
+            if running.contains_key(&key) {
+                continue;
+            }
+            let stop = legs.live.shutdown.child_token();
+            running.insert(key, stop.clone());
+            legs.statuses
+                .set(&r.addr.to_string(), "connecting".into(), None);
+            let span = info_span!("relay", addr = %r.addr);
+            legs.live
+                .tasks
+                .spawn(keep_attached(legs.clone(), r, stop).instrument(span));
+        }
+        tokio::select! {
+            r = config_changed.changed() => if r.is_err() { return },
+            () = legs.live.shutdown.cancelled() => return,
+        }
+    }
+}
+
+/// Attaches to `relay` and stays attached, reconnecting with backoff (200 ms doubling to 30 s,
+/// with jitter) until `stop`.
+async fn keep_attached(legs: Arc<Legs>, relay: RelayRef, stop: CancellationToken) {
+    let addr = relay.addr.to_string();
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        let outcome = tokio::select! {
+            r = attach_once(&legs, &relay, &addr) => r,
+            () = stop.cancelled() => return,
+        };
+        let wait = match outcome {
+            Ok(()) => {
+                // It was attached: start over quickly.
+                backoff = Duration::from_millis(200);
+                backoff
+            }
+            Err(state) => {
+                legs.statuses.set(&addr, state, None);
+                let w = backoff;
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+                w
+            }
+        };
+        let jitter = Duration::from_millis(rand::random::<u64>() % 200);
+        tokio::select! {
+            () = tokio::time::sleep(wait + jitter) => {}
+            () = stop.cancelled() => return,
+        }
+        legs.statuses.set(&addr, "connecting".into(), None);
+    }
+}
+
+/// A leg that is attached: the connection, its control stream, what the relay sees of us, and
+/// the token hashes uploaded.
+struct Attached {
+    conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    observed: SocketAddr,
+    tokens: Vec<TokenHash>,
+}
+
+/// Connects to `relay` (pinned) and attaches. `Err(state)` says why not.
+async fn attach(legs: &Legs, relay: &RelayRef, addr: &str) -> Result<Attached, String> {
+    let target = relay
+        .addr
+        .resolve()
+        .await
+        .map_err(|e| format!("failed: cannot resolve {addr}: {e}"))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| format!("failed: {addr} has no address"))?;
+    let config = legs.live.config();
+    let settings = &config.transport;
+    let (mut client, observed_key) = transport::client_config(
+        &legs.identity,
+        relay::ALPN,
+        Some(relay.fingerprint),
+        settings,
+    )
+    .map_err(|e| format!("failed: {e}"))?;
+    client.transport_config(Arc::new(transport::leg_transport_config(settings, 0)));
+    let connecting = legs
+        .endpoint
+        .connect_with(client, target, transport::SERVER_NAME)
+        .map_err(|e| format!("failed: {e}"))?;
+    let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
+        .await
+        .map_err(|_| "failed: no answer from the relay in 10 s (UDP blocked?)".to_string())?
+        .map_err(|e| {
+            let seen = observed_key.lock().ok().and_then(|g| *g);
+            match seen.filter(|fp| *fp != relay.fingerprint) {
+                Some(actual) => format!(
+                    "refused: the relay presented key {}, not the pinned {}; check the \
+                     fingerprint in device.toml",
+                    actual.fmt_short(),
+                    relay.fingerprint.fmt_short()
+                ),
+                None => format!("failed: {e}"),
+            }
+        })?;
+    let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("failed: {e}"))?;
+    let tokens = token_hashes(&legs.live.state());
+    let hello = LegHello::Attach {
+        version: relay::PROTOCOL_VERSION,
+        device_id: config.device_id.clone(),
+        tokens: tokens.clone(),
+    };
+    write_frame(&mut send, &hello, relay::MAX_FRAME)
+        .await
+        .map_err(|e| format!("failed: {e}"))?;
+    match read_frame::<RelayEvent>(&mut recv, relay::MAX_FRAME).await {
+        Ok(Some(RelayEvent::Attached { observed })) => Ok(Attached {
+            conn,
+            send,
+            recv,
+            observed,
+            tokens,
+        }),
+        Ok(Some(RelayEvent::Refused { code })) => {
+            warn!("the relay refused to attach this device: {code}");
+            Err(format!("refused: {code}"))
+        }
+        Ok(_) => Err("failed: unexpected answer".into()),
+        Err(e) => Err(format!("failed: {}", leg_error(&conn, &e.to_string()))),
+    }
+}
+
+/// One leg's life: connect, attach, serve until it ends. `Ok` when it was attached (and then
+/// lost), `Err(state)` when it never got there.
+async fn attach_once(legs: &Legs, relay: &RelayRef, addr: &str) -> Result<(), String> {
+    let Attached {
+        conn,
+        mut send,
+        mut recv,
+        observed,
+        mut tokens,
+    } = attach(legs, relay, addr).await?;
+    info!(%observed, "attached to the relay");
+    legs.statuses.set(addr, "attached".into(), Some(observed));
+
+    // The relay's later events (channel closed) on their own task: read_frame is not cancel
+    // safe, so it is never raced against the others.
+    let relay_fp = relay.fingerprint;
+    let events = {
+        let paths = legs.paths.clone();
+        async move {
+            while let Ok(Some(ev)) = read_frame::<RelayEvent>(&mut recv, relay::MAX_FRAME).await {
+                if let RelayEvent::ChannelClosed { channel } = ev {
+                    debug!(channel, "relayed channel closed");
+                    paths.unbind(RouteKey {
+                        relay: relay_fp,
+                        channel,
+                    });
+                }
+            }
+        }
+    };
+    let events = tokio::spawn(events);
+    let mut state_changed = legs.live.state_changed();
+    let mut channels: HashMap<u64, SocketAddr> = HashMap::new();
+    loop {
+        tokio::select! {
+            d = conn.read_datagram() => {
+                let Ok(d) = d else { break };
+                deliver(&legs.paths, &conn, relay_fp, &mut channels, d);
+            }
+            r = state_changed.changed() => {
+                if r.is_err() { break }
+                let now = token_hashes(&legs.live.state());
+                if now != tokens {
+                    debug!(tokens = now.len(), "uploading the new token hashes");
+                    if write_frame(&mut send, &DeviceUpdate::Tokens(now.clone()), relay::MAX_FRAME)
+                        .await
+                        .is_err()
+                    {
+                        break;
+                    }
+                    tokens = now;
+                }
+            }
+        }
+    }
+    events.abort();
+    let reason = leg_error(&conn, "leg ended");
+    warn!("lost the relay: {reason}; reconnecting");
+    Ok(())
+}
+
+/// Hands a datagram from the relay to quinn as coming from its channel's virtual address
+/// (bound on first sight: the relay forwards only channels it admitted).
+fn deliver(
+    paths: &Paths,
+    leg: &quinn::Connection,
+    relay: Fingerprint,
+    channels: &mut HashMap<u64, SocketAddr>,
+    datagram: bytes::Bytes,
+) {
+    let Some((channel, _)) = relay::split_tag(&datagram) else {
+        return;
+    };
+    let addr = match channels.get(&channel) {
+        Some(a) => *a,
+        None => {
+            if channels.len() >= 1024 {
+                // Forget channels that closed meanwhile.
+                channels.retain(|ch, _| {
+                    paths
+                        .addr_of(RouteKey {
+                            relay,
+                            channel: *ch,
+                        })
+                        .is_some()
+                });
+            }
+            // First datagram of the channel on this leg: route its answers over this leg.
+            let Some(a) = paths.bind(RouteKey { relay, channel }, leg) else {
+                return;
+            };
+            channels.insert(channel, a);
+            a
+        }
+    };
+    paths.deliver(addr, datagram.slice(relay::TAG_LEN..));
+}
+
+fn leg_error(conn: &quinn::Connection, fallback: &str) -> String {
+    match conn.close_reason() {
+        Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+            RelayCode::from_varint(c.error_code).describe().to_string()
+        }
+        Some(e) => e.to_string(),
+        None => fallback.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::secret::Secret;
+
+    #[test]
+    fn token_hashes_cover_users_and_the_open_token_only_while_on() {
+        let mut s = DeviceState::new_device();
+        s.add_user("alice", "Standard", Fingerprint::from_bytes([1; 32]), None)
+            .unwrap();
+        let alice = s.user("alice").unwrap().sct.clone();
+        let open = s.pairing.open_sct.clone();
+        s.pairing.password_open = false;
+        let h = token_hashes(&s);
+        assert!(TokenHash::of(&alice).is_in(&h));
+        assert!(!TokenHash::of(&open).is_in(&h));
+        assert!(!TokenHash::of(&Secret::new("guess")).is_in(&h));
+        s.pairing.password_open = true;
+        assert!(TokenHash::of(&open).is_in(&token_hashes(&s)));
+    }
+}

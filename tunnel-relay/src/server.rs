@@ -1,0 +1,791 @@
+//! The running relay: accepts legs, attaches devices, checks clients' tokens, and forwards.
+//!
+//! Kind: IO. Entry point: [`run`].
+//!
+//! Per leg, in order: the handshake gate (QUIC Retry for unproven sources under load, caps per
+//! source and in total) → TLS with the leg's key proven → the leg cap → the first frame within
+//! the handshake timeout → for a device: its id must be one `relay.toml` serves *with this key*
+//! (else `WRONG_KEY`: no id squatting) → attached, its token hashes stored; for a client: the
+//! failed-connect limiter of its source → the device must be served and attached → its token's
+//! hash must be one the device uploaded (or its JWT valid for the device) → the channel caps →
+//! connected. Nothing is forwarded before that answer, and a refused leg is closed with the
+//! refusal's code.
+//!
+//! Shutdown: stop accepting → close every leg with `SHUTDOWN` → `wait_idle` (bounded) → wait for
+//! tasks (bounded).
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{Instrument, debug, info, info_span, warn};
+use tunnel_core::fsutil::{self, FileStamp};
+use tunnel_core::identity::Fingerprint;
+use tunnel_core::jwt::{self, JwtError, JwtVerifier};
+use tunnel_core::limits::{Gate, HandshakeGate, TokenBucket, source_key};
+use tunnel_core::relay::{
+    self, DeviceUpdate, LegHello, MAX_FRAME, MAX_TOKENS, RelayCode, RelayEvent, TokenHash,
+};
+use tunnel_core::transport::{self, Identity, TransportError};
+
+use crate::config::RelayConfig;
+use crate::home::{HomeError, RelayHome};
+use crate::hub::{ClientRoute, Counters, DeviceLeg, DeviceRoutes, Hub};
+
+/// Options of [`run`].
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    /// The relay home.
+    pub home: PathBuf,
+    /// Listen addresses overriding `relay.toml` (empty: the file's).
+    pub listen: Vec<SocketAddr>,
+    /// Where to write the ready JSON once listening.
+    pub ready_file: Option<PathBuf>,
+    /// How often to check `relay.toml` for changes.
+    pub reload_interval: Duration,
+}
+
+impl RunOptions {
+    /// Defaults for a home.
+    pub fn new(home: impl Into<PathBuf>) -> Self {
+        Self {
+            home: home.into(),
+            listen: Vec::new(),
+            ready_file: None,
+            reload_interval: Duration::from_millis(500),
+        }
+    }
+}
+
+/// What [`run`] reports once listening (also the ready file).
+#[derive(Debug, Clone, Serialize)]
+pub struct Ready {
+    /// Process id.
+    pub pid: u32,
+    /// The relay's fingerprint (devices and clients pin it).
+    pub fingerprint: String,
+    /// Bound UDP addresses.
+    pub listen: Vec<SocketAddr>,
+    /// Devices served.
+    pub devices: usize,
+}
+
+/// The relay could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// The home, its files or its key.
+    #[error(transparent)]
+    Home(#[from] HomeError),
+    /// The transport (e.g. the port is in use).
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The JWKS of `[jwt]`.
+    #[error(transparent)]
+    Jwt(#[from] JwtError),
+    /// Another relay uses this home.
+    #[error(
+        "another tunnel-relay is already running with home '{path}' (it holds run.lock); stop \
+         it first or use another --home", path = .0.display()
+    )]
+    AlreadyRunning(PathBuf),
+    /// Other IO on a named file.
+    #[error("'{path}': {source}", path = .path.display())]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        source: std::io::Error,
+    },
+}
+
+/// Failed connects remembered per source at most (full buckets are forgotten first).
+const MAX_SOURCES: usize = 16_384;
+
+/// The clock, read here at the IO edge.
+fn now() -> Instant {
+    Instant::now()
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+struct Relay {
+    config: RwLock<Arc<RelayConfig>>,
+    jwt: RwLock<Option<Arc<JwtVerifier>>>,
+    hubs: Mutex<HashMap<String, Arc<Hub>>>,
+    gate: Mutex<HandshakeGate>,
+    failures: Mutex<HashMap<IpAddr, TokenBucket>>,
+    per_client: Mutex<HashMap<Fingerprint, usize>>,
+    legs: AtomicUsize,
+    next_leg: AtomicU64,
+    counters: Counters,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Relay {
+    fn config(&self) -> Arc<RelayConfig> {
+        self.config
+            .read()
+            .map_or_else(|p| p.into_inner().clone(), |c| c.clone())
+    }
+
+    fn hub(&self, id: &str) -> Option<Arc<Hub>> {
+        self.hubs.lock().ok()?.get(id).cloned()
+    }
+
+    fn hub_or_new(&self, id: &str) -> Option<Arc<Hub>> {
+        let mut hubs = self.hubs.lock().ok()?;
+        Some(
+            hubs.entry(id.to_string())
+                .or_insert_with(|| Arc::new(Hub::new(id.to_string())))
+                .clone(),
+        )
+    }
+
+    fn forget_if_idle(&self, hub: &Hub) {
+        if let Ok(mut hubs) = self.hubs.lock()
+            && hub.is_idle()
+        {
+            hubs.remove(&hub.id);
+        }
+    }
+
+    /// Whether `source` may try another connect now.
+    fn may_try(&self, source: IpAddr) -> bool {
+        let Ok(mut f) = self.failures.lock() else {
+            return false;
+        };
+        f.get_mut(&source_key(source))
+            .is_none_or(|b| b.wait(now()).is_zero())
+    }
+
+    /// Counts a failed connect of `source`.
+    fn failed(&self, source: IpAddr) {
+        let l = self.config().limits.clone();
+        let Ok(mut f) = self.failures.lock() else {
+            return;
+        };
+        let t = now();
+        if f.len() >= MAX_SOURCES {
+            f.retain(|_, b| !b.is_full(t));
+            if f.len() >= MAX_SOURCES {
+                f.clear();
+            }
+        }
+        f.entry(source_key(source))
+            .or_insert_with(|| {
+                TokenBucket::new(
+                    f64::from(l.failed_connects_burst),
+                    f64::from(l.failed_connects_per_minute) / 60.0,
+                    t,
+                )
+            })
+            .spend(t);
+    }
+
+    fn take_client_slot(&self, client: Fingerprint, max: u32) -> bool {
+        let Ok(mut m) = self.per_client.lock() else {
+            return false;
+        };
+        let n = m.entry(client).or_insert(0);
+        if u32::try_from(*n).unwrap_or(u32::MAX) >= max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    fn give_client_slot(&self, client: Fingerprint) {
+        if let Ok(mut m) = self.per_client.lock()
+            && let Some(n) = m.get_mut(&client)
+        {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&client);
+            }
+        }
+    }
+}
+
+/// Runs the relay until `shutdown` is cancelled.
+///
+/// # Errors
+/// [`RelayError`] when it cannot start; errors of single legs are logged.
+pub async fn run(
+    opts: RunOptions,
+    shutdown: CancellationToken,
+    on_ready: impl FnOnce(&Ready),
+) -> Result<(), RelayError> {
+    let home = RelayHome::new(opts.home.clone());
+    let stamp = FileStamp::of(&home.config_path());
+    let config = home.load_config()?;
+    let key = home.load_key()?;
+    let _run_lock = fsutil::LockFile::try_acquire(&home.run_lock_path())
+        .map_err(|source| RelayError::Io {
+            path: home.run_lock_path(),
+            source,
+        })?
+        .ok_or_else(|| RelayError::AlreadyRunning(home.dir().to_owned()))?;
+    let jwt = load_jwt(&home, &config)?;
+    let _ = fsutil::raise_open_file_limit();
+    let identity = Identity::new(key)?;
+    let listen = if opts.listen.is_empty() {
+        config.listen.clone()
+    } else {
+        opts.listen.clone()
+    };
+    let (endpoints, bound) = bind(&identity, &config, &listen)?;
+    let ready = Ready {
+        pid: std::process::id(),
+        fingerprint: identity.fingerprint().to_string(),
+        listen: bound.clone(),
+        devices: config.devices.len(),
+    };
+    info!(
+        fingerprint = %identity.fingerprint(),
+        listen = ?bound,
+        devices = config.devices.len(),
+        jwt = config.jwt.is_some(),
+        "tunnel-relay is listening"
+    );
+    let relay = Arc::new(Relay {
+        config: RwLock::new(Arc::new(config)),
+        jwt: RwLock::new(jwt.map(Arc::new)),
+        hubs: Mutex::new(HashMap::new()),
+        gate: Mutex::new(HandshakeGate::default()),
+        failures: Mutex::new(HashMap::new()),
+        per_client: Mutex::new(HashMap::new()),
+        legs: AtomicUsize::new(0),
+        next_leg: AtomicU64::new(1),
+        counters: Counters::default(),
+        shutdown: shutdown.clone(),
+        tasks: TaskTracker::new(),
+    });
+    if let Some(path) = &opts.ready_file {
+        write_ready(path, &ready).map_err(|source| RelayError::Io {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    on_ready(&ready);
+    for ep in &endpoints {
+        relay.tasks.spawn(accept_loop(relay.clone(), ep.clone()));
+    }
+    watch(&relay, &home, stamp, opts.reload_interval).await;
+    info!("shutting down");
+    stop(&relay, &endpoints).await;
+    log_counters(&relay);
+    if let Some(path) = &opts.ready_file {
+        let _ = std::fs::remove_file(path);
+    }
+    info!("stopped");
+    Ok(())
+}
+
+/// The shutdown order: stop accepting, close every leg, wait (bounded) for the endpoints and the
+/// tasks.
+async fn stop(relay: &Relay, endpoints: &[quinn::Endpoint]) {
+    for ep in endpoints {
+        ep.set_server_config(None);
+        ep.close(RelayCode::SHUTDOWN.to_varint(), b"relay shutting down");
+    }
+    for ep in endpoints {
+        let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
+    }
+    relay.tasks.close();
+    if tokio::time::timeout(Duration::from_secs(2), relay.tasks.wait())
+        .await
+        .is_err()
+    {
+        warn!(tasks = relay.tasks.len(), "some tasks did not stop in time");
+    }
+}
+
+/// Until shutdown: reloads `relay.toml` when it changes, and logs the counters every minute.
+async fn watch(relay: &Relay, home: &RelayHome, mut stamp: Option<FileStamp>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    let mut stats = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            () = relay.shutdown.cancelled() => return,
+            _ = tick.tick() => {
+                let now = FileStamp::of(&home.config_path());
+                if now != stamp {
+                    stamp = now;
+                    reload(relay, home);
+                }
+            }
+            _ = stats.tick() => log_counters(relay),
+        }
+    }
+}
+
+/// One server endpoint per listen address (legs get datagrams and their MTU bound).
+fn bind(
+    identity: &Identity,
+    config: &RelayConfig,
+    listen: &[SocketAddr],
+) -> Result<(Vec<quinn::Endpoint>, Vec<SocketAddr>), RelayError> {
+    let mut server = transport::server_config(
+        identity,
+        relay::ALPN,
+        &config.transport,
+        1,
+        config.limits.max_handshakes,
+    )?;
+    server.transport_config(Arc::new(transport::leg_transport_config(
+        &config.transport,
+        1,
+    )));
+    let mut endpoints = Vec::new();
+    let mut bound = Vec::new();
+    for addr in listen {
+        let ep = transport::server_endpoint(
+            *addr,
+            identity.secret_key(),
+            server.clone(),
+            &config.transport,
+        )?;
+        bound.push(ep.local_addr().map_err(|source| {
+            RelayError::Transport(TransportError::Bind {
+                addr: *addr,
+                source,
+            })
+        })?);
+        endpoints.push(ep);
+    }
+    Ok((endpoints, bound))
+}
+
+fn write_ready(path: &std::path::Path, ready: &Ready) -> std::io::Result<()> {
+    let mut json = serde_json::to_vec(ready).map_err(std::io::Error::other)?;
+    json.push(b'\n');
+    fsutil::write_atomic(path, &json, 0o644)
+}
+
+fn load_jwt(home: &RelayHome, config: &RelayConfig) -> Result<Option<JwtVerifier>, JwtError> {
+    config
+        .jwt
+        .as_ref()
+        .map(|j| JwtVerifier::load(j, home.dir()))
+        .transpose()
+}
+
+fn log_counters(relay: &Relay) {
+    let c = &relay.counters;
+    let devices = relay
+        .hubs
+        .lock()
+        .map_or(0, |h| h.values().filter(|h| h.device().is_some()).count());
+    info!(
+        legs = relay.legs.load(Ordering::Relaxed),
+        devices_attached = devices,
+        forwarded = c.forwarded.load(Ordering::Relaxed),
+        forwarded_bytes = c.bytes.load(Ordering::Relaxed),
+        dropped = c.dropped.load(Ordering::Relaxed),
+        "counters"
+    );
+}
+
+/// Adopts a changed `relay.toml`: devices removed, or with another key, are disconnected.
+fn reload(relay: &Relay, home: &RelayHome) {
+    let config = match home.load_config() {
+        Ok(c) => c,
+        Err(e) => {
+            warn!("relay.toml changed but is not valid; keeping the previous one: {e}");
+            return;
+        }
+    };
+    match load_jwt(home, &config) {
+        Ok(j) => {
+            if let Ok(mut slot) = relay.jwt.write() {
+                *slot = j.map(Arc::new);
+            }
+        }
+        Err(e) => warn!("keeping the previous JWT keys: {e}"),
+    }
+    let hubs: Vec<Arc<Hub>> = relay
+        .hubs
+        .lock()
+        .map(|h| h.values().cloned().collect())
+        .unwrap_or_default();
+    for hub in hubs {
+        let keep = config.device(&hub.id).is_some_and(|d| {
+            hub.device()
+                .is_none_or(|leg| transport::peer_fingerprint(&leg.conn) == Some(d.fingerprint))
+        });
+        if !keep {
+            info!(device = %hub.id, "no longer served (or its key changed): disconnecting");
+            hub.close_all(
+                RelayCode::UNKNOWN_DEVICE.to_varint(),
+                b"device no longer served",
+            );
+        }
+    }
+    info!(devices = config.devices.len(), "reloaded relay.toml");
+    if let Ok(mut c) = relay.config.write() {
+        *c = Arc::new(config);
+    }
+}
+
+/// A handshake slot, given back when dropped.
+struct Slot {
+    relay: Arc<Relay>,
+    source: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut g) = self.relay.gate.lock() {
+            g.end(self.source);
+        }
+    }
+}
+
+/// A leg counted toward `max_legs`, given back when dropped.
+struct LegSlot(Arc<Relay>);
+
+impl Drop for LegSlot {
+    fn drop(&mut self) {
+        self.0.legs.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+async fn accept_loop(relay: Arc<Relay>, endpoint: quinn::Endpoint) {
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => return,
+            },
+            () = relay.shutdown.cancelled() => return,
+        };
+        let limits = relay.config().limits.handshakes();
+        let source = incoming.remote_address().ip();
+        let gate = relay.gate.lock().map_or(Gate::Ignore, |mut g| {
+            let gate = g.decide(
+                source,
+                incoming.remote_address_validated(),
+                incoming.may_retry(),
+                &limits,
+            );
+            if gate == Gate::Accept {
+                g.begin(source);
+            }
+            gate
+        });
+        match gate {
+            Gate::Accept => {}
+            Gate::Retry => {
+                let _ = incoming.retry();
+                continue;
+            }
+            Gate::Ignore => {
+                incoming.ignore();
+                continue;
+            }
+        }
+        let slot = Slot {
+            relay: relay.clone(),
+            source,
+        };
+        let id = relay.next_leg.fetch_add(1, Ordering::Relaxed);
+        let span = info_span!("leg", id, remote = %incoming.remote_address(), peer = tracing::field::Empty);
+        relay
+            .tasks
+            .spawn(leg(relay.clone(), incoming, id, slot).instrument(span));
+    }
+}
+
+fn refuse(conn: &quinn::Connection, code: RelayCode) {
+    conn.close(code.to_varint(), code.describe().as_bytes());
+}
+
+/// One leg: handshake, first frame, then a device's or a client's session.
+async fn leg(relay: Arc<Relay>, incoming: quinn::Incoming, id: u64, slot: Slot) {
+    let timeout = Duration::from_secs(relay.config().limits.handshake_timeout_secs);
+    let conn = match incoming.accept() {
+        Ok(c) => match tokio::time::timeout(timeout, c).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return debug!("handshake failed: {e}"),
+            Err(_) => return debug!("handshake timed out"),
+        },
+        Err(e) => return debug!("handshake refused: {e}"),
+    };
+    let Some(fingerprint) = transport::peer_fingerprint(&conn) else {
+        return refuse(&conn, RelayCode::PROTOCOL);
+    };
+    tracing::Span::current().record("peer", tracing::field::display(fingerprint.fmt_short()));
+    let max = usize::try_from(relay.config().limits.max_legs).unwrap_or(usize::MAX);
+    if relay.legs.fetch_add(1, Ordering::Relaxed) >= max {
+        relay.legs.fetch_sub(1, Ordering::Relaxed);
+        info!(limit = max, "leg limit reached: refusing");
+        return refuse(&conn, RelayCode::BUSY);
+    }
+    let _leg = LegSlot(relay.clone());
+    let first = tokio::time::timeout(timeout, async {
+        let (send, mut recv) = conn.accept_bi().await.ok()?;
+        let hello: LegHello = tunnel_core::framed::read_frame(&mut recv, MAX_FRAME)
+            .await
+            .ok()??;
+        Some((send, recv, hello))
+    })
+    .await;
+    let Ok(Some((send, recv, hello))) = first else {
+        debug!("no valid first frame");
+        return refuse(&conn, RelayCode::PROTOCOL);
+    };
+    // Past the first frame: the handshake slot is free again.
+    drop(slot);
+    match hello {
+        LegHello::Attach {
+            version,
+            device_id,
+            tokens,
+        } if version == relay::PROTOCOL_VERSION => {
+            serve_device(&relay, conn, fingerprint, id, send, recv, device_id, tokens).await;
+        }
+        LegHello::Connect {
+            version,
+            device_id,
+            channel,
+            token,
+        } if version == relay::PROTOCOL_VERSION => {
+            serve_client(
+                &relay,
+                conn,
+                fingerprint,
+                send,
+                &device_id,
+                channel,
+                token.as_ref(),
+            )
+            .await;
+        }
+        _ => refuse(&conn, RelayCode::PROTOCOL),
+    }
+}
+
+async fn answer(send: &mut quinn::SendStream, event: &RelayEvent) -> bool {
+    tunnel_core::framed::write_frame(send, event, MAX_FRAME)
+        .await
+        .is_ok()
+}
+
+async fn refuse_with(conn: &quinn::Connection, send: &mut quinn::SendStream, code: RelayCode) {
+    let _ = answer(send, &RelayEvent::Refused { code }).await;
+    let _ = send.finish();
+    // Give the answer a moment to leave before the close discards it.
+    let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
+    refuse(conn, code);
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the parts of one accepted leg, handed over once"
+)]
+async fn serve_device(
+    relay: &Arc<Relay>,
+    conn: quinn::Connection,
+    fingerprint: Fingerprint,
+    leg_id: u64,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    device_id: String,
+    tokens: Vec<TokenHash>,
+) {
+    if let Some(code) = attach_refusal(&relay.config(), &device_id, fingerprint, &tokens) {
+        if code == RelayCode::WRONG_KEY {
+            warn!(
+                device = %device_id,
+                "refused an attach: this key is not the one relay.toml has for the device id"
+            );
+        } else {
+            info!(device = %device_id, "refused an attach: {code}");
+        }
+        return refuse_with(&conn, &mut send, code).await;
+    }
+    let Some(hub) = relay.hub_or_new(&device_id) else {
+        return;
+    };
+    let (events, mut events_rx) = mpsc::channel(1024);
+    let leg = DeviceLeg {
+        id: leg_id,
+        conn: conn.clone(),
+        events,
+    };
+    if let Some(old) = hub.attach(leg, tokens) {
+        old.conn.close(RelayCode::REPLACED.to_varint(), b"replaced");
+    }
+    if !answer(
+        &mut send,
+        &RelayEvent::Attached {
+            observed: conn.remote_address(),
+        },
+    )
+    .await
+    {
+        hub.detach(leg_id);
+        return;
+    }
+    info!(device = %device_id, "device attached");
+    relay
+        .tasks
+        .spawn(read_updates(hub.clone(), conn.clone(), recv));
+    let mut routes = DeviceRoutes::new();
+    loop {
+        tokio::select! {
+            d = conn.read_datagram() => match d {
+                Ok(d) => routes.forward(&hub, d, &relay.counters),
+                Err(_) => break,
+            },
+            Some(ev) = events_rx.recv() => {
+                if !answer(&mut send, &ev).await {
+                    break;
+                }
+            }
+            () = relay.shutdown.cancelled() => break,
+        }
+    }
+    hub.detach(leg_id);
+    relay.forget_if_idle(&hub);
+    info!(device = %device_id, reason = %close_reason(&conn), "device detached");
+}
+
+/// Why an attach is refused: an id `relay.toml` does not serve, a key that is not the one it
+/// names for the id, too many token hashes.
+fn attach_refusal(
+    config: &RelayConfig,
+    device_id: &str,
+    fingerprint: Fingerprint,
+    tokens: &[TokenHash],
+) -> Option<RelayCode> {
+    match config.device(device_id) {
+        None => Some(RelayCode::UNKNOWN_DEVICE),
+        Some(d) if d.fingerprint != fingerprint => Some(RelayCode::WRONG_KEY),
+        Some(_) if tokens.len() > MAX_TOKENS => Some(RelayCode::PROTOCOL),
+        Some(_) => None,
+    }
+}
+
+/// The device's later frames on its control stream: token updates, applied at once.
+async fn read_updates(hub: Arc<Hub>, conn: quinn::Connection, mut recv: quinn::RecvStream) {
+    loop {
+        match tunnel_core::framed::read_frame::<DeviceUpdate>(&mut recv, MAX_FRAME).await {
+            Ok(Some(DeviceUpdate::Tokens(t))) if t.len() <= MAX_TOKENS => {
+                debug!(tokens = t.len(), "tokens updated");
+                hub.set_tokens(t);
+            }
+            Ok(Some(DeviceUpdate::Tokens(_))) | Err(_) => {
+                refuse(&conn, RelayCode::PROTOCOL);
+                return;
+            }
+            Ok(None) => return,
+        }
+    }
+}
+
+fn close_reason(conn: &quinn::Connection) -> String {
+    conn.close_reason()
+        .map_or_else(|| "-".to_string(), |r| r.to_string())
+}
+
+/// Whether `token` may reach the device: its hash is one the device uploaded, or it is a JWT
+/// valid for the device.
+fn token_ok(relay: &Relay, hub: &Hub, token: Option<&tunnel_core::secret::Secret>) -> bool {
+    let Some(token) = token else {
+        return false;
+    };
+    if jwt::looks_like_jwt(token.expose()) {
+        let verifier = relay.jwt.read().ok().and_then(|j| j.clone());
+        return match verifier {
+            Some(v) => match v.verify(token.expose(), &hub.id, unix_now()) {
+                Ok(_) => true,
+                Err(e) => {
+                    info!(device = %hub.id, "JWT refused: {e}");
+                    false
+                }
+            },
+            None => false,
+        };
+    }
+    TokenHash::of(token).is_in(hub.tokens().iter())
+}
+
+async fn serve_client(
+    relay: &Arc<Relay>,
+    conn: quinn::Connection,
+    fingerprint: Fingerprint,
+    mut send: quinn::SendStream,
+    device_id: &str,
+    channel: u64,
+    token: Option<&tunnel_core::secret::Secret>,
+) {
+    let source = conn.remote_address().ip();
+    let config = relay.config();
+    let limits = &config.limits;
+    if !relay.may_try(source) {
+        info!(device = %device_id, "connect refused: too many failures from this source");
+        return refuse_with(&conn, &mut send, RelayCode::RATE_LIMITED).await;
+    }
+    if config.device(device_id).is_none() {
+        relay.failed(source);
+        info!(device = %device_id, "connect refused: no such device");
+        return refuse_with(&conn, &mut send, RelayCode::UNKNOWN_DEVICE).await;
+    }
+    let Some(hub) = relay.hub(device_id).filter(|h| h.device().is_some()) else {
+        info!(device = %device_id, "connect refused: the device is not attached");
+        return refuse_with(&conn, &mut send, RelayCode::DEVICE_OFFLINE).await;
+    };
+    if !token_ok(relay, &hub, token) {
+        relay.failed(source);
+        info!(device = %device_id, presented = token.is_some(), "connect refused: token rejected");
+        return refuse_with(&conn, &mut send, RelayCode::TOKEN_REJECTED).await;
+    }
+    let per_device = usize::try_from(limits.max_channels_per_device).unwrap_or(usize::MAX);
+    if hub.channel_count() >= per_device
+        || !relay.take_client_slot(fingerprint, limits.max_channels_per_client)
+    {
+        info!(device = %device_id, "connect refused: channel limit reached");
+        return refuse_with(&conn, &mut send, RelayCode::BUSY).await;
+    }
+    if !hub.open(channel, &conn) {
+        relay.give_client_slot(fingerprint);
+        return refuse_with(&conn, &mut send, RelayCode::CHANNEL_IN_USE).await;
+    }
+    if answer(
+        &mut send,
+        &RelayEvent::Connected {
+            observed: conn.remote_address(),
+        },
+    )
+    .await
+    {
+        info!(device = %device_id, channel, "client connected");
+        let mut route = ClientRoute::new(channel);
+        loop {
+            tokio::select! {
+                d = conn.read_datagram() => match d {
+                    Ok(d) => route.forward(&hub, d, &relay.counters),
+                    Err(_) => break,
+                },
+                () = relay.shutdown.cancelled() => break,
+            }
+        }
+    }
+    hub.close(channel);
+    relay.give_client_slot(fingerprint);
+    relay.forget_if_idle(&hub);
+    info!(device = %device_id, channel, reason = %close_reason(&conn), "client disconnected");
+}
