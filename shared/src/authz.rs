@@ -34,6 +34,9 @@ pub struct ConnFacts<'a> {
     /// The server-connect token the connection holds: the one presented in `Hello`, or the
     /// user's own once it paired or rotated it on this connection.
     pub token: Option<Secret>,
+    /// Whether it presented a JWT of the device's identity provider that was valid for this
+    /// device when it connected (checked at the IO edge, which reads the clock).
+    pub jwt: bool,
 }
 
 /// Who a connection is under the current state.
@@ -175,6 +178,10 @@ impl<'a> Policy<'a> {
                 code: CloseCode::REMOTE_DISABLED,
                 reason: "remote access disabled",
             });
+        }
+        // A valid JWT lets any key proceed, like a token: its key still decides the role.
+        if conn.jwt {
+            return Ok(());
         }
         let kind = conn
             .token
@@ -497,6 +504,7 @@ mod tests {
             fingerprint: fp,
             local,
             token: token.cloned(),
+            jwt: false,
         }
     }
 

@@ -285,6 +285,7 @@ fn exit_code(e: &DeviceError) -> u8 {
         | E::Value(_)
         | E::AlreadyInitialised(_)
         | E::NoInvitation(_)
+        | E::Jwt(_)
         | E::NoAddress => 2,
         E::State(
             StateError::Missing(_)

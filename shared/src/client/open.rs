@@ -448,22 +448,7 @@ async fn manage(
                     return Err(e);
                 }
                 backoff.reset();
-                let path = session.path.to_string();
-                info!(
-                    device = %device.name,
-                    addr = %session.addr,
-                    %path,
-                    rtt_ms = session.rtt().as_secs_f64() * 1000.0,
-                    user = session.welcome.user.as_deref().unwrap_or("-"),
-                    role = %session.welcome.role,
-                    "connected"
-                );
-                if let Some(file) = &opts.ready_file
-                    && let Err(e) =
-                        write_ready(file, identity, device, status, Some((&path, session.rtt())))
-                {
-                    warn!("cannot update the ready file: {e}");
-                }
+                let path = connected(&session, identity, device, opts, status);
                 // Learn this user's token (needed for remote connections) if we lack it.
                 learn(&opts.home, &session, device).await;
                 if !checked_services {
@@ -506,6 +491,32 @@ async fn manage(
             () = stop.cancelled() => return Ok(()),
         }
     }
+}
+
+/// Logs a new connection and records its path in the ready file; returns the path.
+fn connected(
+    session: &Session,
+    identity: &Identity,
+    device: &KnownDevice,
+    opts: &OpenOptions,
+    status: &Status,
+) -> String {
+    let path = session.path.to_string();
+    info!(
+        device = %device.name,
+        addr = %session.addr,
+        %path,
+        rtt_ms = session.rtt().as_secs_f64() * 1000.0,
+        user = session.welcome.user.as_deref().unwrap_or("-"),
+        role = %session.welcome.role,
+        "connected"
+    );
+    if let Some(file) = &opts.ready_file
+        && let Err(e) = write_ready(file, identity, device, status, Some((&path, session.rtt())))
+    {
+        warn!("cannot update the ready file: {e}");
+    }
+    path
 }
 
 /// Warns about every forward whose service the device does not offer to this user.

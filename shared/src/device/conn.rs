@@ -45,6 +45,8 @@ pub(crate) struct Conn {
     /// The token the connection holds: presented in `Hello`, or its user's own once it paired or
     /// rotated it here.
     token: Mutex<Option<Secret>>,
+    /// Whether its `Hello` held a JWT valid for this device.
+    jwt: bool,
     /// The user this key belongs to (set at hello, updated when it pairs).
     pub(crate) user: Mutex<Option<String>>,
     /// Open tunnels: id → (service, kill switch).
@@ -61,6 +63,7 @@ impl Conn {
         fingerprint: Fingerprint,
         local: bool,
         token: Option<Secret>,
+        jwt: bool,
         now: Instant,
     ) -> Self {
         Self {
@@ -68,6 +71,7 @@ impl Conn {
             fingerprint,
             local: AtomicBool::new(local),
             token: Mutex::new(token),
+            jwt,
             user: Mutex::new(None),
             tunnels: Mutex::new(HashMap::new()),
             flow: Mutex::new(PasswordFlow::default()),
@@ -93,6 +97,7 @@ impl Conn {
             fingerprint: &self.fingerprint,
             local: self.is_local(),
             token: self.token.lock().ok().and_then(|t| t.clone()),
+            jwt: self.jwt,
         }
     }
 
@@ -359,11 +364,16 @@ fn admit(
     let local = snap.config.network.is_local(remote.ip());
     // The token is kept even on a local connection: it is needed if the connection moves to a
     // remote address.
+    let jwt = hello
+        .sct
+        .as_ref()
+        .is_some_and(|t| jwt_valid(live, t, &snap.config.device_id));
     let conn = Arc::new(Conn::new(
         quic.clone(),
         fingerprint,
         local,
         hello.sct.clone(),
+        jwt,
         now(),
     ));
     let admitted = snap
@@ -391,6 +401,34 @@ fn admit(
         .is_none()
         .then(|| Duration::from_secs(snap.config.limits.unpaired_timeout_secs));
     Some((conn, welcome, unpaired_timeout))
+}
+
+/// Whether `token` is a JWT of the device's identity provider valid for it now (`[jwt]` in
+/// `device.toml`); why not is logged.
+fn jwt_valid(live: &Live, token: &Secret, device_id: &str) -> bool {
+    if !crate::jwt::looks_like_jwt(token.expose()) {
+        return false;
+    }
+    let Some(verifier) = live.jwt() else {
+        debug!("a JWT was presented, but device.toml has no [jwt]");
+        return false;
+    };
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    match verifier.verify(token.expose(), device_id, now) {
+        Ok(claims) => {
+            debug!(
+                subject = claims.subject.as_deref().unwrap_or("-"),
+                "valid JWT"
+            );
+            true
+        }
+        Err(e) => {
+            info!("refused a JWT: {e}");
+            false
+        }
+    }
 }
 
 fn log_refusal(refusal: Refusal, hello: &Hello, conn: &Conn, config: &DeviceConfig) {

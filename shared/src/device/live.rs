@@ -63,6 +63,8 @@ pub(crate) struct Live {
     pub(crate) tasks: TaskTracker,
     /// Tunnel tasks (drained separately at shutdown).
     pub(crate) streams: TaskTracker,
+    /// The identity provider's keys (`[jwt]`), if configured.
+    jwt: RwLock<Option<Arc<crate::jwt::JwtVerifier>>>,
     /// Bumped at every change of the state (the relay legs upload new token hashes).
     state_version: tokio::sync::watch::Sender<u64>,
     /// Bumped at every change of the configuration (the relay legs follow `[[relay]]`).
@@ -154,6 +156,7 @@ impl Live {
             kill: CancellationToken::new(),
             tasks: TaskTracker::new(),
             streams: TaskTracker::new(),
+            jwt: RwLock::new(None),
             state_version: tokio::sync::watch::Sender::new(0),
             config_version: tokio::sync::watch::Sender::new(0),
         }
@@ -196,6 +199,15 @@ impl Live {
     pub(crate) fn set_state(&self, state: DeviceState) {
         write(&self.state, Arc::new(state));
         self.state_version.send_modify(|v| *v += 1);
+    }
+
+    /// The JWT verifier of `[jwt]`.
+    pub(crate) fn jwt(&self) -> Option<Arc<crate::jwt::JwtVerifier>> {
+        read(&self.jwt)
+    }
+
+    pub(crate) fn set_jwt(&self, jwt: Option<crate::jwt::JwtVerifier>) {
+        write(&self.jwt, jwt.map(Arc::new));
     }
 
     /// Changes whenever the state changes.

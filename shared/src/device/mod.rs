@@ -159,6 +159,9 @@ pub enum DeviceError {
     /// The transport could not be set up (e.g. the port is in use).
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The JWKS of `[jwt]` is missing or unusable.
+    #[error(transparent)]
+    Jwt(#[from] crate::jwt::JwtError),
     /// Another device process uses this home.
     #[error(
         "another tunnel-device is already running with home '{0}' (it holds run.lock); stop it \
@@ -209,6 +212,11 @@ pub async fn run(
     let config = home.load_config()?;
     let (state, iam) = home.load_checked()?;
     let key = identity::load_key(&home.key_path())?;
+    let jwt = config
+        .jwt
+        .as_ref()
+        .map(|j| crate::jwt::JwtVerifier::load(j, home.dir()))
+        .transpose()?;
     let _run_lock = fsutil::LockFile::try_acquire(&home.run_lock_path())
         .map_err(|source| DeviceError::Io {
             path: home.run_lock_path(),
@@ -239,6 +247,7 @@ pub async fn run(
         iam,
         shutdown.clone(),
     ));
+    live.set_jwt(jwt);
     if let Some(path) = &opts.ready_file {
         write_ready_file(path, &ready).map_err(|source| DeviceError::Io {
             path: path.clone(),

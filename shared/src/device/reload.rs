@@ -128,13 +128,31 @@ fn reload_config(live: &Live, stamp: &mut Option<FileStamp>) -> bool {
                     "device.toml changed listen, limits or transport settings: restart the device to apply them"
                 );
             }
+            if new.jwt != old.jwt {
+                match new
+                    .jwt
+                    .as_ref()
+                    .map(|j| crate::jwt::JwtVerifier::load(j, live.home().dir()))
+                    .transpose()
+                {
+                    Ok(v) => live.set_jwt(v),
+                    Err(e) => {
+                        error!(
+                            "device.toml changed [jwt], but it cannot be used, keeping the previous keys: {e}"
+                        );
+                        return false;
+                    }
+                }
+            }
             let mut next = (*old).clone();
             next.services = new.services;
             next.name = new.name;
             next.network = new.network;
+            next.relays = new.relays;
+            next.jwt = new.jwt;
             info!(
                 services = next.services.len(),
-                "device.toml changed: services, name and network policy reloaded"
+                "device.toml changed: services, name, network policy, relays and [jwt] reloaded"
             );
             live.set_config(next);
             true
