@@ -22,7 +22,9 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 targets=(frame control state_json device_toml iam_toml known_devices pairing_string pake)
 cargo +nightly fuzz build -O >/dev/null 2>&1 || { echo "FAIL: the fuzz targets do not build"; exit 1; }
-mkdir -p "$(dirname "$summary")"
+# Logs go to fuzz/target/ whatever CARGO_TARGET_DIR says (a missing directory would fail every
+# target with no run at all).
+mkdir -p target "$(dirname "$summary")"
 : > "$summary"
 failed=0
 for t in "${targets[@]}"; do
