@@ -48,6 +48,11 @@ pub const TAG_LEN: usize = 8;
 /// its tag. A leg whose path cannot carry it is useless, and says so.
 pub const MIN_LEG_DATAGRAM: usize = 1200 + TAG_LEN;
 
+/// The channel id of a path probe: a datagram with this tag is sent back by the relay to the leg
+/// it came from, so a leg can prove that its path carries [`MIN_LEG_DATAGRAM`]-byte datagrams.
+/// No client may use it as a channel.
+pub const PROBE_CHANNEL: u64 = u64::MAX;
+
 /// The tag of `channel`.
 pub fn tag(channel: u64) -> [u8; TAG_LEN] {
     channel.to_be_bytes()

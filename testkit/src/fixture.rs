@@ -308,7 +308,11 @@ impl ClientFixture {
                 s["local"].as_str().expect("local").parse().expect("addr"),
             );
         }
-        RunningOpen { proc, locals }
+        RunningOpen {
+            proc,
+            locals,
+            ready,
+        }
     }
 }
 
@@ -346,9 +350,24 @@ pub struct RunningOpen {
     /// The process.
     pub proc: Proc,
     locals: HashMap<String, SocketAddr>,
+    ready: PathBuf,
 }
 
 impl RunningOpen {
+    /// Waits until it is connected and returns its path (`direct` or `relayed via RELAY`), from
+    /// its ready file.
+    pub fn wait_path(&mut self) -> String {
+        let ready = self.ready.clone();
+        crate::wait_for("open to connect", SOON, || {
+            if let Some(st) = self.proc.try_status() {
+                panic!("tunnel-client open exited with {st}: {}", self.proc.log());
+            }
+            let v: serde_json::Value =
+                serde_json::from_str(&fs::read_to_string(&ready).ok()?).ok()?;
+            v["path"].as_str().map(ToString::to_string)
+        })
+    }
+
     /// The local address forwarding to `service`.
     pub fn local(&self, service: &str) -> SocketAddr {
         *self
@@ -374,5 +393,217 @@ pub fn saw_reset(conn: &mut std::net::TcpStream, payload: &[u8]) -> bool {
             Ok(_) => {}
             Err(e) => return e.kind() == ErrorKind::ConnectionReset,
         }
+    }
+}
+
+impl ClientFixture {
+    /// Runs `tunnel-client` inside namespace `ns` (by name).
+    pub fn cmd_in(&self, ns: &str, args: &[&str]) -> Output {
+        let (home, args) = (self.home.clone(), owned(args));
+        netns::in_ns(ns, move || run("tunnel-client", &home, &borrowed(&args)))
+    }
+
+    /// Pins a device reached only through `relay` (and optionally `addrs`), with its id and the
+    /// user's token.
+    pub fn pin_relayed(
+        &self,
+        name: &str,
+        device: &RunningDevice,
+        device_id: &str,
+        relay: (&str, &str),
+        addrs: &[&str],
+        token: Option<&str>,
+    ) {
+        let mut args = vec![
+            "device",
+            "add",
+            name,
+            "--fingerprint",
+            &device.fingerprint,
+            "--device-id",
+            device_id,
+            "--relay",
+            relay.0,
+            "--relay-fingerprint",
+            relay.1,
+        ];
+        for a in addrs {
+            args.extend(["--addr", a]);
+        }
+        if let Some(t) = token {
+            args.extend(["--sct", t]);
+        }
+        self.ok(&args);
+    }
+}
+
+fn owned(args: &[&str]) -> Vec<String> {
+    args.iter().map(ToString::to_string).collect()
+}
+
+fn borrowed(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+impl World {
+    /// Initialises a relay home `name` (it listens on `0.0.0.0:0` unless started otherwise).
+    pub fn relay(&self, name: &str) -> RelayFixture {
+        let home = self.root.path().join(name);
+        run_ok("tunnel-relay", &home, &["init", "--listen", "127.0.0.1:0"]);
+        RelayFixture {
+            home,
+            logs: self.root.path().to_owned(),
+        }
+    }
+}
+
+/// A relay home.
+#[derive(Debug, Clone)]
+pub struct RelayFixture {
+    /// Its directory.
+    pub home: PathBuf,
+    logs: PathBuf,
+}
+
+impl RelayFixture {
+    /// Runs `tunnel-relay` with this home.
+    pub fn cmd(&self, args: &[&str]) -> Output {
+        run("tunnel-relay", &self.home, args)
+    }
+
+    /// Runs `tunnel-relay` and asserts success.
+    pub fn ok(&self, args: &[&str]) -> String {
+        run_ok("tunnel-relay", &self.home, args)
+    }
+
+    /// The relay's fingerprint.
+    pub fn fingerprint(&self) -> String {
+        self.ok(&["fingerprint"]).trim().to_string()
+    }
+
+    /// Appends `toml` to `relay.toml`.
+    pub fn append_config(&self, toml: &str) {
+        let path = self.home.join("relay.toml");
+        let mut text = fs::read_to_string(&path).expect("relay.toml");
+        text.push('\n');
+        text.push_str(toml);
+        fs::write(&path, text).expect("relay.toml");
+    }
+
+    /// Serves `device_id` with the key `fingerprint`.
+    pub fn serve(&self, device_id: &str, fingerprint: &str) {
+        self.ok(&["device", "add", device_id, "--fingerprint", fingerprint]);
+    }
+
+    /// Starts `tunnel-relay run --listen LISTEN` (inside `ns` when given) and waits until it
+    /// listens.
+    pub fn start_in(&self, ns: Option<&dyn netns::Namespace>, listen: &str) -> RunningRelay {
+        let name = self
+            .home
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let ready = self.logs.join(format!("{name}.ready"));
+        let _ = fs::remove_file(&ready);
+        let mut cmd = match ns {
+            Some(ns) => ns.command(bin("tunnel-relay").as_os_str()),
+            None => Command::new(bin("tunnel-relay")),
+        };
+        cmd.arg("--home")
+            .arg(&self.home)
+            .args([
+                "--log-level",
+                "debug",
+                "run",
+                "--listen",
+                listen,
+                "--ready-file",
+            ])
+            .arg(&ready)
+            .env_remove("RUST_LOG");
+        let mut proc = Proc::spawn(
+            &format!("tunnel-relay {name}"),
+            cmd,
+            &self.logs.join(format!("{name}.log")),
+        );
+        let json = read_ready(&ready, &mut proc);
+        RunningRelay {
+            proc,
+            addr: json["listen"][0]
+                .as_str()
+                .expect("listen")
+                .parse()
+                .expect("addr"),
+            fingerprint: json["fingerprint"]
+                .as_str()
+                .expect("fingerprint")
+                .to_string(),
+        }
+    }
+}
+
+/// A running relay.
+#[derive(Debug)]
+pub struct RunningRelay {
+    /// The process.
+    pub proc: Proc,
+    /// Its first UDP address.
+    pub addr: SocketAddr,
+    /// Its fingerprint.
+    pub fingerprint: String,
+}
+
+impl DeviceFixture {
+    /// Removes the top-level key or table `key` from `device.toml`.
+    pub fn remove_config(&self, key: &str) {
+        let path = self.home.join("device.toml");
+        let mut doc: toml_edit::DocumentMut = fs::read_to_string(&path)
+            .expect("device.toml")
+            .parse()
+            .expect("device.toml");
+        doc.remove(key);
+        fs::write(&path, doc.to_string()).expect("write device.toml");
+    }
+
+    /// The device's id (from `device.toml`).
+    pub fn device_id(&self) -> String {
+        let text = fs::read_to_string(self.home.join("device.toml")).expect("device.toml");
+        let doc: toml_edit::DocumentMut = text.parse().expect("device.toml");
+        doc["device_id"].as_str().expect("device_id").to_string()
+    }
+
+    /// The server-connect token of `user` (from `state.json`).
+    pub fn token(&self, user: &str) -> String {
+        let text = fs::read_to_string(self.home.join("state.json")).expect("state.json");
+        let v: serde_json::Value = serde_json::from_str(&text).expect("state.json");
+        v["users"]
+            .as_array()
+            .expect("users")
+            .iter()
+            .find(|u| u["username"] == user)
+            .and_then(|u| u["sct"].as_str())
+            .expect("the user's token")
+            .to_string()
+    }
+
+    /// Waits until the running device's ready file says every relay is attached.
+    pub fn wait_attached(&self, device: &mut RunningDevice) {
+        let name = self
+            .home
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let ready = self.logs.join(format!("{name}.ready"));
+        crate::wait_for("the device to attach to its relays", SOON, || {
+            if let Some(st) = device.proc.try_status() {
+                panic!("tunnel-device exited with {st}: {}", device.proc.log());
+            }
+            let v: serde_json::Value =
+                serde_json::from_str(&fs::read_to_string(&ready).ok()?).ok()?;
+            let relays = v["relays"].as_array()?;
+            (!relays.is_empty() && relays.iter().all(|r| r["state"] == "attached")).then_some(())
+        });
     }
 }

@@ -85,6 +85,8 @@ pub struct Control {
     pub reordered: AtomicU64,
     tamper: Mutex<Option<(Way, usize)>>,
     tampered: AtomicU64,
+    marker: Mutex<Option<Vec<u8>>>,
+    marker_hits: AtomicU64,
 }
 
 impl Control {
@@ -92,6 +94,29 @@ impl Control {
     pub fn tamper_next(&self, way: Way, offset: usize) {
         if let Ok(mut t) = self.tamper.lock() {
             *t = Some((way, offset));
+        }
+    }
+
+    /// From now on, counts every datagram (either way) that contains `marker` anywhere: what an
+    /// observer of the wire would see of a plaintext.
+    pub fn scan_for(&self, marker: &[u8]) {
+        if let Ok(mut m) = self.marker.lock() {
+            *m = Some(marker.to_vec());
+        }
+    }
+
+    /// Datagrams that contained the marker of [`Self::scan_for`].
+    pub fn marker_hits(&self) -> u64 {
+        self.marker_hits.load(Ordering::Relaxed)
+    }
+
+    fn scan(&self, pkt: &[u8]) {
+        if let Ok(m) = self.marker.lock()
+            && let Some(m) = m.as_deref()
+            && !m.is_empty()
+            && pkt.windows(m.len()).any(|w| w == m)
+        {
+            self.marker_hits.fetch_add(1, Ordering::Relaxed);
         }
     }
 
@@ -146,6 +171,7 @@ impl Shared {
     /// Schedules `pkt` (going `way`) on `tx`: dropped, delayed, held back or duplicated.
     fn schedule(&self, way: Way, mut pkt: Vec<u8>, tx: &mpsc::UnboundedSender<(Instant, Vec<u8>)>) {
         let i = &self.impairment;
+        self.control.scan(&pkt);
         if pkt.len() > i.max_datagram {
             return;
         }

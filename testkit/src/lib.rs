@@ -19,6 +19,7 @@ pub mod fixture;
 pub mod hostile;
 pub mod impair;
 pub mod inproc;
+pub mod jwt;
 pub mod natlab;
 pub mod netns;
 pub mod process;
@@ -27,7 +28,10 @@ pub mod servers;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-pub use fixture::{ClientFixture, DeviceFixture, RunningDevice, RunningOpen, World, saw_reset};
+pub use fixture::{
+    ClientFixture, DeviceFixture, RelayFixture, RunningDevice, RunningOpen, RunningRelay, World,
+    saw_reset,
+};
 pub use process::{Proc, bin, read_ready, run, run_ok};
 
 /// Generous bound for anything that should happen "soon" (a debug build on 2 loaded cores).

@@ -6,6 +6,29 @@
 
 use std::process::{Command, Stdio};
 
+/// Runs `f` on a thread that has joined namespace `name` (as `ip netns add` made it): sockets it
+/// creates belong to that namespace for good (a listener keeps accepting there whichever thread
+/// accepts), and so do threads and processes it starts. So any server of this kit can run inside
+/// a namespace (`in_ns(&ns.name, TestServer::echo)`), and any client too.
+///
+/// # Panics
+/// When the namespace does not exist or cannot be joined (needs root), or `f` panics.
+pub fn in_ns<T: Send + 'static>(name: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    use std::os::fd::AsFd;
+    let path = format!("/run/netns/{name}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
+        rustix::thread::move_into_link_name_space(
+            file.as_fd(),
+            Some(rustix::thread::LinkNameSpaceType::Network),
+        )
+        .unwrap_or_else(|e| panic!("cannot join namespace {path}: {e}"));
+        f()
+    })
+    .join()
+    .unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
 /// A namespace and its link to the host.
 #[derive(Debug)]
 pub struct NetNs {

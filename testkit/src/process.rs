@@ -41,12 +41,14 @@ pub fn bin(name: &str) -> PathBuf {
         .parent()
         .expect("workspace root");
     let mut newest = SystemTime::UNIX_EPOCH;
-    for dir in [
-        "core/src",
-        "shared/src",
-        "tunnel-device/src",
-        "tunnel-client/src",
-    ] {
+    // The sources each binary is built from (cargo relinks it only when one of them changes).
+    let dirs: &[&str] = match name {
+        "tunnel-relay" => &["core/src", "tunnel-relay/src"],
+        "tunnel-device" => &["core/src", "shared/src", "tunnel-device/src"],
+        "tunnel-client" => &["core/src", "shared/src", "tunnel-client/src"],
+        _ => &[],
+    };
+    for dir in dirs {
         newest = newest.max(newest_mtime(&root.join(dir)));
     }
     assert!(

@@ -159,6 +159,11 @@ impl Hub {
     }
 }
 
+fn is_probe(datagram: &[u8]) -> bool {
+    tunnel_core::relay::split_tag(datagram).map(|(ch, _)| ch)
+        == Some(tunnel_core::relay::PROBE_CHANNEL)
+}
+
 /// Sends `datagram` on `to` if its queue has room; counts it either way.
 fn send(to: &quinn::Connection, datagram: Bytes, counters: &Counters) {
     let len = datagram.len();
@@ -183,8 +188,18 @@ impl DeviceRoutes {
         }
     }
 
-    /// Forwards a datagram the device sent to the client of its tag.
-    pub(crate) fn forward(&mut self, hub: &Hub, datagram: Bytes, counters: &Counters) {
+    /// Forwards a datagram the device sent (on `from`) to the client of its tag; a path probe
+    /// goes back to `from`.
+    pub(crate) fn forward(
+        &mut self,
+        hub: &Hub,
+        from: &quinn::Connection,
+        datagram: Bytes,
+        counters: &Counters,
+    ) {
+        if is_probe(&datagram) {
+            return send(from, datagram, counters);
+        }
         let g = hub.generation();
         if g != self.generation {
             self.channels = hub.channels.read().map(|c| c.clone()).unwrap_or_default();
@@ -215,7 +230,16 @@ impl ClientRoute {
 
     /// Forwards a datagram the client sent to the device, if it carries the client's own
     /// channel tag (a client cannot inject into another client's channel).
-    pub(crate) fn forward(&mut self, hub: &Hub, datagram: Bytes, counters: &Counters) {
+    pub(crate) fn forward(
+        &mut self,
+        hub: &Hub,
+        from: &quinn::Connection,
+        datagram: Bytes,
+        counters: &Counters,
+    ) {
+        if is_probe(&datagram) {
+            return send(from, datagram, counters);
+        }
         if tunnel_core::relay::split_tag(&datagram).map(|(ch, _)| ch) != Some(self.channel) {
             counters.drop_one();
             return;

@@ -647,7 +647,7 @@ async fn serve_device(
     loop {
         tokio::select! {
             d = conn.read_datagram() => match d {
-                Ok(d) => routes.forward(&hub, d, &relay.counters),
+                Ok(d) => routes.forward(&hub, &conn, d, &relay.counters),
                 Err(_) => break,
             },
             Some(ev) = events_rx.recv() => {
@@ -735,6 +735,9 @@ async fn serve_client(
     let source = conn.remote_address().ip();
     let config = relay.config();
     let limits = &config.limits;
+    if channel == relay::PROBE_CHANNEL {
+        return refuse_with(&conn, &mut send, RelayCode::PROTOCOL).await;
+    }
     if !relay.may_try(source) {
         info!(device = %device_id, "connect refused: too many failures from this source");
         return refuse_with(&conn, &mut send, RelayCode::RATE_LIMITED).await;
@@ -777,7 +780,7 @@ async fn serve_client(
         loop {
             tokio::select! {
                 d = conn.read_datagram() => match d {
-                    Ok(d) => route.forward(&hub, d, &relay.counters),
+                    Ok(d) => route.forward(&hub, &conn, d, &relay.counters),
                     Err(_) => break,
                 },
                 () = relay.shutdown.cancelled() => break,

@@ -141,11 +141,20 @@ pub fn leg_transport_config(
     // Datagram queues: a few round trips of a fast inner connection; beyond them datagrams are
     // dropped (and the inner connection's congestion control backs off), never buffered without
     // bound.
+    // Start at the smallest size that carries relayed packets (a 1280-byte IPv4 path): the
+    // leg is useful at once on any path that can relay at all, without waiting for discovery
+    // (which takes seconds on paths below 1452). A smaller path loses these packets, black-hole
+    // detection drops to 1200, and the client says the path is too small.
     t.datagram_receive_buffer_size(Some(2 * 1024 * 1024))
         .datagram_send_buffer_size(2 * 1024 * 1024)
+        .initial_mtu(LEG_INITIAL_MTU)
+        .min_mtu(1200)
         .mtu_discovery_config(Some(mtu));
     t
 }
+
+/// The UDP payload a leg starts with: an IPv4 path MTU of 1280 (1280 − 20 − 8).
+pub const LEG_INITIAL_MTU: u16 = 1252;
 
 /// Transport parameters of an end-to-end connection that runs through a relay, whose legs carry
 /// datagrams of up to `leg_datagram` bytes: packets start at QUIC's minimum (1200) and path MTU

@@ -36,6 +36,19 @@ use crate::identity::{self, Fingerprint};
 use crate::secret::Secret;
 use crate::transport::Identity;
 
+/// The relays a device named, then those pinned here that it did not name (a relay may have
+/// another address from the client's side of the network), at most 8.
+fn merge_relays(told: &[RelayRef], pinned: &[RelayRef]) -> Vec<RelayRef> {
+    let mut out = told.to_vec();
+    for r in pinned {
+        if !out.contains(r) {
+            out.push(r.clone());
+        }
+    }
+    out.truncate(8);
+    out
+}
+
 /// File layout of a client home directory.
 #[derive(Debug, Clone)]
 pub struct ClientHome {
@@ -231,7 +244,7 @@ impl ClientHome {
                 && d.device_id.as_deref() == Some(welcome.device_id.as_str())
                 && d.user == welcome.user
                 && sct.is_none_or(|s| d.sct.as_ref() == Some(s))
-                && relays.is_none_or(|r| d.relays == r)
+                && relays.is_none_or(|r| d.relays == merge_relays(r, &d.relays))
         });
         if unchanged {
             return Ok(());
@@ -244,7 +257,7 @@ impl ClientHome {
                     d.sct = Some(s.clone());
                 }
                 if let Some(r) = relays {
-                    d.relays = r.to_vec();
+                    d.relays = merge_relays(r, &d.relays);
                 }
             }
             Ok(())

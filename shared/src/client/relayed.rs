@@ -185,24 +185,39 @@ async fn ask(
     }
 }
 
-/// Waits until the leg carries datagrams that hold an inner packet (≥ 1200 bytes) and its tag:
-/// the leg's path MTU discovery must get there.
+/// Proves that the leg's path carries datagrams that hold an inner packet (≥ 1200 bytes) and
+/// its tag: a probe of exactly that size must come back from the relay. (The leg starts at the
+/// size of a 1280-byte path, so on a smaller one the probe is lost, not refused.)
 async fn wait_for_mtu(conn: &quinn::Connection) -> Result<(), String> {
     let deadline = tokio::time::Instant::now() + MTU_WAIT;
+    let mut probe = relay::tag(relay::PROBE_CHANNEL).to_vec();
+    probe.resize(relay::MIN_LEG_DATAGRAM, 0);
+    let probe = bytes::Bytes::from(probe);
     loop {
         let size = conn.max_datagram_size().unwrap_or(0);
-        if size >= relay::MIN_LEG_DATAGRAM {
-            return Ok(());
+        if size >= relay::MIN_LEG_DATAGRAM && conn.send_datagram(probe.clone()).is_ok() {
+            let echo = tokio::time::timeout(Duration::from_millis(300), async {
+                while let Ok(d) = conn.read_datagram().await {
+                    if d == probe {
+                        return true;
+                    }
+                }
+                false
+            });
+            if echo.await == Ok(true) {
+                return Ok(());
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         if tokio::time::Instant::now() >= deadline {
             conn.close(RelayCode::NORMAL.to_varint(), b"path MTU too small");
             return Err(format!(
-                "the path to the relay carries datagrams of at most {size} bytes; relaying needs \
-                 {} (a path MTU of at least 1280 bytes)",
+                "the path to the relay does not carry {}-byte datagrams (the leg's limit is now \
+                 {size}); relaying needs them, which takes a path MTU of at least 1280 bytes",
                 relay::MIN_LEG_DATAGRAM
             ));
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
 
@@ -215,7 +230,8 @@ pub(crate) async fn open(
     req: &Request<'_>,
     relay: &RelayRef,
 ) -> Result<Channel, ConnectError> {
-    let channel = rand::random::<u64>();
+    // Any id but the probe's.
+    let channel = rand::random::<u64>() >> 1;
     let (conn, send, recv) = dial(dialer, req, relay, channel).await?;
     let key = RouteKey {
         relay: relay.fingerprint,

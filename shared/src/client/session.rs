@@ -596,7 +596,8 @@ async fn dial_relayed(
         .map_err(|_| ConnectError::Unreachable {
             device: target.name.to_string(),
             reason: format!(
-                "via relay {}: no answer within {:?}",
+                "via relay {}: no answer within {:?} (UDP blocked, or a path MTU below the 1280 \
+                 bytes a relay leg needs?)",
                 relay.addr, opts.timeout
             ),
         })??;
@@ -769,7 +770,12 @@ pub async fn connect_paired(
 /// Records the device id and user this session revealed, the user's token when the entry lacks
 /// it (or belongs to another user), and the device's relays; a file error is only logged.
 pub(crate) async fn learn(home: &ClientHome, session: &Session, device: &KnownDevice) {
-    let sct = if device.sct.is_none() || device.user != session.welcome.user {
+    // A JWT of the device's identity provider was the user's choice: keep presenting it.
+    let jwt = device
+        .sct
+        .as_ref()
+        .is_some_and(|t| crate::jwt::looks_like_jwt(t.expose()));
+    let sct = if !jwt && (device.sct.is_none() || device.user != session.welcome.user) {
         session.me().await.ok().flatten().and_then(|m| m.sct)
     } else {
         None

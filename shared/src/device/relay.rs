@@ -206,7 +206,11 @@ async fn attach(legs: &Legs, relay: &RelayRef, addr: &str) -> Result<Attached, S
         .map_err(|e| format!("failed: {e}"))?;
     let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
         .await
-        .map_err(|_| "failed: no answer from the relay in 10 s (UDP blocked?)".to_string())?
+        .map_err(|_| {
+            "failed: no answer from the relay in 10 s (UDP blocked, or a path MTU below the 1280 \
+                 bytes a relay leg needs?)"
+                .to_string()
+        })?
         .map_err(|e| {
             let seen = observed_key.lock().ok().and_then(|g| *g);
             match seen.filter(|fp| *fp != relay.fingerprint) {

@@ -16,6 +16,7 @@ mod negative;
 mod pairing;
 mod peers;
 mod raw;
+mod relay;
 mod resilience;
 mod transfer;
 

@@ -854,7 +854,8 @@ fn idle_connections(b: &Bench) -> anyhow::Result<IdleMany> {
         b,
         "devm",
         &format!(
-            "[limits]\nmax_streams_per_connection = {max_streams}\nmax_streams_total = {}\n",
+            "[limits]\nmax_streams_per_connection = {max_streams}\nmax_streams_per_user = \
+             {max_streams}\nmax_streams_total = {}\n",
             max_streams + 100
         ),
     )?;
@@ -1189,7 +1190,8 @@ impl Report {
         if let Some(m) = &self.idle_many {
             s.push_str(&format!(
                 "\nIdle tunnelled connections (each sent and received one byte, then stays open), with\n\
-                 `max_streams_per_connection = {}` (the default, 1024, makes connections beyond it wait):\n\n",
+                 `max_streams_per_connection` and `max_streams_per_user` = {} (the defaults, 1024 and 2048, \
+                 make connections beyond them wait or be refused):\n\n",
                 m.max_streams
             ));
             w(
