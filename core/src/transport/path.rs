@@ -158,7 +158,7 @@ impl Paths {
     }
 
     /// Hands quinn a datagram that arrived for `addr` (a bound virtual address). Dropped and
-    /// counted when quinn is behind by [`INBOX`] datagrams.
+    /// counted when quinn is behind by `INBOX` datagrams.
     pub fn deliver(&self, addr: SocketAddr, datagram: Bytes) {
         if self.0.inbox.try_send((addr, datagram)).is_ok() {
             self.0
