@@ -18,6 +18,7 @@
 //!   with the tunnel's windows and with quinn's defaults.
 
 mod lossy;
+mod relay;
 mod sys;
 
 use std::collections::BTreeMap;
@@ -431,6 +432,8 @@ struct BenchPath {
     port: u16,
     /// (client-side pid, server-side pid) whose CPU and memory are measured.
     ends: Option<(u32, u32)>,
+    /// A process in the middle (the relay) whose CPU and memory are measured too.
+    middle: Option<u32>,
     parallel: usize,
 }
 
@@ -441,6 +444,8 @@ struct Sample {
     cpu_server: f64,
     peak_client_kib: u64,
     peak_server_kib: u64,
+    cpu_middle: f64,
+    peak_middle_kib: u64,
     secs: f64,
 }
 
@@ -450,6 +455,10 @@ fn measure(path: &BenchPath, secs: u64, reverse: bool) -> Sample {
         reset_peak(c);
         reset_peak(d);
         (cpu_seconds_tree(c), cpu_seconds_tree(d))
+    });
+    let m0 = path.middle.map_or(0.0, |m| {
+        reset_peak(m);
+        cpu_seconds_tree(m)
     });
     let t0 = Instant::now();
     s.gbps = match iperf(path.port, secs, reverse, path.parallel, 0) {
@@ -473,6 +482,10 @@ fn measure(path: &BenchPath, secs: u64, reverse: bool) -> Sample {
         s.cpu_server = cpu_seconds_tree(d) - d0;
         s.peak_client_kib = peak_kib(c);
         s.peak_server_kib = peak_kib(d);
+    }
+    if let Some(m) = path.middle {
+        s.cpu_middle = cpu_seconds_tree(m) - m0;
+        s.peak_middle_kib = peak_kib(m);
     }
     s
 }
@@ -570,7 +583,9 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
 
     // --- Paths -----------------------------------------------------------------------------
     eprintln!("[bench] starting paths");
-    let tunnel = start_tunnel(&b, "dev", "")?;
+    let relay = relay::start(&b)?;
+    let tunnel = start_tunnel(&b, "dev", &relay.device_toml())?;
+    let relayed = relay::open_relayed(&b, &relay, "dev")?;
     report.idle = Some((rss_kib(tunnel.client.pid()), rss_kib(tunnel.device.pid())));
     let socat_port = free_port()?;
     let _socat = Child::spawn(
@@ -603,43 +618,57 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
             name: "raw TCP",
             port: iperf_port,
             ends: None,
+            middle: None,
             parallel: 1,
         },
         BenchPath {
             name: "socat",
             port: socat_port,
             ends: None,
+            middle: None,
             parallel: 1,
         },
         BenchPath {
             name: "ssh -L (default cipher)",
             port: ssh_iperf,
             ends: Some((ssh_def.pid(), sshd_def)),
+            middle: None,
             parallel: 1,
         },
         BenchPath {
             name: "ssh -L aes128-gcm",
             port: ssh_aes_port,
             ends: Some((ssh_aes.pid(), sshd_aes)),
+            middle: None,
             parallel: 1,
         },
         BenchPath {
             name: "tunnel",
             port: tunnel.iperf,
             ends: Some((tunnel.client.pid(), tunnel.device.pid())),
+            middle: None,
             parallel: 1,
         },
         BenchPath {
             name: "ssh -L (default cipher), 8 streams",
             port: ssh_iperf,
             ends: Some((ssh_def.pid(), sshd_def)),
+            middle: None,
             parallel: 8,
         },
         BenchPath {
             name: "tunnel, 8 streams",
             port: tunnel.iperf,
             ends: Some((tunnel.client.pid(), tunnel.device.pid())),
+            middle: None,
             parallel: 8,
+        },
+        BenchPath {
+            name: "tunnel via relay",
+            port: relayed.iperf,
+            ends: Some((relayed.client.pid(), tunnel.device.pid())),
+            middle: Some(relay.child.pid()),
+            parallel: 1,
         },
     ];
 
@@ -666,6 +695,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
             ("raw TCP", echo_port),
             ("ssh -L (default cipher)", ssh_echo),
             ("tunnel", tunnel.echo),
+            ("tunnel via relay", relayed.echo),
         ] {
             if let Ok(d) = echo_once(port) {
                 lat.entry(name).or_default().push(d.as_secs_f64() * 1000.0);
@@ -677,31 +707,32 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
     // --- Start-up to first byte ---------------------------------------------------------
     eprintln!("[bench] start-up to first byte");
     for _ in 0..b.opts.startup_samples {
-        let port = free_port()?;
-        let t0 = Instant::now();
-        let child = Child::spawn(
-            "tunnel-client open",
-            Command::new(b.bin("tunnel-client"))
-                .arg("--home")
-                .arg(b.path("client"))
-                .args([
-                    "--log-level",
-                    "warn",
-                    "open",
-                    "dev",
-                    "-L",
-                    &format!("{port}:echo"),
-                ]),
-            &b.path("startup.log"),
-        )?;
-        if let Some(d) = first_byte(port, t0) {
-            report
-                .startup
-                .entry("tunnel-client open")
-                .or_default()
-                .push(d);
+        for (label, device) in [
+            ("tunnel-client open", "dev"),
+            ("tunnel-client open, via relay", relay::RELAYED_NAME),
+        ] {
+            let port = free_port()?;
+            let t0 = Instant::now();
+            let child = Child::spawn(
+                "tunnel-client open",
+                Command::new(b.bin("tunnel-client"))
+                    .arg("--home")
+                    .arg(b.path("client"))
+                    .args([
+                        "--log-level",
+                        "warn",
+                        "open",
+                        device,
+                        "-L",
+                        &format!("{port}:echo"),
+                    ]),
+                &b.path("startup.log"),
+            )?;
+            if let Some(d) = first_byte(port, t0) {
+                report.startup.entry(label).or_default().push(d);
+            }
+            drop(child);
         }
-        drop(child);
         let port = free_port()?;
         let t0 = Instant::now();
         let mut cmd = b.sshd.ssh_options(b.sshd.addr.port());
@@ -721,7 +752,9 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
     // --- WAN: 25 ms each way ------------------------------------------------------------------
     eprintln!("[bench] WAN relay");
     report.wan = wan(&b, &tunnel)?;
+    drop(relayed);
     drop(tunnel);
+    drop(relay);
 
     // --- Lossy links across two NATs, against TCP ----------------------------------------
     eprintln!("[bench] lossy links");
@@ -730,6 +763,10 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
     // --- Memory with many idle connections ----------------------------------------------
     eprintln!("[bench] idle connections");
     report.idle_many = Some(idle_connections(&b)?);
+
+    // --- The relay's memory per attached device and per channel ---------------------------
+    eprintln!("[bench] relay scale");
+    report.relay_scale = Some(relay::scale(&b)?);
 
     report.duration = started.elapsed();
     let md = report.render(&b.opts);
@@ -935,10 +972,60 @@ struct Report {
     idle_many: Option<IdleMany>,
     wan: Wan,
     lossy: Option<lossy::Lossy>,
+    relay_scale: Option<relay::Scale>,
     duration: Duration,
 }
 
 impl Report {
+    /// The relay: its CPU per Gbit/s and peak memory in the relayed runs, and its memory per
+    /// attached device and per channel.
+    fn render_relay(&self, s: &mut String) {
+        s.push_str("## The relay\n\n");
+        s.push_str(
+            "`tunnel via relay`: the same client and device, the end-to-end connection carried \
+             through a `tunnel-relay` on loopback (QUIC DATAGRAM legs, path MTU 1452 on each leg), \
+             in the same rounds as the direct paths. The relay's CPU per Gbit/s relayed (user + \
+             system, cores busy ÷ Gbit/s) and its peak RSS:\n\n",
+        );
+        s.push_str("| dir | relay cores per Gbit/s | relay peak RSS (MiB) |\n|---|---|---|\n");
+        for rev in [false, true] {
+            let Some(v) = self.throughput.get(&("tunnel via relay", rev)) else {
+                continue;
+            };
+            let per: Vec<f64> = v
+                .iter()
+                .filter_map(|x| Some((x.cpu_middle / x.secs) / x.gbps?))
+                .collect();
+            let peak: Vec<f64> = v
+                .iter()
+                .map(|x| x.peak_middle_kib as f64 / 1024.0)
+                .collect();
+            s.push_str(&format!(
+                "| {} | {} | {} |\n",
+                if rev { "down" } else { "up" },
+                fmt_stat(&per, 3),
+                fmt_stat(&peak, 1)
+            ));
+        }
+        if let Some(sc) = &self.relay_scale {
+            s.push_str(
+                "\nMemory with many simulated devices, each attached by its own leg (its own key, \
+                 one token hash), then channels to one of them from as many client keys (RSS of \
+                 the relay process, KiB):\n\n| devices | channels | errors | idle RSS | with the \
+                 devices | with the channels | per device | per channel |\n|---|---|---|---|---|---|---|---|\n",
+            );
+            for (n, c, idle, dev, ch, errors) in &sc.rows {
+                let per = |a: u64, b: u64, k: usize| a.saturating_sub(b) as f64 / k.max(1) as f64;
+                s.push_str(&format!(
+                    "| {n} | {c} | {errors} | {idle} | {dev} | {ch} | {:.1} | {:.1} |\n",
+                    per(*dev, *idle, *n),
+                    per(*ch, *dev, *c)
+                ));
+            }
+        }
+        s.push('\n');
+    }
+
     /// Writes `| path | dir | cells |` for every measured path with two ends and direction.
     fn per_end_rows(&self, s: &mut String, cells: impl Fn(&[Sample]) -> String) {
         for name in [
@@ -946,6 +1033,7 @@ impl Report {
             "ssh -L aes128-gcm",
             "tunnel",
             "tunnel, 8 streams",
+            "tunnel via relay",
         ] {
             for rev in [false, true] {
                 if let Some(v) = self.throughput.get(&(name, rev)) {
@@ -965,7 +1053,12 @@ impl Report {
 
     /// Per-round ratios tunnel / other.
     fn ratios(&self, other: &str, reverse: bool) -> Vec<f64> {
-        let t = self.throughput.get(&("tunnel", reverse));
+        self.ratio_of("tunnel", other, reverse)
+    }
+
+    /// Per-round ratios `one` / `other`.
+    fn ratio_of(&self, one: &str, other: &str, reverse: bool) -> Vec<f64> {
+        let t = self.throughput.get(&(one, reverse));
         let o = self.throughput.get(&(other, reverse));
         match (t, o) {
             (Some(t), Some(o)) => t
@@ -993,6 +1086,7 @@ impl Report {
             "idle_rss_kib": self.idle,
             "wan": self.wan.rows.iter().map(|r| json!({"case": r.0, "dir": r.1, "gbps": r.2, "client_peak_kib": r.3, "device_peak_kib": r.4})).collect::<Vec<_>>(),
             "lossy": self.lossy.as_ref().map(|l| json!({"bytes": l.len, "cap_secs": l.cap_secs, "paths": lossy::PATHS, "rows": l.rows.iter().map(|(loss, c)| json!({"loss_percent": loss, "secs": c})).collect::<Vec<_>>(), "verified": l.verified})),
+            "relay_scale": self.relay_scale,
             "idle_many": self.idle_many.as_ref().map(|m| json!({"idle": m.idle, "rows": m.rows, "max_streams_per_connection": m.max_streams})),
         })
     }
@@ -1063,6 +1157,7 @@ impl Report {
             "tunnel",
             "ssh -L (default cipher), 8 streams",
             "tunnel, 8 streams",
+            "tunnel via relay",
         ] {
             s.push_str(&format!(
                 "| {name} | {} | {} |\n",
@@ -1081,7 +1176,13 @@ impl Report {
                 fmt_stat(&self.ratios(other, true), 2)
             ));
         }
+        s.push_str(&format!(
+            "| tunnel via relay ÷ tunnel (direct) | {} | {} |\n",
+            fmt_stat(&self.ratio_of("tunnel via relay", "tunnel", false), 2),
+            fmt_stat(&self.ratio_of("tunnel via relay", "tunnel", true), 2)
+        ));
         w(&mut s, "");
+        self.render_relay(&mut s);
         w(&mut s, "## CPU per run");
         w(&mut s, "");
         w(
@@ -1217,7 +1318,7 @@ impl Report {
         w(&mut s, "");
         w(
             &mut s,
-            "## WAN: one stream through a 25 ms each way relay (50 ms RTT)",
+            "## WAN: one stream through a 25 ms each way delay (50 ms RTT)",
         );
         w(&mut s, "");
         w(
