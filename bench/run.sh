@@ -20,5 +20,5 @@ if [ ${#missing[@]} -gt 0 ]; then
     $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
 fi
 
-cargo build --release --locked -p tunnel-device -p tunnel-client -p tunnel-examples --bins
+cargo build --release --locked -p tunnel-device -p tunnel-client -p tunnel-relay -p tunnel-examples --bins
 exec target/release/tunnel-bench --bin-dir target/release "$@"
