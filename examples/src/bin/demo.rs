@@ -2,7 +2,10 @@
 //! with the device's invitation, a tunnel, and a few hundred MiB pushed through it with a progress
 //! bar and checked by SHA-256.
 //!
-//! `cargo run --release -p tunnel-examples --bin demo [-- --size MIB]`
+//! `cargo run --release -p tunnel-examples --bin demo [-- --size MIB] [--relay]`
+//!
+//! With `--relay` a `tunnel-relay` runs too, the device attaches to it, and the client is given
+//! no device address at all: pairing and the tunnel go through the relay, end to end encrypted.
 //!
 //! Everything runs in this process through the library that the two binaries use; at the end the
 //! demo prints the commands a user would type to do the same with `tunnel-device` and
@@ -18,18 +21,20 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
-use tunnel_shared::client::open::{ForwardSpec, OpenOptions, Opener};
+use tunnel_relay::home::RelayHome;
+use tunnel_shared::client::open::{ForwardSpec, LinkState, OpenOptions, Opener};
 use tunnel_shared::client::{ClientHome, ConnectOptions, pair};
-use tunnel_shared::config::{HostPort, ServiceSpec};
+use tunnel_shared::config::{HostPort, RelayRef, ServiceSpec};
 use tunnel_shared::device::admin::{self, InitOptions};
 use tunnel_shared::device::{self, DeviceHome, RunOptions};
+use tunnel_shared::identity::Fingerprint;
 use tunnel_testkit::servers::TestServer;
 
 const CHUNK: usize = 256 * 1024;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let size_mib = parse_size()?;
+    let (size_mib, via_relay) = parse_args()?;
     tracing_subscriber::fmt()
         .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".to_string()))
         .with_writer(std::io::stderr)
@@ -38,6 +43,7 @@ async fn main() -> anyhow::Result<()> {
     let dir = tempfile::Builder::new().prefix("tunnel-demo-").tempdir()?;
     let device_home = DeviceHome::new(dir.path().join("device"));
     let client_home = ClientHome::new(dir.path().join("client"));
+    let shutdown = CancellationToken::new();
 
     // 1. A target service: reads everything, answers with its SHA-256.
     let target_addr = TestServer::hasher().addr;
@@ -57,26 +63,46 @@ async fn main() -> anyhow::Result<()> {
     )?;
     println!("2. Device initialised, fingerprint {}", report.fingerprint);
 
+    // 2b. With --relay: a relay that serves this device, and the device attached to it.
+    let relay_task = if via_relay {
+        let (task, relay) = start_relay(&dir, &report.fingerprint, shutdown.clone()).await?;
+        admin::relay_add(&device_home, &relay)?;
+        println!(
+            "   relay on udp/{} (fingerprint {}), device attaches to it",
+            relay.addr,
+            relay.fingerprint.fmt_short()
+        );
+        Some(task)
+    } else {
+        None
+    };
+
     // 3. Run the device.
-    let shutdown = CancellationToken::new();
+    let ready_file = dir.path().join("device.ready");
+    let mut run_opts = RunOptions::new(device_home.dir());
+    run_opts.ready_file = Some(ready_file.clone());
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let device_task = tokio::spawn(device::run(
-        RunOptions::new(device_home.dir()),
-        shutdown.clone(),
-        move |ready| {
-            let _ = ready_tx.send(ready.listen[0]);
-        },
-    ));
+    let device_task = tokio::spawn(device::run(run_opts, shutdown.clone(), move |ready| {
+        let _ = ready_tx.send(ready.listen[0]);
+    }));
     let device_addr: SocketAddr = ready_rx.await.context("the device did not start")?;
     println!("3. Device listening on udp/{device_addr}");
+    if via_relay {
+        wait_attached(&ready_file).await?;
+        println!("   attached to the relay");
+    }
 
     // 4. Pair a fresh client key with the owner invitation's pairing string: it pins the device's
     //    key from the first packet and proves the one-time password with a channel-bound PAKE.
-    let pairing = admin::pairing_string(
+    let mut pairing = admin::pairing_string(
         &device_home,
         Some("owner"),
         vec![device_addr.to_string().parse::<HostPort>()?],
     )?;
+    if via_relay {
+        // As from anywhere: the client knows the device only through the relay.
+        pairing.addresses.clear();
+    }
     let paired = pair::pair_with_string(
         &client_home,
         &pairing,
@@ -98,9 +124,23 @@ async fn main() -> anyhow::Result<()> {
     let forward: ForwardSpec = "0:demo".parse().map_err(anyhow::Error::msg)?;
     let opener = Opener::bind(OpenOptions::new(client_home.clone(), "demo", vec![forward])).await?;
     let local = opener.status().services[0].local;
+    let mut link = opener.status().link.clone();
     let client_shutdown = CancellationToken::new();
     let client_task = tokio::spawn(opener.run(client_shutdown.clone()));
-    println!("5. Tunnel open: {local} -> device 'demo' -> service 'demo' -> {target_addr}");
+    let path = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            if let LinkState::Connected { path, .. } = &*link.borrow_and_update() {
+                return Ok::<_, tokio::sync::watch::error::RecvError>(path.clone());
+            }
+            link.changed().await?;
+        }
+    })
+    .await
+    .context("the client did not reach the device within 10 s")?
+    .context("the client stopped")?;
+    println!(
+        "5. Tunnel open ({path}): {local} -> device 'demo' -> service 'demo' -> {target_addr}"
+    );
 
     // 6. Push data through it and check it arrived intact.
     let total = size_mib * 1024 * 1024;
@@ -124,48 +164,109 @@ async fn main() -> anyhow::Result<()> {
     client_task.await??;
     shutdown.cancel();
     device_task.await??;
+    if let Some(task) = relay_task {
+        task.await??;
+    }
 
     println!();
     println!("The same with the binaries (two machines, or two terminals):");
+    if via_relay {
+        println!("  relay$  tunnel-relay init          # prints RELAY_FP");
+        println!(
+            "  relay$  tunnel-relay device add demo-device --fingerprint {}",
+            report.fingerprint
+        );
+        println!("  relay$  tunnel-relay run");
+    }
     println!(
-        "  device$ tunnel-device init --service demo={target_addr}    # prints a pairing string"
+        "  device$ tunnel-device init --device-id demo-device --service demo={target_addr}   # prints a pairing string"
     );
+    if via_relay {
+        println!("  device$ tunnel-device relay add RELAY_HOST:5593 --fingerprint RELAY_FP");
+        println!(
+            "  device$ tunnel-device pairing string owner   # the string again, now with r=RELAY"
+        );
+    }
     println!("  device$ tunnel-device run");
-    println!(
-        "  client$ tunnel-client pair 'tp1,d=demo-device,f={},a=DEVICE_HOST:5592,u=owner,p=…,s=…'",
-        report.fingerprint
-    );
-    println!("  client$ tunnel-client open demo-device -L 2222:demo");
+    println!("  client$ tunnel-client pair - --name demo               # paste the pairing string");
+    println!("  client$ tunnel-client open demo -L 2222:demo");
     println!("  client$ your-tcp-client 127.0.0.1 2222");
     Ok(())
 }
 
-fn parse_size() -> anyhow::Result<u64> {
+fn parse_args() -> anyhow::Result<(u64, bool)> {
     let mut args = std::env::args().skip(1);
     let mut size = 512;
+    let mut relay = false;
     while let Some(a) = args.next() {
         match a.as_str() {
             "--size" => {
                 size = args
                     .next()
-                    .context("--size needs a number of MiB")?
+                    .context("--size needs a value in MiB")?
                     .parse()
-                    .context("--size needs a number of MiB")?;
+                    .context("--size takes a whole number of MiB")?;
             }
+            "--relay" => relay = true,
             "-h" | "--help" => {
-                println!("usage: demo [--size MIB]   (default 512)");
+                println!("usage: demo [--size MIB] [--relay]");
                 std::process::exit(0);
             }
-            other => bail!("unknown argument '{other}' (usage: demo [--size MIB])"),
+            other => bail!("unknown argument '{other}' (usage: demo [--size MIB] [--relay])"),
         }
     }
     if size == 0 {
-        bail!("--size must be at least 1");
+        bail!("--size must be at least 1 MiB");
     }
-    Ok(size)
+    Ok((size, relay))
 }
 
-/// Writes `total` bytes to `addr`, half-closes, and returns the time, our hash and the reply.
+type RelayTask = tokio::task::JoinHandle<Result<(), tunnel_relay::server::RelayError>>;
+
+/// Starts a relay on loopback that serves `device` (by its fingerprint).
+async fn start_relay(
+    dir: &tempfile::TempDir,
+    device: &Fingerprint,
+    shutdown: CancellationToken,
+) -> anyhow::Result<(RelayTask, RelayRef)> {
+    let home = RelayHome::new(dir.path().join("relay"));
+    let fingerprint = home.init(&["127.0.0.1:0".parse()?], false)?;
+    home.add_device("demo-device", device)?;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(tunnel_relay::server::run(
+        tunnel_relay::server::RunOptions::new(home.dir()),
+        shutdown,
+        move |ready| {
+            let _ = tx.send(ready.listen[0]);
+        },
+    ));
+    let addr: SocketAddr = rx.await.context("the relay did not start")?;
+    let relay = RelayRef {
+        addr: addr.to_string().parse()?,
+        fingerprint,
+    };
+    Ok((task, relay))
+}
+
+/// Waits until the device's ready file says it is attached to its relay.
+async fn wait_attached(ready_file: &std::path::Path) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = std::fs::read_to_string(ready_file).unwrap_or_default();
+        let attached = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["relays"][0]["state"].as_str().map(|s| s == "attached"))
+            .unwrap_or(false);
+        if attached {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the device did not attach to the relay within 10 s (ready file: {text})");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 async fn push(addr: SocketAddr, total: u64) -> anyhow::Result<(Duration, String, String)> {
     let mut block = vec![0u8; CHUNK];
     rand::thread_rng().fill_bytes(&mut block);
