@@ -13,7 +13,8 @@
 //! | [`config`] | pure | `relay.toml`: listen, limits, `[jwt]`, the devices served; comment-keeping edits |
 //! | [`home`] | IO (files) | the home (`relay.key`, `relay.toml`), `init`, `device add/remove/list` |
 //! | `hub` | IO | one device's meeting point: its leg, its clients' channels, token hashes, forwarding |
-//! | [`server`] | IO | [`run`]: the accept loop, the handshake gate, attach and connect, reload, shutdown |
+//! | [`server`] | IO | [`run`]: endpoints, reload, counters, shutdown |
+//! | `leg` | IO | one leg: the handshake gate, the first frame, a device's attachment or a client's channel |
 //!
 //! This crate depends on `tunnel-core` only (codec, identity, transport, limits, the leg
 //! protocol): never on device, IAM or pairing code.
@@ -29,6 +30,7 @@
 pub mod config;
 pub mod home;
 mod hub;
+mod leg;
 pub mod server;
 
 pub use server::{Ready, RelayError, RunOptions, run};

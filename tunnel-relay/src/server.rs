@@ -22,22 +22,20 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{Instrument, debug, info, info_span, warn};
+use tracing::{info, warn};
 use tunnel_core::fsutil::{self, FileStamp};
 use tunnel_core::identity::Fingerprint;
-use tunnel_core::jwt::{self, JwtError, JwtVerifier};
-use tunnel_core::limits::{Gate, HandshakeGate, TokenBucket, source_key};
-use tunnel_core::relay::{
-    self, DeviceUpdate, LegHello, MAX_FRAME, MAX_TOKENS, RelayCode, RelayEvent, TokenHash,
-};
+use tunnel_core::jwt::{JwtError, JwtVerifier};
+use tunnel_core::limits::{HandshakeGate, TokenBucket, source_key};
+use tunnel_core::relay::{self, RelayCode};
 use tunnel_core::transport::{self, Identity, TransportError};
 
 use crate::config::RelayConfig;
 use crate::home::{HomeError, RelayHome};
-use crate::hub::{ClientRoute, Counters, DeviceLeg, DeviceRoutes, Hub};
+use crate::hub::{Counters, Hub};
+use crate::leg::accept_loop;
 
 /// Options of [`run`].
 #[derive(Debug, Clone)]
@@ -109,42 +107,42 @@ pub enum RelayError {
 const MAX_SOURCES: usize = 16_384;
 
 /// The clock, read here at the IO edge.
-fn now() -> Instant {
+pub(crate) fn now() -> Instant {
     Instant::now()
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
 }
 
-struct Relay {
-    config: RwLock<Arc<RelayConfig>>,
-    jwt: RwLock<Option<Arc<JwtVerifier>>>,
-    hubs: Mutex<HashMap<String, Arc<Hub>>>,
-    gate: Mutex<HandshakeGate>,
-    failures: Mutex<HashMap<IpAddr, TokenBucket>>,
-    per_client: Mutex<HashMap<Fingerprint, usize>>,
-    legs: AtomicUsize,
-    next_leg: AtomicU64,
-    counters: Counters,
-    shutdown: CancellationToken,
-    tasks: TaskTracker,
+pub(crate) struct Relay {
+    pub(crate) config: RwLock<Arc<RelayConfig>>,
+    pub(crate) jwt: RwLock<Option<Arc<JwtVerifier>>>,
+    pub(crate) hubs: Mutex<HashMap<String, Arc<Hub>>>,
+    pub(crate) gate: Mutex<HandshakeGate>,
+    pub(crate) failures: Mutex<HashMap<IpAddr, TokenBucket>>,
+    pub(crate) per_client: Mutex<HashMap<Fingerprint, usize>>,
+    pub(crate) legs: AtomicUsize,
+    pub(crate) next_leg: AtomicU64,
+    pub(crate) counters: Counters,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) tasks: TaskTracker,
 }
 
 impl Relay {
-    fn config(&self) -> Arc<RelayConfig> {
+    pub(crate) fn config(&self) -> Arc<RelayConfig> {
         self.config
             .read()
             .map_or_else(|p| p.into_inner().clone(), |c| c.clone())
     }
 
-    fn hub(&self, id: &str) -> Option<Arc<Hub>> {
+    pub(crate) fn hub(&self, id: &str) -> Option<Arc<Hub>> {
         self.hubs.lock().ok()?.get(id).cloned()
     }
 
-    fn hub_or_new(&self, id: &str) -> Option<Arc<Hub>> {
+    pub(crate) fn hub_or_new(&self, id: &str) -> Option<Arc<Hub>> {
         let mut hubs = self.hubs.lock().ok()?;
         Some(
             hubs.entry(id.to_string())
@@ -153,7 +151,7 @@ impl Relay {
         )
     }
 
-    fn forget_if_idle(&self, hub: &Hub) {
+    pub(crate) fn forget_if_idle(&self, hub: &Hub) {
         if let Ok(mut hubs) = self.hubs.lock()
             && hub.is_idle()
         {
@@ -162,7 +160,7 @@ impl Relay {
     }
 
     /// Whether `source` may try another connect now.
-    fn may_try(&self, source: IpAddr) -> bool {
+    pub(crate) fn may_try(&self, source: IpAddr) -> bool {
         let Ok(mut f) = self.failures.lock() else {
             return false;
         };
@@ -171,7 +169,7 @@ impl Relay {
     }
 
     /// Counts a failed connect of `source`.
-    fn failed(&self, source: IpAddr) {
+    pub(crate) fn failed(&self, source: IpAddr) {
         let l = self.config().limits.clone();
         let Ok(mut f) = self.failures.lock() else {
             return;
@@ -194,7 +192,7 @@ impl Relay {
             .spend(t);
     }
 
-    fn take_client_slot(&self, client: Fingerprint, max: u32) -> bool {
+    pub(crate) fn take_client_slot(&self, client: Fingerprint, max: u32) -> bool {
         let Ok(mut m) = self.per_client.lock() else {
             return false;
         };
@@ -206,7 +204,7 @@ impl Relay {
         true
     }
 
-    fn give_client_slot(&self, client: Fingerprint) {
+    pub(crate) fn give_client_slot(&self, client: Fingerprint) {
         if let Ok(mut m) = self.per_client.lock()
             && let Some(n) = m.get_mut(&client)
         {
@@ -437,358 +435,4 @@ fn reload(relay: &Relay, home: &RelayHome) {
     if let Ok(mut c) = relay.config.write() {
         *c = Arc::new(config);
     }
-}
-
-/// A handshake slot, given back when dropped.
-struct Slot {
-    relay: Arc<Relay>,
-    source: IpAddr,
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        if let Ok(mut g) = self.relay.gate.lock() {
-            g.end(self.source);
-        }
-    }
-}
-
-/// A leg counted toward `max_legs`, given back when dropped.
-struct LegSlot(Arc<Relay>);
-
-impl Drop for LegSlot {
-    fn drop(&mut self) {
-        self.0.legs.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-async fn accept_loop(relay: Arc<Relay>, endpoint: quinn::Endpoint) {
-    loop {
-        let incoming = tokio::select! {
-            i = endpoint.accept() => match i {
-                Some(i) => i,
-                None => return,
-            },
-            () = relay.shutdown.cancelled() => return,
-        };
-        let limits = relay.config().limits.handshakes();
-        let source = incoming.remote_address().ip();
-        let gate = relay.gate.lock().map_or(Gate::Ignore, |mut g| {
-            let gate = g.decide(
-                source,
-                incoming.remote_address_validated(),
-                incoming.may_retry(),
-                &limits,
-            );
-            if gate == Gate::Accept {
-                g.begin(source);
-            }
-            gate
-        });
-        match gate {
-            Gate::Accept => {}
-            Gate::Retry => {
-                let _ = incoming.retry();
-                continue;
-            }
-            Gate::Ignore => {
-                incoming.ignore();
-                continue;
-            }
-        }
-        let slot = Slot {
-            relay: relay.clone(),
-            source,
-        };
-        let id = relay.next_leg.fetch_add(1, Ordering::Relaxed);
-        let span = info_span!("leg", id, remote = %incoming.remote_address(), peer = tracing::field::Empty);
-        relay
-            .tasks
-            .spawn(leg(relay.clone(), incoming, id, slot).instrument(span));
-    }
-}
-
-fn refuse(conn: &quinn::Connection, code: RelayCode) {
-    conn.close(code.to_varint(), code.describe().as_bytes());
-}
-
-/// One leg: handshake, first frame, then a device's or a client's session.
-async fn leg(relay: Arc<Relay>, incoming: quinn::Incoming, id: u64, slot: Slot) {
-    let timeout = Duration::from_secs(relay.config().limits.handshake_timeout_secs);
-    let conn = match incoming.accept() {
-        Ok(c) => match tokio::time::timeout(timeout, c).await {
-            Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return debug!("handshake failed: {e}"),
-            Err(_) => return debug!("handshake timed out"),
-        },
-        Err(e) => return debug!("handshake refused: {e}"),
-    };
-    let Some(fingerprint) = transport::peer_fingerprint(&conn) else {
-        return refuse(&conn, RelayCode::PROTOCOL);
-    };
-    tracing::Span::current().record("peer", tracing::field::display(fingerprint.fmt_short()));
-    let max = usize::try_from(relay.config().limits.max_legs).unwrap_or(usize::MAX);
-    if relay.legs.fetch_add(1, Ordering::Relaxed) >= max {
-        relay.legs.fetch_sub(1, Ordering::Relaxed);
-        info!(limit = max, "leg limit reached: refusing");
-        return refuse(&conn, RelayCode::BUSY);
-    }
-    let _leg = LegSlot(relay.clone());
-    let first = tokio::time::timeout(timeout, async {
-        let (send, mut recv) = conn.accept_bi().await.ok()?;
-        let hello: LegHello = tunnel_core::framed::read_frame(&mut recv, MAX_FRAME)
-            .await
-            .ok()??;
-        Some((send, recv, hello))
-    })
-    .await;
-    let Ok(Some((send, recv, hello))) = first else {
-        debug!("no valid first frame");
-        return refuse(&conn, RelayCode::PROTOCOL);
-    };
-    // Past the first frame: the handshake slot is free again.
-    drop(slot);
-    match hello {
-        LegHello::Attach {
-            version,
-            device_id,
-            tokens,
-        } if version == relay::PROTOCOL_VERSION => {
-            serve_device(&relay, conn, fingerprint, id, send, recv, device_id, tokens).await;
-        }
-        LegHello::Connect {
-            version,
-            device_id,
-            channel,
-            token,
-        } if version == relay::PROTOCOL_VERSION => {
-            serve_client(
-                &relay,
-                conn,
-                fingerprint,
-                send,
-                &device_id,
-                channel,
-                token.as_ref(),
-            )
-            .await;
-        }
-        _ => refuse(&conn, RelayCode::PROTOCOL),
-    }
-}
-
-async fn answer(send: &mut quinn::SendStream, event: &RelayEvent) -> bool {
-    tunnel_core::framed::write_frame(send, event, MAX_FRAME)
-        .await
-        .is_ok()
-}
-
-async fn refuse_with(conn: &quinn::Connection, send: &mut quinn::SendStream, code: RelayCode) {
-    let _ = answer(send, &RelayEvent::Refused { code }).await;
-    let _ = send.finish();
-    // Give the answer a moment to leave before the close discards it.
-    let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
-    refuse(conn, code);
-}
-
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the parts of one accepted leg, handed over once"
-)]
-async fn serve_device(
-    relay: &Arc<Relay>,
-    conn: quinn::Connection,
-    fingerprint: Fingerprint,
-    leg_id: u64,
-    mut send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    device_id: String,
-    tokens: Vec<TokenHash>,
-) {
-    if let Some(code) = attach_refusal(&relay.config(), &device_id, fingerprint, &tokens) {
-        if code == RelayCode::WRONG_KEY {
-            warn!(
-                device = %device_id,
-                "refused an attach: this key is not the one relay.toml has for the device id"
-            );
-        } else {
-            info!(device = %device_id, "refused an attach: {code}");
-        }
-        return refuse_with(&conn, &mut send, code).await;
-    }
-    let Some(hub) = relay.hub_or_new(&device_id) else {
-        return;
-    };
-    let (events, mut events_rx) = mpsc::channel(1024);
-    let leg = DeviceLeg {
-        id: leg_id,
-        conn: conn.clone(),
-        events,
-    };
-    if let Some(old) = hub.attach(leg, tokens) {
-        old.conn.close(RelayCode::REPLACED.to_varint(), b"replaced");
-    }
-    if !answer(
-        &mut send,
-        &RelayEvent::Attached {
-            observed: conn.remote_address(),
-        },
-    )
-    .await
-    {
-        hub.detach(leg_id);
-        return;
-    }
-    info!(device = %device_id, "device attached");
-    relay
-        .tasks
-        .spawn(read_updates(hub.clone(), conn.clone(), recv));
-    let mut routes = DeviceRoutes::new();
-    loop {
-        tokio::select! {
-            d = conn.read_datagram() => match d {
-                Ok(d) => routes.forward(&hub, &conn, d, &relay.counters),
-                Err(_) => break,
-            },
-            Some(ev) = events_rx.recv() => {
-                if !answer(&mut send, &ev).await {
-                    break;
-                }
-            }
-            () = relay.shutdown.cancelled() => break,
-        }
-    }
-    hub.detach(leg_id);
-    relay.forget_if_idle(&hub);
-    info!(device = %device_id, reason = %close_reason(&conn), "device detached");
-}
-
-/// Why an attach is refused: an id `relay.toml` does not serve, a key that is not the one it
-/// names for the id, too many token hashes.
-fn attach_refusal(
-    config: &RelayConfig,
-    device_id: &str,
-    fingerprint: Fingerprint,
-    tokens: &[TokenHash],
-) -> Option<RelayCode> {
-    match config.device(device_id) {
-        None => Some(RelayCode::UNKNOWN_DEVICE),
-        Some(d) if d.fingerprint != fingerprint => Some(RelayCode::WRONG_KEY),
-        Some(_) if tokens.len() > MAX_TOKENS => Some(RelayCode::PROTOCOL),
-        Some(_) => None,
-    }
-}
-
-/// The device's later frames on its control stream: token updates, applied at once.
-async fn read_updates(hub: Arc<Hub>, conn: quinn::Connection, mut recv: quinn::RecvStream) {
-    loop {
-        match tunnel_core::framed::read_frame::<DeviceUpdate>(&mut recv, MAX_FRAME).await {
-            Ok(Some(DeviceUpdate::Tokens(t))) if t.len() <= MAX_TOKENS => {
-                debug!(tokens = t.len(), "tokens updated");
-                hub.set_tokens(t);
-            }
-            Ok(Some(DeviceUpdate::Tokens(_))) | Err(_) => {
-                refuse(&conn, RelayCode::PROTOCOL);
-                return;
-            }
-            Ok(None) => return,
-        }
-    }
-}
-
-fn close_reason(conn: &quinn::Connection) -> String {
-    conn.close_reason()
-        .map_or_else(|| "-".to_string(), |r| r.to_string())
-}
-
-/// Whether `token` may reach the device: its hash is one the device uploaded, or it is a JWT
-/// valid for the device.
-fn token_ok(relay: &Relay, hub: &Hub, token: Option<&tunnel_core::secret::Secret>) -> bool {
-    let Some(token) = token else {
-        return false;
-    };
-    if jwt::looks_like_jwt(token.expose()) {
-        let verifier = relay.jwt.read().ok().and_then(|j| j.clone());
-        return match verifier {
-            Some(v) => match v.verify(token.expose(), &hub.id, unix_now()) {
-                Ok(_) => true,
-                Err(e) => {
-                    info!(device = %hub.id, "JWT refused: {e}");
-                    false
-                }
-            },
-            None => false,
-        };
-    }
-    TokenHash::of(token).is_in(hub.tokens().iter())
-}
-
-async fn serve_client(
-    relay: &Arc<Relay>,
-    conn: quinn::Connection,
-    fingerprint: Fingerprint,
-    mut send: quinn::SendStream,
-    device_id: &str,
-    channel: u64,
-    token: Option<&tunnel_core::secret::Secret>,
-) {
-    let source = conn.remote_address().ip();
-    let config = relay.config();
-    let limits = &config.limits;
-    if channel == relay::PROBE_CHANNEL {
-        return refuse_with(&conn, &mut send, RelayCode::PROTOCOL).await;
-    }
-    if !relay.may_try(source) {
-        info!(device = %device_id, "connect refused: too many failures from this source");
-        return refuse_with(&conn, &mut send, RelayCode::RATE_LIMITED).await;
-    }
-    if config.device(device_id).is_none() {
-        relay.failed(source);
-        info!(device = %device_id, "connect refused: no such device");
-        return refuse_with(&conn, &mut send, RelayCode::UNKNOWN_DEVICE).await;
-    }
-    let Some(hub) = relay.hub(device_id).filter(|h| h.device().is_some()) else {
-        info!(device = %device_id, "connect refused: the device is not attached");
-        return refuse_with(&conn, &mut send, RelayCode::DEVICE_OFFLINE).await;
-    };
-    if !token_ok(relay, &hub, token) {
-        relay.failed(source);
-        info!(device = %device_id, presented = token.is_some(), "connect refused: token rejected");
-        return refuse_with(&conn, &mut send, RelayCode::TOKEN_REJECTED).await;
-    }
-    let per_device = usize::try_from(limits.max_channels_per_device).unwrap_or(usize::MAX);
-    if hub.channel_count() >= per_device
-        || !relay.take_client_slot(fingerprint, limits.max_channels_per_client)
-    {
-        info!(device = %device_id, "connect refused: channel limit reached");
-        return refuse_with(&conn, &mut send, RelayCode::BUSY).await;
-    }
-    if !hub.open(channel, &conn) {
-        relay.give_client_slot(fingerprint);
-        return refuse_with(&conn, &mut send, RelayCode::CHANNEL_IN_USE).await;
-    }
-    if answer(
-        &mut send,
-        &RelayEvent::Connected {
-            observed: conn.remote_address(),
-        },
-    )
-    .await
-    {
-        info!(device = %device_id, channel, "client connected");
-        let mut route = ClientRoute::new(channel);
-        loop {
-            tokio::select! {
-                d = conn.read_datagram() => match d {
-                    Ok(d) => route.forward(&hub, &conn, d, &relay.counters),
-                    Err(_) => break,
-                },
-                () = relay.shutdown.cancelled() => break,
-            }
-        }
-    }
-    hub.close(channel);
-    relay.give_client_slot(fingerprint);
-    relay.forget_if_idle(&hub);
-    info!(device = %device_id, channel, reason = %close_reason(&conn), "client disconnected");
 }

@@ -11,6 +11,7 @@
 //! [`ConnectError::Refused`]. Remote connections present the server-connect token stored with the
 //! device.
 
+mod dial;
 mod error;
 pub mod known;
 pub mod open;
@@ -22,13 +23,11 @@ use std::path::{Path, PathBuf};
 
 /// What a device tells a client: these travel in the typed answers of [`Session`].
 pub use crate::proto::{Invite, PairingInfo, ServiceInfo, Settings, UserInfo, Welcome};
+pub use dial::{DIRECT_HEAD_START, Target, connect, connect_to, dial};
 pub use error::{ClientError, ConnectError, LookupError, Mismatch};
 pub use known::{KnownDevice, KnownDevices};
 pub use relayed::{Channel, Dialer};
-pub use session::{
-    ConnectOptions, DIRECT_HEAD_START, Session, SessionPath, Target, connect, connect_paired,
-    connect_to, dial,
-};
+pub use session::{ConnectOptions, Session, SessionPath, connect_paired};
 
 use crate::config::{HostPort, RelayRef};
 use crate::fsutil::{self, LockFile};

@@ -1,0 +1,378 @@
+//! One leg of the relay, from the handshake gate to the end: accept (Retry, caps), TLS, the
+//! first frame, then a device's attachment or a client's channel, each checked in the order the
+//! [`crate::server`] docs give.
+//!
+//! Kind: IO.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tracing::{Instrument, debug, info, info_span, warn};
+use tunnel_core::identity::Fingerprint;
+use tunnel_core::jwt;
+use tunnel_core::limits::Gate;
+use tunnel_core::relay::{
+    self, DeviceUpdate, LegHello, MAX_FRAME, MAX_TOKENS, RelayCode, RelayEvent, TokenHash,
+};
+use tunnel_core::transport;
+
+use crate::config::RelayConfig;
+use crate::hub::{ClientRoute, DeviceLeg, DeviceRoutes, Hub};
+use crate::server::{Relay, unix_now};
+
+/// A handshake slot, given back when dropped.
+struct Slot {
+    relay: Arc<Relay>,
+    source: IpAddr,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut g) = self.relay.gate.lock() {
+            g.end(self.source);
+        }
+    }
+}
+
+/// A leg counted toward `max_legs`, given back when dropped.
+struct LegSlot(Arc<Relay>);
+
+impl Drop for LegSlot {
+    fn drop(&mut self) {
+        self.0.legs.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub(crate) async fn accept_loop(relay: Arc<Relay>, endpoint: quinn::Endpoint) {
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => match i {
+                Some(i) => i,
+                None => return,
+            },
+            () = relay.shutdown.cancelled() => return,
+        };
+        let limits = relay.config().limits.handshakes();
+        let source = incoming.remote_address().ip();
+        let gate = relay.gate.lock().map_or(Gate::Ignore, |mut g| {
+            let gate = g.decide(
+                source,
+                incoming.remote_address_validated(),
+                incoming.may_retry(),
+                &limits,
+            );
+            if gate == Gate::Accept {
+                g.begin(source);
+            }
+            gate
+        });
+        match gate {
+            Gate::Accept => {}
+            Gate::Retry => {
+                let _ = incoming.retry();
+                continue;
+            }
+            Gate::Ignore => {
+                incoming.ignore();
+                continue;
+            }
+        }
+        let slot = Slot {
+            relay: relay.clone(),
+            source,
+        };
+        let id = relay.next_leg.fetch_add(1, Ordering::Relaxed);
+        let span = info_span!("leg", id, remote = %incoming.remote_address(), peer = tracing::field::Empty);
+        relay
+            .tasks
+            .spawn(leg(relay.clone(), incoming, id, slot).instrument(span));
+    }
+}
+
+fn refuse(conn: &quinn::Connection, code: RelayCode) {
+    conn.close(code.to_varint(), code.describe().as_bytes());
+}
+
+/// One leg: handshake, first frame, then a device's or a client's session.
+async fn leg(relay: Arc<Relay>, incoming: quinn::Incoming, id: u64, slot: Slot) {
+    let timeout = Duration::from_secs(relay.config().limits.handshake_timeout_secs);
+    let conn = match incoming.accept() {
+        Ok(c) => match tokio::time::timeout(timeout, c).await {
+            Ok(Ok(conn)) => conn,
+            Ok(Err(e)) => return debug!("handshake failed: {e}"),
+            Err(_) => return debug!("handshake timed out"),
+        },
+        Err(e) => return debug!("handshake refused: {e}"),
+    };
+    let Some(fingerprint) = transport::peer_fingerprint(&conn) else {
+        return refuse(&conn, RelayCode::PROTOCOL);
+    };
+    tracing::Span::current().record("peer", tracing::field::display(fingerprint.fmt_short()));
+    let max = usize::try_from(relay.config().limits.max_legs).unwrap_or(usize::MAX);
+    if relay.legs.fetch_add(1, Ordering::Relaxed) >= max {
+        relay.legs.fetch_sub(1, Ordering::Relaxed);
+        info!(limit = max, "leg limit reached: refusing");
+        return refuse(&conn, RelayCode::BUSY);
+    }
+    let _leg = LegSlot(relay.clone());
+    let first = tokio::time::timeout(timeout, async {
+        let (send, mut recv) = conn.accept_bi().await.ok()?;
+        let hello: LegHello = tunnel_core::framed::read_frame(&mut recv, MAX_FRAME)
+            .await
+            .ok()??;
+        Some((send, recv, hello))
+    })
+    .await;
+    let Ok(Some((send, recv, hello))) = first else {
+        debug!("no valid first frame");
+        return refuse(&conn, RelayCode::PROTOCOL);
+    };
+    // Past the first frame: the handshake slot is free again.
+    drop(slot);
+    match hello {
+        LegHello::Attach {
+            version,
+            device_id,
+            tokens,
+        } if version == relay::PROTOCOL_VERSION => {
+            serve_device(&relay, conn, fingerprint, id, send, recv, device_id, tokens).await;
+        }
+        LegHello::Connect {
+            version,
+            device_id,
+            channel,
+            token,
+        } if version == relay::PROTOCOL_VERSION => {
+            serve_client(
+                &relay,
+                conn,
+                fingerprint,
+                send,
+                &device_id,
+                channel,
+                token.as_ref(),
+            )
+            .await;
+        }
+        _ => refuse(&conn, RelayCode::PROTOCOL),
+    }
+}
+
+async fn answer(send: &mut quinn::SendStream, event: &RelayEvent) -> bool {
+    tunnel_core::framed::write_frame(send, event, MAX_FRAME)
+        .await
+        .is_ok()
+}
+
+async fn refuse_with(conn: &quinn::Connection, send: &mut quinn::SendStream, code: RelayCode) {
+    let _ = answer(send, &RelayEvent::Refused { code }).await;
+    let _ = send.finish();
+    // Give the answer a moment to leave before the close discards it.
+    let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
+    refuse(conn, code);
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the parts of one accepted leg, handed over once"
+)]
+async fn serve_device(
+    relay: &Arc<Relay>,
+    conn: quinn::Connection,
+    fingerprint: Fingerprint,
+    leg_id: u64,
+    mut send: quinn::SendStream,
+    recv: quinn::RecvStream,
+    device_id: String,
+    tokens: Vec<TokenHash>,
+) {
+    if let Some(code) = attach_refusal(&relay.config(), &device_id, fingerprint, &tokens) {
+        if code == RelayCode::WRONG_KEY {
+            warn!(
+                device = %device_id,
+                "refused an attach: this key is not the one relay.toml has for the device id"
+            );
+        } else {
+            info!(device = %device_id, "refused an attach: {code}");
+        }
+        return refuse_with(&conn, &mut send, code).await;
+    }
+    let Some(hub) = relay.hub_or_new(&device_id) else {
+        return;
+    };
+    let (events, mut events_rx) = mpsc::channel(1024);
+    let leg = DeviceLeg {
+        id: leg_id,
+        conn: conn.clone(),
+        events,
+    };
+    if let Some(old) = hub.attach(leg, tokens) {
+        old.conn.close(RelayCode::REPLACED.to_varint(), b"replaced");
+    }
+    if !answer(
+        &mut send,
+        &RelayEvent::Attached {
+            observed: conn.remote_address(),
+        },
+    )
+    .await
+    {
+        hub.detach(leg_id);
+        return;
+    }
+    info!(device = %device_id, "device attached");
+    relay
+        .tasks
+        .spawn(read_updates(hub.clone(), conn.clone(), recv));
+    let mut routes = DeviceRoutes::new();
+    loop {
+        tokio::select! {
+            d = conn.read_datagram() => match d {
+                Ok(d) => routes.forward(&hub, &conn, d, &relay.counters),
+                Err(_) => break,
+            },
+            Some(ev) = events_rx.recv() => {
+                if !answer(&mut send, &ev).await {
+                    break;
+                }
+            }
+            () = relay.shutdown.cancelled() => break,
+        }
+    }
+    hub.detach(leg_id);
+    relay.forget_if_idle(&hub);
+    info!(device = %device_id, reason = %close_reason(&conn), "device detached");
+}
+
+/// Why an attach is refused: an id `relay.toml` does not serve, a key that is not the one it
+/// names for the id, too many token hashes.
+fn attach_refusal(
+    config: &RelayConfig,
+    device_id: &str,
+    fingerprint: Fingerprint,
+    tokens: &[TokenHash],
+) -> Option<RelayCode> {
+    match config.device(device_id) {
+        None => Some(RelayCode::UNKNOWN_DEVICE),
+        Some(d) if d.fingerprint != fingerprint => Some(RelayCode::WRONG_KEY),
+        Some(_) if tokens.len() > MAX_TOKENS => Some(RelayCode::PROTOCOL),
+        Some(_) => None,
+    }
+}
+
+/// The device's later frames on its control stream: token updates, applied at once.
+async fn read_updates(hub: Arc<Hub>, conn: quinn::Connection, mut recv: quinn::RecvStream) {
+    loop {
+        match tunnel_core::framed::read_frame::<DeviceUpdate>(&mut recv, MAX_FRAME).await {
+            Ok(Some(DeviceUpdate::Tokens(t))) if t.len() <= MAX_TOKENS => {
+                debug!(tokens = t.len(), "tokens updated");
+                hub.set_tokens(t);
+            }
+            Ok(Some(DeviceUpdate::Tokens(_))) | Err(_) => {
+                refuse(&conn, RelayCode::PROTOCOL);
+                return;
+            }
+            Ok(None) => return,
+        }
+    }
+}
+
+fn close_reason(conn: &quinn::Connection) -> String {
+    conn.close_reason()
+        .map_or_else(|| "-".to_string(), |r| r.to_string())
+}
+
+/// Whether `token` may reach the device: its hash is one the device uploaded, or it is a JWT
+/// valid for the device.
+fn token_ok(relay: &Relay, hub: &Hub, token: Option<&tunnel_core::secret::Secret>) -> bool {
+    let Some(token) = token else {
+        return false;
+    };
+    if jwt::looks_like_jwt(token.expose()) {
+        let verifier = relay.jwt.read().ok().and_then(|j| j.clone());
+        return match verifier {
+            Some(v) => match v.verify(token.expose(), &hub.id, unix_now()) {
+                Ok(_) => true,
+                Err(e) => {
+                    info!(device = %hub.id, "JWT refused: {e}");
+                    false
+                }
+            },
+            None => false,
+        };
+    }
+    TokenHash::of(token).is_in(hub.tokens().iter())
+}
+
+async fn serve_client(
+    relay: &Arc<Relay>,
+    conn: quinn::Connection,
+    fingerprint: Fingerprint,
+    mut send: quinn::SendStream,
+    device_id: &str,
+    channel: u64,
+    token: Option<&tunnel_core::secret::Secret>,
+) {
+    let source = conn.remote_address().ip();
+    let config = relay.config();
+    let limits = &config.limits;
+    if channel == relay::PROBE_CHANNEL {
+        return refuse_with(&conn, &mut send, RelayCode::PROTOCOL).await;
+    }
+    if !relay.may_try(source) {
+        info!(device = %device_id, "connect refused: too many failures from this source");
+        return refuse_with(&conn, &mut send, RelayCode::RATE_LIMITED).await;
+    }
+    if config.device(device_id).is_none() {
+        relay.failed(source);
+        info!(device = %device_id, "connect refused: no such device");
+        return refuse_with(&conn, &mut send, RelayCode::UNKNOWN_DEVICE).await;
+    }
+    let Some(hub) = relay.hub(device_id).filter(|h| h.device().is_some()) else {
+        info!(device = %device_id, "connect refused: the device is not attached");
+        return refuse_with(&conn, &mut send, RelayCode::DEVICE_OFFLINE).await;
+    };
+    if !token_ok(relay, &hub, token) {
+        relay.failed(source);
+        info!(device = %device_id, presented = token.is_some(), "connect refused: token rejected");
+        return refuse_with(&conn, &mut send, RelayCode::TOKEN_REJECTED).await;
+    }
+    let per_device = usize::try_from(limits.max_channels_per_device).unwrap_or(usize::MAX);
+    if hub.channel_count() >= per_device
+        || !relay.take_client_slot(fingerprint, limits.max_channels_per_client)
+    {
+        info!(device = %device_id, "connect refused: channel limit reached");
+        return refuse_with(&conn, &mut send, RelayCode::BUSY).await;
+    }
+    if !hub.open(channel, &conn) {
+        relay.give_client_slot(fingerprint);
+        return refuse_with(&conn, &mut send, RelayCode::CHANNEL_IN_USE).await;
+    }
+    if answer(
+        &mut send,
+        &RelayEvent::Connected {
+            observed: conn.remote_address(),
+        },
+    )
+    .await
+    {
+        info!(device = %device_id, channel, "client connected");
+        let mut route = ClientRoute::new(channel);
+        loop {
+            tokio::select! {
+                d = conn.read_datagram() => match d {
+                    Ok(d) => route.forward(&hub, &conn, d, &relay.counters),
+                    Err(_) => break,
+                },
+                () = relay.shutdown.cancelled() => break,
+            }
+        }
+    }
+    hub.close(channel);
+    relay.give_client_slot(fingerprint);
+    relay.forget_if_idle(&hub);
+    info!(device = %device_id, channel, reason = %close_reason(&conn), "client disconnected");
+}
