@@ -323,11 +323,13 @@ async fn connect_addr(
     let (mut cfg, observed) =
         transport::client_config(identity, proto::ALPN, target.pin, &opts.transport)
             .map_err(|e| unreachable(e.to_string()))?;
-    if let Some(size) = leg_datagram {
+    if leg_datagram.is_some() {
+        // The leg may still be discovering its size: let the inner connection probe up to the
+        // largest leg, as the device does.
         cfg.transport_config(Arc::new(transport::relayed_transport_config(
             &opts.transport,
             0,
-            size,
+            usize::from(transport::LEG_MAX_UDP_PAYLOAD),
         )));
     }
     let connecting = endpoint
