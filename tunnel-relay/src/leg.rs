@@ -13,7 +13,6 @@ use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 use tunnel_core::identity::Fingerprint;
 use tunnel_core::jwt;
-use tunnel_core::limits::Gate;
 use tunnel_core::relay::{
     self, DeviceUpdate, LegHello, MAX_FRAME, MAX_TOKENS, RelayCode, RelayEvent, TokenHash,
 };
@@ -57,29 +56,10 @@ pub(crate) async fn accept_loop(relay: Arc<Relay>, endpoint: quinn::Endpoint) {
         };
         let limits = relay.config().limits.handshakes();
         let source = incoming.remote_address().ip();
-        let gate = relay.gate.lock().map_or(Gate::Ignore, |mut g| {
-            let gate = g.decide(
-                source,
-                incoming.remote_address_validated(),
-                incoming.may_retry(),
-                &limits,
-            );
-            if gate == Gate::Accept {
-                g.begin(source);
-            }
-            gate
-        });
-        match gate {
-            Gate::Accept => {}
-            Gate::Retry => {
-                let _ = incoming.retry();
-                continue;
-            }
-            Gate::Ignore => {
-                incoming.ignore();
-                continue;
-            }
-        }
+        let validated = incoming.remote_address_validated();
+        let Ok(incoming) = transport::screen(&relay.gate, incoming, validated, &limits) else {
+            continue;
+        };
         let slot = Slot {
             relay: relay.clone(),
             source,

@@ -296,18 +296,14 @@ pub async fn run(
 async fn stop(relay: &Relay, endpoints: &[quinn::Endpoint]) {
     for ep in endpoints {
         ep.set_server_config(None);
-        ep.close(RelayCode::SHUTDOWN.to_varint(), b"relay shutting down");
     }
-    for ep in endpoints {
-        let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
-    }
-    relay.tasks.close();
-    if tokio::time::timeout(Duration::from_secs(2), relay.tasks.wait())
-        .await
-        .is_err()
-    {
-        warn!(tasks = relay.tasks.len(), "some tasks did not stop in time");
-    }
+    transport::close_endpoints(
+        endpoints,
+        RelayCode::SHUTDOWN.to_varint(),
+        b"relay shutting down",
+        &relay.tasks,
+    )
+    .await;
 }
 
 /// Until shutdown: reloads `relay.toml` when it changes, and logs the counters every minute.

@@ -13,7 +13,7 @@ pub mod socket;
 pub mod verify;
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -21,6 +21,7 @@ use quinn::{Endpoint, EndpointConfig, IdleTimeout, TransportConfig, VarInt};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::identity::{Fingerprint, SecretKey};
+use crate::limits::{Gate, HandshakeGate, HandshakeLimits};
 pub use settings::{Congestion, SettingsError, TransportSettings};
 pub use socket::bind_udp;
 use verify::provider;
@@ -384,4 +385,63 @@ pub fn client_endpoint_with_paths(
     )
     .map_err(|source| TransportError::Bind { addr, source })?;
     Ok((ep, paths))
+}
+
+/// Screens a new connection with the handshake gate before any handshake work: answers a QUIC
+/// Retry or drops the packet itself (`Err` with which), or counts the handshake as begun and
+/// hands the connection back (the caller ends it with [`HandshakeGate::end`]). `validated` is
+/// whether the source is proven (by a Retry token, or because it is a relayed channel).
+///
+/// # Errors
+/// [`Gate::Retry`] or [`Gate::Ignore`]: the connection was answered or dropped; go on with the
+/// next.
+pub fn screen(
+    gate: &Mutex<HandshakeGate>,
+    incoming: quinn::Incoming,
+    validated: bool,
+    limits: &HandshakeLimits,
+) -> Result<quinn::Incoming, Gate> {
+    let source = incoming.remote_address().ip();
+    let decision = gate.lock().map_or(Gate::Ignore, |mut g| {
+        let d = g.decide(source, validated, incoming.may_retry(), limits);
+        if d == Gate::Accept {
+            g.begin(source);
+        }
+        d
+    });
+    match decision {
+        Gate::Accept => Ok(incoming),
+        Gate::Retry => {
+            // Stateless: a spoofed source never comes back with the token.
+            let _ = incoming.retry();
+            Err(Gate::Retry)
+        }
+        Gate::Ignore => {
+            incoming.ignore();
+            Err(Gate::Ignore)
+        }
+    }
+}
+
+/// The end of a server's shutdown: closes every connection of `endpoints` with `code`, waits up
+/// to 2 s for the closes to reach the peers, then up to 2 s for `tasks` (logging those left).
+pub async fn close_endpoints(
+    endpoints: &[Endpoint],
+    code: VarInt,
+    reason: &[u8],
+    tasks: &tokio_util::task::TaskTracker,
+) {
+    for ep in endpoints {
+        ep.close(code, reason);
+    }
+    for ep in endpoints {
+        let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
+    }
+    tasks.close();
+    if tokio::time::timeout(Duration::from_secs(2), tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(tasks = tasks.len(), "some tasks did not stop in time");
+    }
 }

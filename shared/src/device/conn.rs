@@ -186,32 +186,14 @@ pub(crate) async fn accept_loop(
         let limits = live.config().limits.handshakes();
         let source = incoming.remote_address().ip();
         let via_relay = transport::path::is_virtual(incoming.remote_address());
-        let gate = live.handshakes.lock().map_or(Gate::Ignore, |mut g| {
-            let gate = g.decide(
-                source,
-                incoming.remote_address_validated() || via_relay,
-                incoming.may_retry(),
-                &limits,
-            );
-            if gate == Gate::Accept {
-                g.begin(source);
-            }
-            gate
-        });
-        match gate {
-            Gate::Accept => {}
-            Gate::Retry => {
-                // Stateless: a spoofed source never comes back with the token.
-                let _ = incoming.retry();
-                live.count_refused_handshake(true);
+        let validated = incoming.remote_address_validated() || via_relay;
+        let incoming = match transport::screen(&live.handshakes, incoming, validated, &limits) {
+            Ok(incoming) => incoming,
+            Err(gate) => {
+                live.count_refused_handshake(gate == Gate::Retry);
                 continue;
             }
-            Gate::Ignore => {
-                incoming.ignore();
-                live.count_refused_handshake(false);
-                continue;
-            }
-        }
+        };
         let slot = HandshakeSlot {
             live: live.clone(),
             source,

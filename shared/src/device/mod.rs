@@ -423,19 +423,13 @@ async fn stop(live: &Live, endpoints: &[quinn::Endpoint], drain: Duration) {
         }
     }
     live.kill.cancel();
-    for ep in endpoints {
-        ep.close(CloseCode::SHUTDOWN.to_varint(), b"device shutting down");
-    }
-    for ep in endpoints {
-        let _ = tokio::time::timeout(Duration::from_secs(2), ep.wait_idle()).await;
-    }
-    live.tasks.close();
-    if tokio::time::timeout(Duration::from_secs(2), live.tasks.wait())
-        .await
-        .is_err()
-    {
-        warn!(tasks = live.tasks.len(), "some tasks did not stop in time");
-    }
+    transport::close_endpoints(
+        endpoints,
+        CloseCode::SHUTDOWN.to_varint(),
+        b"device shutting down",
+        &live.tasks,
+    )
+    .await;
 }
 
 fn log_start(
