@@ -160,18 +160,19 @@ pub fn leg_transport_config(
 /// The UDP payload a leg starts with: an IPv4 path MTU of 1280 (1280 − 20 − 8).
 pub const LEG_INITIAL_MTU: u16 = 1252;
 
-/// Transport parameters of an end-to-end connection that runs through a relay, whose legs carry
-/// datagrams of up to `leg_datagram` bytes: packets start at QUIC's minimum (1200) and path MTU
-/// discovery probes up to what one leg datagram holds after its tag. A probe larger than the
+/// Transport parameters of an end-to-end connection that runs through a relay: packets start at
+/// QUIC's minimum (1200) and path MTU discovery probes up to what the largest leg datagram
+/// ([`LEG_MAX_UDP_PAYLOAD`]) holds after its tag. A probe larger than the
 /// legs carry at the moment is lost like any other (the socket counts it), and discovery runs
 /// again every [`RELAYED_MTU_INTERVAL`], so the inner size follows the legs' own discovery.
 pub fn relayed_transport_config(
     settings: &TransportSettings,
     max_bidi_streams: u32,
-    leg_datagram: usize,
 ) -> TransportConfig {
     let mut t = transport_config(settings, max_bidi_streams);
-    let room = leg_datagram.saturating_sub(crate::relay::TAG_LEN).max(1200);
+    let room = usize::from(LEG_MAX_UDP_PAYLOAD)
+        .saturating_sub(crate::relay::TAG_LEN)
+        .max(1200);
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(u16::try_from(room).unwrap_or(1200))
         .interval(RELAYED_MTU_INTERVAL);

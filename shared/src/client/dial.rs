@@ -245,7 +245,7 @@ async fn dial_relayed(
         &relay.addr,
         channel.addr,
         opts,
-        Some(channel.leg_datagram),
+        true,
     )
     .await?;
     session.path = SessionPath::Relayed {
@@ -275,7 +275,7 @@ pub async fn connect_to(
             }
         };
         for addr in addrs {
-            match connect_addr(endpoint, identity, target, hp, addr, opts, None).await {
+            match connect_addr(endpoint, identity, target, hp, addr, opts, false).await {
                 Ok(s) => return Ok(s),
                 // A device that answered and refused, or broke the protocol, will not do better
                 // at another address.
@@ -304,8 +304,8 @@ pub async fn connect_to(
     })
 }
 
-/// One handshake with `addr`; `leg_datagram` is set when `addr` is a relayed channel (whose
-/// packets must fit in the leg's datagrams).
+/// One handshake with `addr`; `relayed` when `addr` is a relayed channel (whose packets must
+/// fit in the leg's datagrams).
 async fn connect_addr(
     endpoint: &quinn::Endpoint,
     identity: &Identity,
@@ -313,7 +313,7 @@ async fn connect_addr(
     hp: &HostPort,
     addr: std::net::SocketAddr,
     opts: &ConnectOptions,
-    leg_datagram: Option<usize>,
+    relayed: bool,
 ) -> Result<Session, ConnectError> {
     let name = target.name;
     let unreachable = |reason: String| ConnectError::Unreachable {
@@ -323,13 +323,12 @@ async fn connect_addr(
     let (mut cfg, observed) =
         transport::client_config(identity, proto::ALPN, target.pin, &opts.transport)
             .map_err(|e| unreachable(e.to_string()))?;
-    if leg_datagram.is_some() {
-        // The leg may still be discovering its size: let the inner connection probe up to the
-        // largest leg, as the device does.
+    if relayed {
+        // The leg may still be discovering its size: the inner connection probes up to the
+        // largest leg, as the device's does.
         cfg.transport_config(Arc::new(transport::relayed_transport_config(
             &opts.transport,
             0,
-            usize::from(transport::LEG_MAX_UDP_PAYLOAD),
         )));
     }
     let connecting = endpoint

@@ -83,8 +83,6 @@ pub struct Channel {
     pub addr: SocketAddr,
     /// The relay it goes through.
     pub relay: RelayRef,
-    /// The leg's largest datagram when it opened.
-    pub leg_datagram: usize,
     key: RouteKey,
     paths: Paths,
     pump: JoinHandle<()>,
@@ -272,7 +270,6 @@ pub(crate) async fn open(
     Ok(Channel {
         addr,
         relay: relay.clone(),
-        leg_datagram,
         key,
         paths: dialer.paths.clone(),
         pump,

@@ -398,7 +398,6 @@ fn relayed_server_config(
     cfg.transport_config(Arc::new(transport::relayed_transport_config(
         &config.transport,
         1,
-        usize::from(transport::LEG_MAX_UDP_PAYLOAD),
     )));
     Ok(cfg)
 }
