@@ -305,6 +305,15 @@ fn pin(b: &Bench, name: &str, addr: SocketAddr, home: &Path) -> anyhow::Result<(
             .arg(home)
             .arg("fingerprint"),
     )?;
+    pin_client(
+        b,
+        name,
+        &["--addr", &addr.to_string(), "--fingerprint", &fp],
+    )
+}
+
+/// Pins `name` on the benchmark client afresh: `forget` (if known), then `device add name ARGS`.
+fn pin_client(b: &Bench, name: &str, args: &[&str]) -> anyhow::Result<()> {
     let client = b.path("client");
     let _ = Command::new(b.bin("tunnel-client"))
         .arg("--home")
@@ -317,15 +326,8 @@ fn pin(b: &Bench, name: &str, addr: SocketAddr, home: &Path) -> anyhow::Result<(
         Command::new(b.bin("tunnel-client"))
             .arg("--home")
             .arg(&client)
-            .args([
-                "device",
-                "add",
-                name,
-                "--addr",
-                &addr.to_string(),
-                "--fingerprint",
-                &fp,
-            ]),
+            .args(["device", "add", name])
+            .args(args),
     )?;
     Ok(())
 }

@@ -17,7 +17,7 @@ use tunnel_shared::secret::Secret;
 use tunnel_shared::transport::{self, Identity, TransportSettings};
 
 use crate::sys::{Child, rss_kib, wait_file};
-use crate::{Bench, echo_once, output, start_open};
+use crate::{Bench, echo_once, output, pin_client, start_open};
 
 /// The client's name for the benchmark device reached through the relay only.
 pub(crate) const RELAYED_NAME: &str = "dev-relayed";
@@ -71,10 +71,9 @@ fn start_in(b: &Bench, home: PathBuf, tag: &str) -> anyhow::Result<RelayProc> {
     })
 }
 
-/// Initialises and starts a relay on `127.0.0.1:0`.
-pub(crate) fn start(b: &Bench) -> anyhow::Result<RelayProc> {
-    let home = b.path("relay");
-    let ok = relay_cmd(b, &home)
+/// `tunnel-relay init` of `home`, listening on `127.0.0.1:0`.
+fn init(b: &Bench, home: &std::path::Path) -> anyhow::Result<()> {
+    let ok = relay_cmd(b, home)
         .args(["init", "--listen", "127.0.0.1:0"])
         .stdout(Stdio::null())
         .status()?
@@ -82,6 +81,13 @@ pub(crate) fn start(b: &Bench) -> anyhow::Result<RelayProc> {
     if !ok {
         bail!("tunnel-relay init failed");
     }
+    Ok(())
+}
+
+/// Initialises and starts a relay on `127.0.0.1:0`.
+pub(crate) fn start(b: &Bench) -> anyhow::Result<RelayProc> {
+    let home = b.path("relay");
+    init(b, &home)?;
     start_in(b, home, "relay")
 }
 
@@ -115,33 +121,21 @@ pub(crate) fn open_relayed(b: &Bench, relay: &RelayProc, device: &str) -> anyhow
         .as_str()
         .context("the bench user's token")?
         .to_string();
-    let client = b.path("client");
-    let _ = Command::new(b.bin("tunnel-client"))
-        .arg("--home")
-        .arg(&client)
-        .args(["forget", RELAYED_NAME])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    output(
-        Command::new(b.bin("tunnel-client"))
-            .arg("--home")
-            .arg(&client)
-            .args([
-                "device",
-                "add",
-                RELAYED_NAME,
-                "--fingerprint",
-                &fp,
-                "--device-id",
-                &id,
-                "--relay",
-                &relay.addr.to_string(),
-                "--relay-fingerprint",
-                &relay.fingerprint,
-                "--sct",
-                &token,
-            ]),
+    pin_client(
+        b,
+        RELAYED_NAME,
+        &[
+            "--fingerprint",
+            &fp,
+            "--device-id",
+            &id,
+            "--relay",
+            &relay.addr.to_string(),
+            "--relay-fingerprint",
+            &relay.fingerprint,
+            "--sct",
+            &token,
+        ],
     )?;
     // The device attaches once the relay has reloaded relay.toml (its first try may be early).
     wait_file(&ready_path, Duration::from_secs(30), |s| {
@@ -262,14 +256,7 @@ pub(crate) fn scale(b: &Bench) -> anyhow::Result<Scale> {
         let channels = n.min(1000);
         let keys: Vec<SecretKey> = (0..n).map(|_| SecretKey::generate()).collect();
         let home = b.path(&format!("relay-{n}"));
-        let ok = relay_cmd(b, &home)
-            .args(["init", "--listen", "127.0.0.1:0"])
-            .stdout(Stdio::null())
-            .status()?
-            .success();
-        if !ok {
-            bail!("tunnel-relay init failed");
-        }
+        init(b, &home)?;
         let mut toml = format!(
             "listen = [\"127.0.0.1:0\"]\n[limits]\nmax_legs = {}\nmax_channels_per_device = {}\n\
              max_handshakes = 4096\nretry_threshold = 4096\nmax_handshakes_per_source = 4096\n",
