@@ -344,11 +344,14 @@ fn main() -> ExitCode {
 }
 
 fn init_tracing(level: &str) {
-    let filter = std::env::var("RUST_LOG")
-        .unwrap_or_else(|_| format!("warn,tunnel_shared={level},tunnel_device={level}"));
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| {
+        format!("warn,tunnel_core={level},tunnel_shared={level},tunnel_device={level}")
+    });
     let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| {
         eprintln!("warning: invalid log level '{level}', using info");
-        tracing_subscriber::EnvFilter::new("warn,tunnel_shared=info,tunnel_device=info")
+        tracing_subscriber::EnvFilter::new(
+            "warn,tunnel_core=info,tunnel_shared=info,tunnel_device=info",
+        )
     });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
