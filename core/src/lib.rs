@@ -11,6 +11,7 @@
 //! | [`jwt`] | pure + JWKS file | JWTs of an identity provider (ES256, RS256) as an alternative to tokens |
 //! | [`limits`] | pure | sources (IPv4, IPv6 /64), token buckets, the handshake gate |
 //! | [`relay`] | pure | the relay leg protocol: hello, events, codes, token hashes, datagram tags |
+//! | [`stun`] | pure | STUN binding requests and responses (a socket's reflexive address) |
 //! | [`fsutil`] | IO | atomic writes, private dirs and files, locks |
 //! | [`shutdown`] | IO | SIGINT/SIGTERM: graceful first, immediate second |
 //!
@@ -38,4 +39,5 @@ pub mod limits;
 pub mod relay;
 pub mod secret;
 pub mod shutdown;
+pub mod stun;
 pub mod transport;

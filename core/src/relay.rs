@@ -32,8 +32,11 @@ use crate::secret::Secret;
 /// ALPN of relay legs.
 pub const ALPN: &[u8] = b"tunnel-relay/1";
 
-/// Version of the leg protocol.
-pub const PROTOCOL_VERSION: u16 = 1;
+/// Version of the leg protocol (2: candidates for hole punching).
+pub const PROTOCOL_VERSION: u16 = 2;
+
+/// Candidate addresses one end may announce.
+pub const MAX_CANDIDATES: usize = 8;
 
 /// Largest control frame (a device's token hashes: 32 bytes per user).
 pub const MAX_FRAME: usize = 512 * 1024;
@@ -103,6 +106,9 @@ pub enum LegHello {
         device_id: String,
         /// Hashes of every token that may reach the device.
         tokens: Vec<TokenHash>,
+        /// Where clients may try to reach the device directly (hole punching): the reflexive
+        /// address of its main socket and its local address; at most [`MAX_CANDIDATES`].
+        candidates: Vec<SocketAddr>,
     },
     /// A client asks for a channel to a device.
     Connect {
@@ -115,6 +121,8 @@ pub enum LegHello {
         channel: u64,
         /// The client's server-connect token, or a JWT from the device's identity provider.
         token: Option<Secret>,
+        /// Where the device may try to reach the client directly; at most [`MAX_CANDIDATES`].
+        candidates: Vec<SocketAddr>,
     },
 }
 
@@ -123,6 +131,9 @@ pub enum LegHello {
 pub enum DeviceUpdate {
     /// The device's tokens changed: the whole new set.
     Tokens(Vec<TokenHash>),
+    /// The device's candidate addresses changed (its reflexive address moved): the new set,
+    /// given to clients that connect from now on.
+    Candidates(Vec<SocketAddr>),
 }
 
 /// Frames from the relay.
@@ -137,6 +148,15 @@ pub enum RelayEvent {
     Connected {
         /// Reflexive address of the leg.
         observed: SocketAddr,
+        /// The device's candidate addresses (for hole punching).
+        peer: Vec<SocketAddr>,
+    },
+    /// To a device: a client opened a channel; `peer` are its candidate addresses.
+    ChannelOpened {
+        /// The channel.
+        channel: u64,
+        /// The client's candidates (for hole punching).
+        peer: Vec<SocketAddr>,
     },
     /// Refused; the leg is closed after this.
     Refused {
@@ -251,12 +271,14 @@ mod tests {
                 version: PROTOCOL_VERSION,
                 device_id: "cam".into(),
                 tokens: vec![TokenHash([7; 32])],
+                candidates: vec!["203.0.113.1:5592".parse().unwrap()],
             },
             LegHello::Connect {
                 version: PROTOCOL_VERSION,
                 device_id: "cam".into(),
                 channel: u64::MAX,
                 token: Some(Secret::new("t")),
+                candidates: vec!["[2001:db8::1]:9".parse().unwrap()],
             },
         ];
         for m in &msgs {

@@ -368,6 +368,27 @@ impl RunningOpen {
         })
     }
 
+    /// Waits until the ready file's path starts with `want` (e.g. `direct (punched)`, `relayed
+    /// via`), within `within`.
+    pub fn wait_path_is(&mut self, want: &str, within: std::time::Duration) {
+        let ready = self.ready.clone();
+        let mut last = String::new();
+        let found = crate::try_wait_for(within, || {
+            if let Some(st) = self.proc.try_status() {
+                panic!("tunnel-client open exited with {st}: {}", self.proc.log());
+            }
+            let v: serde_json::Value =
+                serde_json::from_str(&fs::read_to_string(&ready).ok()?).ok()?;
+            last = v["path"].as_str().unwrap_or_default().to_string();
+            last.starts_with(want).then_some(())
+        });
+        assert!(
+            found.is_some(),
+            "the path stayed '{last}', not '{want}…', for {within:?}: {}",
+            self.proc.log()
+        );
+    }
+
     /// The local address forwarding to `service`.
     pub fn local(&self, service: &str) -> SocketAddr {
         *self

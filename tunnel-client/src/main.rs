@@ -157,6 +157,10 @@ enum Command {
         /// Seconds live tunnels may continue after a shutdown signal.
         #[arg(long, default_value_t = 2, value_name = "SECS")]
         drain_timeout: u64,
+        /// Keep relayed connections on the relay: no hole punching to a direct path (to
+        /// measure or debug the relayed path).
+        #[arg(long)]
+        no_punch: bool,
     },
     /// Manage a device's users (needs a role that allows it, e.g. Owner).
     User {
@@ -529,8 +533,10 @@ fn dispatch(command: Command, home: ClientHome) -> Result<(), Failure> {
             ready_file,
             connect_wait,
             drain_timeout,
+            no_punch,
         } => {
             let mut opts = OpenOptions::new(home, device, forwards);
+            opts.connect.transport.hole_punching = !no_punch;
             opts.ready_file = ready_file;
             opts.connect_wait = Duration::from_secs(connect_wait);
             opts.drain_timeout = Duration::from_secs(drain_timeout);

@@ -9,6 +9,7 @@
 //! queued without bound (the inner connection's congestion control sees it as loss).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
@@ -57,6 +58,7 @@ pub(crate) struct Hub {
     device: RwLock<Option<DeviceLeg>>,
     channels: RwLock<HashMap<u64, quinn::Connection>>,
     tokens: RwLock<Arc<Vec<TokenHash>>>,
+    candidates: RwLock<Vec<SocketAddr>>,
 }
 
 impl Hub {
@@ -67,6 +69,7 @@ impl Hub {
             device: RwLock::new(None),
             channels: RwLock::new(HashMap::new()),
             tokens: RwLock::new(Arc::new(Vec::new())),
+            candidates: RwLock::new(Vec::new()),
         }
     }
 
@@ -79,8 +82,14 @@ impl Hub {
     }
 
     /// Makes `leg` the device's leg; returns the one it replaces.
-    pub(crate) fn attach(&self, leg: DeviceLeg, tokens: Vec<TokenHash>) -> Option<DeviceLeg> {
+    pub(crate) fn attach(
+        &self,
+        leg: DeviceLeg,
+        tokens: Vec<TokenHash>,
+        candidates: Vec<SocketAddr>,
+    ) -> Option<DeviceLeg> {
         self.set_tokens(tokens);
+        self.set_candidates(candidates);
         let old = self.device.write().ok().and_then(|mut d| d.replace(leg));
         self.bump();
         old
@@ -103,6 +112,29 @@ impl Hub {
     pub(crate) fn set_tokens(&self, tokens: Vec<TokenHash>) {
         if let Ok(mut t) = self.tokens.write() {
             *t = Arc::new(tokens);
+        }
+    }
+
+    /// The device's candidate addresses (what it announced; the relay does not check them).
+    pub(crate) fn set_candidates(&self, candidates: Vec<SocketAddr>) {
+        if let Ok(mut c) = self.candidates.write() {
+            *c = candidates;
+        }
+    }
+
+    pub(crate) fn candidates(&self) -> Vec<SocketAddr> {
+        self.candidates
+            .read()
+            .map(|c| c.clone())
+            .unwrap_or_default()
+    }
+
+    /// Tells the device that `channel` opened, with the client's candidates.
+    pub(crate) fn opened(&self, channel: u64, peer: Vec<SocketAddr>) {
+        if let Some(d) = self.device() {
+            let _ = d
+                .events
+                .try_send(RelayEvent::ChannelOpened { channel, peer });
         }
     }
 

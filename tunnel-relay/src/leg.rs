@@ -4,7 +4,7 @@
 //!
 //! Kind: IO.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -14,7 +14,8 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use tunnel_core::identity::Fingerprint;
 use tunnel_core::jwt;
 use tunnel_core::relay::{
-    self, DeviceUpdate, LegHello, MAX_FRAME, MAX_TOKENS, RelayCode, RelayEvent, TokenHash,
+    self, DeviceUpdate, LegHello, MAX_CANDIDATES, MAX_FRAME, MAX_TOKENS, RelayCode, RelayEvent,
+    TokenHash,
 };
 use tunnel_core::transport;
 
@@ -117,25 +118,29 @@ async fn leg(relay: Arc<Relay>, incoming: quinn::Incoming, id: u64, slot: Slot) 
             version,
             device_id,
             tokens,
+            candidates,
         } if version == relay::PROTOCOL_VERSION => {
-            serve_device(&relay, conn, fingerprint, id, send, recv, device_id, tokens).await;
+            let attach = AttachRequest {
+                device_id,
+                tokens,
+                candidates,
+            };
+            serve_device(&relay, conn, fingerprint, id, send, recv, attach).await;
         }
         LegHello::Connect {
             version,
             device_id,
             channel,
             token,
+            candidates,
         } if version == relay::PROTOCOL_VERSION => {
-            serve_client(
-                &relay,
-                conn,
-                fingerprint,
-                send,
-                &device_id,
+            let request = ConnectRequest {
+                device_id,
                 channel,
-                token.as_ref(),
-            )
-            .await;
+                token,
+                candidates,
+            };
+            serve_client(&relay, conn, fingerprint, send, request).await;
         }
         _ => refuse(&conn, RelayCode::PROTOCOL),
     }
@@ -155,10 +160,21 @@ async fn refuse_with(conn: &quinn::Connection, send: &mut quinn::SendStream, cod
     refuse(conn, code);
 }
 
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the parts of one accepted leg, handed over once"
-)]
+/// What a device's `Attach` asked for.
+struct AttachRequest {
+    device_id: String,
+    tokens: Vec<TokenHash>,
+    candidates: Vec<SocketAddr>,
+}
+
+/// What a client's `Connect` asked for.
+struct ConnectRequest {
+    device_id: String,
+    channel: u64,
+    token: Option<tunnel_core::secret::Secret>,
+    candidates: Vec<SocketAddr>,
+}
+
 async fn serve_device(
     relay: &Arc<Relay>,
     conn: quinn::Connection,
@@ -166,10 +182,20 @@ async fn serve_device(
     leg_id: u64,
     mut send: quinn::SendStream,
     recv: quinn::RecvStream,
-    device_id: String,
-    tokens: Vec<TokenHash>,
+    attach: AttachRequest,
 ) {
-    if let Some(code) = attach_refusal(&relay.config(), &device_id, fingerprint, &tokens) {
+    let AttachRequest {
+        device_id,
+        tokens,
+        candidates,
+    } = attach;
+    if let Some(code) = attach_refusal(
+        &relay.config(),
+        &device_id,
+        fingerprint,
+        &tokens,
+        &candidates,
+    ) {
         if code == RelayCode::WRONG_KEY {
             warn!(
                 device = %device_id,
@@ -189,7 +215,7 @@ async fn serve_device(
         conn: conn.clone(),
         events,
     };
-    if let Some(old) = hub.attach(leg, tokens) {
+    if let Some(old) = hub.attach(leg, tokens, candidates) {
         old.conn.close(RelayCode::REPLACED.to_varint(), b"replaced");
     }
     if !answer(
@@ -228,17 +254,20 @@ async fn serve_device(
 }
 
 /// Why an attach is refused: an id `relay.toml` does not serve, a key that is not the one it
-/// names for the id, too many token hashes.
+/// names for the id, too many token hashes or candidates.
 fn attach_refusal(
     config: &RelayConfig,
     device_id: &str,
     fingerprint: Fingerprint,
     tokens: &[TokenHash],
+    candidates: &[SocketAddr],
 ) -> Option<RelayCode> {
     match config.device(device_id) {
         None => Some(RelayCode::UNKNOWN_DEVICE),
         Some(d) if d.fingerprint != fingerprint => Some(RelayCode::WRONG_KEY),
-        Some(_) if tokens.len() > MAX_TOKENS => Some(RelayCode::PROTOCOL),
+        Some(_) if tokens.len() > MAX_TOKENS || candidates.len() > MAX_CANDIDATES => {
+            Some(RelayCode::PROTOCOL)
+        }
         Some(_) => None,
     }
 }
@@ -251,7 +280,11 @@ async fn read_updates(hub: Arc<Hub>, conn: quinn::Connection, mut recv: quinn::R
                 debug!(tokens = t.len(), "tokens updated");
                 hub.set_tokens(t);
             }
-            Ok(Some(DeviceUpdate::Tokens(_))) | Err(_) => {
+            Ok(Some(DeviceUpdate::Candidates(c))) if c.len() <= MAX_CANDIDATES => {
+                debug!(candidates = ?c, "candidates updated");
+                hub.set_candidates(c);
+            }
+            Ok(Some(DeviceUpdate::Tokens(_) | DeviceUpdate::Candidates(_))) | Err(_) => {
                 refuse(&conn, RelayCode::PROTOCOL);
                 return;
             }
@@ -292,14 +325,19 @@ async fn serve_client(
     conn: quinn::Connection,
     fingerprint: Fingerprint,
     mut send: quinn::SendStream,
-    device_id: &str,
-    channel: u64,
-    token: Option<&tunnel_core::secret::Secret>,
+    request: ConnectRequest,
 ) {
+    let ConnectRequest {
+        device_id,
+        channel,
+        token,
+        candidates,
+    } = request;
+    let (device_id, token) = (device_id.as_str(), token.as_ref());
     let source = conn.remote_address().ip();
     let config = relay.config();
     let limits = &config.limits;
-    if channel == relay::PROBE_CHANNEL {
+    if channel == relay::PROBE_CHANNEL || candidates.len() > MAX_CANDIDATES {
         return refuse_with(&conn, &mut send, RelayCode::PROTOCOL).await;
     }
     if !relay.may_try(source) {
@@ -331,10 +369,14 @@ async fn serve_client(
         relay.give_client_slot(fingerprint);
         return refuse_with(&conn, &mut send, RelayCode::CHANNEL_IN_USE).await;
     }
+    // The device hears of the client's candidates before the client hears of the device's, so
+    // both start probing at about the same time.
+    hub.opened(channel, candidates);
     if answer(
         &mut send,
         &RelayEvent::Connected {
             observed: conn.remote_address(),
+            peer: hub.candidates(),
         },
     )
     .await

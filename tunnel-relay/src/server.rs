@@ -345,7 +345,7 @@ fn bind(
     let mut endpoints = Vec::new();
     let mut bound = Vec::new();
     for addr in listen {
-        let ep = transport::server_endpoint(
+        let ep = transport::relay_endpoint(
             *addr,
             identity.secret_key(),
             server.clone(),

@@ -8,6 +8,8 @@
 //! endpoints here: device and client (ALPN `tunnel/1`) and, later, the relay and its legs.
 
 pub mod path;
+pub mod punch;
+pub mod reflect;
 pub mod settings;
 pub mod socket;
 pub mod verify;
@@ -309,6 +311,36 @@ pub fn server_endpoint(
     server_endpoint_with_paths(addr, key, server, settings).map(|(ep, _)| ep)
 }
 
+/// As [`server_endpoint`], on a [`reflect::ReflectSocket`]: a relay's endpoint, which also answers
+/// STUN binding requests.
+///
+/// # Errors
+/// [`TransportError`].
+pub fn relay_endpoint(
+    addr: SocketAddr,
+    key: &SecretKey,
+    server: quinn::ServerConfig,
+    settings: &TransportSettings,
+) -> Result<Endpoint, TransportError> {
+    let socket = bind_udp(addr, settings.socket_buffer)?;
+    let socket = reflect::ReflectSocket::new(socket)
+        .map_err(|source| TransportError::Bind { addr, source })?;
+    Endpoint::new_with_abstract_socket(
+        endpoint_config(Some(Arc::new(reset_key(key)))),
+        Some(server),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| TransportError::Bind { addr, source })
+}
+
+/// The stateless-reset key of a server, derived from its key (a restarted server resets its old
+/// connections at once).
+fn reset_key(key: &SecretKey) -> ring::hmac::Key {
+    let reset_secret = key.derive_secret(b"tunnel/1 stateless reset key");
+    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_secret.as_slice())
+}
+
 /// As [`server_endpoint`], on a [`path::PathSocket`]: the endpoint also serves connections that
 /// arrive through relays, routed with the returned [`path::Paths`].
 ///
@@ -323,9 +355,7 @@ pub fn server_endpoint_with_paths(
     let socket = bind_udp(addr, settings.socket_buffer)?;
     let (socket, paths) =
         path::PathSocket::new(socket).map_err(|source| TransportError::Bind { addr, source })?;
-    let reset_secret = key.derive_secret(b"tunnel/1 stateless reset key");
-    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, reset_secret.as_slice());
-    let config = endpoint_config(Some(Arc::new(reset_key)));
+    let config = endpoint_config(Some(Arc::new(reset_key(key))));
     let ep = Endpoint::new_with_abstract_socket(
         config,
         Some(server),

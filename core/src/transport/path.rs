@@ -15,23 +15,32 @@
 //! full) is dropped and counted, like UDP loss. quinn's batches (GSO) are split per segment on a
 //! relayed route. Virtual addresses are in the UDP socket's family: `240.0.0.0/4` (reserved,
 //! never routed) for IPv4 sockets and `100::/64` (RFC 6666, discard-only) for IPv6 ones.
+//!
+//! A relayed route can also go *direct* ([`super::punch`]): once a probe round trip to the peer
+//! succeeded, its datagrams leave the UDP socket for the punched address (batches kept whole),
+//! and datagrams from that address are handed to quinn as coming from the virtual address. The
+//! socket also takes in what is not QUIC: probes ([`super::punch::is_probe`]) and STUN binding
+//! responses ([`Paths::reflexive`]), which quinn never sees.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::io::{self, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use quinn::udp::{RecvMeta, Transmit};
 use quinn::{AsyncUdpSocket, UdpPoller};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
+use super::punch::{self, Kind, Probe, PunchKey};
 use crate::identity::Fingerprint;
 use crate::relay::TAG_LEN;
+use crate::stun;
 
 /// Relayed datagrams queued for quinn at most; more are dropped (and counted).
 const INBOX: usize = 4096;
@@ -75,6 +84,28 @@ pub struct RouteKey {
 struct Route {
     leg: quinn::Connection,
     tag: [u8; TAG_LEN],
+    key: RouteKey,
+    /// The punched address, while the route is direct.
+    direct: Option<SocketAddr>,
+}
+
+/// A route's hole-punching state: its connection's probe key, the pings in flight, the last pong.
+struct Punch {
+    key: PunchKey,
+    pending: VecDeque<u64>,
+    last_pong: Option<Instant>,
+}
+
+/// Pings remembered per route (older pongs are ignored).
+const MAX_PENDING: usize = 64;
+
+/// Which path a route takes now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathState {
+    /// Through its relay leg.
+    Relayed,
+    /// Straight to the punched address.
+    Direct(SocketAddr),
 }
 
 /// Counters of the relayed routes (for status and tests).
@@ -86,19 +117,34 @@ pub struct PathStats {
     pub relayed_received: AtomicU64,
     /// Datagrams dropped: too large for the leg, leg lost, queue full, no route.
     pub relayed_dropped: AtomicU64,
+    /// Probes sent (pings and pongs).
+    pub probes_sent: AtomicU64,
+    /// Probes received that did not verify (wrong key, unknown channel): ignored.
+    pub probes_rejected: AtomicU64,
+    /// Datagrams sent straight to punched addresses.
+    pub direct_sent: AtomicU64,
 }
 
 #[derive(Default)]
 struct Table {
     routes: HashMap<SocketAddr, Route>,
     addrs: HashMap<RouteKey, SocketAddr>,
+    by_channel: HashMap<u64, SocketAddr>,
+    punches: HashMap<SocketAddr, Punch>,
+    /// Real peer address (canonical) → the virtual address its datagrams belong to.
+    aliases: HashMap<SocketAddr, SocketAddr>,
+    /// The peer's candidates per route, and a generation that moves when they change.
+    candidates: HashMap<RouteKey, (Vec<SocketAddr>, u64)>,
 }
 
 struct Shared {
     v6: bool,
+    udp: Arc<dyn AsyncUdpSocket>,
     table: RwLock<Table>,
     next: AtomicU32,
+    aliases: AtomicUsize,
     inbox: mpsc::Sender<(SocketAddr, Bytes)>,
+    stun: Mutex<HashMap<stun::TxId, oneshot::Sender<SocketAddr>>>,
     stats: PathStats,
 }
 
@@ -133,23 +179,303 @@ impl Paths {
                 a
             }
         };
-        t.routes.insert(
-            addr,
-            Route {
-                leg: leg.clone(),
-                tag: crate::relay::tag(key.channel),
-            },
-        );
+        match t.routes.get_mut(&addr) {
+            // A leg that came back: a direct route stays direct.
+            Some(r) => r.leg = leg.clone(),
+            None => {
+                t.routes.insert(
+                    addr,
+                    Route {
+                        leg: leg.clone(),
+                        tag: crate::relay::tag(key.channel),
+                        key,
+                        direct: None,
+                    },
+                );
+            }
+        }
+        t.by_channel.insert(key.channel, addr);
         Some(addr)
     }
 
     /// Forgets `key` (its address is not reused).
     pub fn unbind(&self, key: RouteKey) {
-        if let Ok(mut t) = self.0.table.write()
-            && let Some(addr) = t.addrs.remove(&key)
-        {
-            t.routes.remove(&addr);
+        if let Ok(mut t) = self.0.table.write() {
+            t.candidates.remove(&key);
+            if let Some(addr) = t.addrs.remove(&key) {
+                t.routes.remove(&addr);
+                t.punches.remove(&addr);
+                if t.by_channel.get(&key.channel) == Some(&addr) {
+                    t.by_channel.remove(&key.channel);
+                }
+                t.aliases.retain(|_, v| *v != addr);
+                self.0.aliases.store(t.aliases.len(), Ordering::Relaxed);
+            }
         }
+    }
+
+    /// Records the peer's candidate addresses for `key` (what the relay said), cut to the
+    /// usable ones ([`punch::usable_candidate`]), at most [`punch::MAX_CANDIDATES`].
+    pub fn set_candidates(&self, key: RouteKey, candidates: &[SocketAddr]) {
+        let mut list: Vec<SocketAddr> = Vec::new();
+        for c in candidates
+            .iter()
+            .copied()
+            .filter(|c| punch::usable_candidate(*c))
+        {
+            let c = self.fit(c);
+            if !list.contains(&c) && list.len() < punch::MAX_CANDIDATES {
+                list.push(c);
+            }
+        }
+        if let Ok(mut t) = self.0.table.write() {
+            let e = t.candidates.entry(key).or_insert_with(|| (Vec::new(), 0));
+            if e.0 != list {
+                e.0 = list;
+                e.1 += 1;
+            }
+        }
+    }
+
+    /// The peer's candidates of the route at `vaddr` and their generation; `None` once the route
+    /// is gone.
+    pub fn candidates(&self, vaddr: SocketAddr) -> Option<(Vec<SocketAddr>, u64)> {
+        let t = self.0.table.read().ok()?;
+        let key = t.routes.get(&vaddr)?.key;
+        Some(t.candidates.get(&key).cloned().unwrap_or_default())
+    }
+
+    /// Gives the route at `vaddr` its connection's probe key (hole punching starts); `false`
+    /// when there is no such route.
+    pub fn arm(&self, vaddr: SocketAddr, key: PunchKey) -> bool {
+        let Ok(mut t) = self.0.table.write() else {
+            return false;
+        };
+        if !t.routes.contains_key(&vaddr) {
+            return false;
+        }
+        t.punches.insert(
+            vaddr,
+            Punch {
+                key,
+                pending: VecDeque::new(),
+                last_pong: None,
+            },
+        );
+        true
+    }
+
+    /// Ends hole punching for `vaddr`: relayed again, the peer's real addresses forgotten.
+    pub fn disarm(&self, vaddr: SocketAddr) {
+        if let Ok(mut t) = self.0.table.write() {
+            t.punches.remove(&vaddr);
+            if let Some(r) = t.routes.get_mut(&vaddr) {
+                r.direct = None;
+            }
+            t.aliases.retain(|_, v| *v != vaddr);
+            self.0.aliases.store(t.aliases.len(), Ordering::Relaxed);
+        }
+    }
+
+    /// The path the route at `vaddr` takes now; `None` when it is not a route.
+    pub fn state(&self, vaddr: SocketAddr) -> Option<PathState> {
+        let t = self.0.table.read().ok()?;
+        Some(
+            t.routes
+                .get(&vaddr)?
+                .direct
+                .map_or(PathState::Relayed, PathState::Direct),
+        )
+    }
+
+    /// Time since the last pong on the route at `vaddr`.
+    pub fn since_pong(&self, vaddr: SocketAddr) -> Option<Duration> {
+        let t = self.0.table.read().ok()?;
+        t.punches.get(&vaddr)?.last_pong.map(|p| p.elapsed())
+    }
+
+    /// Sends the route at `vaddr` through its relay again.
+    pub fn fall_back(&self, vaddr: SocketAddr) {
+        if let Ok(mut t) = self.0.table.write() {
+            if let Some(r) = t.routes.get_mut(&vaddr) {
+                r.direct = None;
+            }
+            if let Some(p) = t.punches.get_mut(&vaddr) {
+                p.last_pong = None;
+            }
+        }
+    }
+
+    /// Sends a ping for the route at `vaddr` to `to` (if it is armed).
+    pub fn ping(&self, vaddr: SocketAddr, to: SocketAddr) {
+        let sealed = {
+            let Ok(mut t) = self.0.table.write() else {
+                return;
+            };
+            let Some(channel) = t.routes.get(&vaddr).map(|r| r.key.channel) else {
+                return;
+            };
+            let Some(p) = t.punches.get_mut(&vaddr) else {
+                return;
+            };
+            let tx = rand::random::<u64>();
+            if p.pending.len() >= MAX_PENDING {
+                p.pending.pop_front();
+            }
+            p.pending.push_back(tx);
+            p.key.seal(&Probe {
+                kind: Kind::Ping,
+                channel,
+                tx,
+            })
+        };
+        self.send_raw(to, &sealed);
+        self.0.stats.probes_sent.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A probe from `from`: a ping is answered (and `from` accepted as the peer's), a pong for a
+    /// ping in flight makes the route direct. Anything that does not verify is counted and
+    /// ignored.
+    fn on_probe(&self, from: SocketAddr, packet: &[u8]) {
+        if let Some(pong) = self.check_probe(from, packet) {
+            self.send_raw(from, &pong);
+            self.0.stats.probes_sent.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Verifies a probe and applies it; returns the pong to send for a valid ping.
+    fn check_probe(&self, from: SocketAddr, packet: &[u8]) -> Option<[u8; punch::PROBE_LEN]> {
+        let reject = || {
+            self.0.stats.probes_rejected.fetch_add(1, Ordering::Relaxed);
+            None
+        };
+        let Some(probe) = punch::peek(packet) else {
+            return reject();
+        };
+        let Ok(mut guard) = self.0.table.write() else {
+            return None;
+        };
+        let t = &mut *guard;
+        let Some(vaddr) = t.by_channel.get(&probe.channel).copied() else {
+            return reject();
+        };
+        let Some(p) = t.punches.get_mut(&vaddr) else {
+            return reject();
+        };
+        if p.key.open(packet).is_none() {
+            return reject();
+        }
+        match probe.kind {
+            Kind::Ping => {
+                t.aliases.insert(canonical(from), vaddr);
+                self.0.aliases.store(t.aliases.len(), Ordering::Relaxed);
+                Some(p.key.seal(&Probe {
+                    kind: Kind::Pong,
+                    ..probe
+                }))
+            }
+            Kind::Pong => {
+                if !p.pending.contains(&probe.tx) {
+                    return reject();
+                }
+                p.last_pong = Some(Instant::now());
+                t.aliases.insert(canonical(from), vaddr);
+                self.0.aliases.store(t.aliases.len(), Ordering::Relaxed);
+                if let Some(r) = t.routes.get_mut(&vaddr) {
+                    r.direct = Some(from);
+                }
+                None
+            }
+        }
+    }
+
+    /// This socket's address as `server` (a relay, or any STUN server) sees it: a STUN binding
+    /// request sent from the socket itself, tried three times; `None` without an answer.
+    pub async fn reflexive(&self, server: SocketAddr) -> Option<SocketAddr> {
+        let tx: stun::TxId = rand::random();
+        let (send, mut recv) = oneshot::channel();
+        {
+            let mut pending = self.0.stun.lock().ok()?;
+            if pending.len() >= 256 {
+                pending.retain(|_, s| !s.is_closed());
+            }
+            pending.insert(tx, send);
+        }
+        let request = stun::request(&tx);
+        let mut seen = None;
+        for _ in 0..3 {
+            self.send_raw(server, &request);
+            if let Ok(Ok(a)) = tokio::time::timeout(Duration::from_millis(300), &mut recv).await {
+                seen = Some(a);
+                break;
+            }
+        }
+        if let Ok(mut pending) = self.0.stun.lock() {
+            pending.remove(&tx);
+        }
+        seen
+    }
+
+    /// This socket's local address toward `peer` (the interface address the OS would use when
+    /// the socket is bound to a wildcard).
+    pub fn local_toward(&self, peer: SocketAddr) -> Option<SocketAddr> {
+        let local = self.0.udp.local_addr().ok()?;
+        if !local.ip().is_unspecified() {
+            return Some(local);
+        }
+        let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+        let any: SocketAddr = if peer.is_ipv4() {
+            (Ipv4Addr::UNSPECIFIED, 0).into()
+        } else {
+            (Ipv6Addr::UNSPECIFIED, 0).into()
+        };
+        let probe = std::net::UdpSocket::bind(any).ok()?;
+        probe.connect(peer).ok()?;
+        Some(SocketAddr::new(probe.local_addr().ok()?.ip(), local.port()))
+    }
+
+    fn on_stun(&self, packet: &[u8]) {
+        if let Some((tx, seen)) = stun::parse_response(packet)
+            && let Ok(mut pending) = self.0.stun.lock()
+            && let Some(waiter) = pending.remove(&tx)
+        {
+            let _ = waiter.send(SocketAddr::new(seen.ip().to_canonical(), seen.port()));
+        }
+    }
+
+    /// `addr` in the socket's family (IPv4 as IPv4-mapped on an IPv6 socket).
+    fn fit(&self, addr: SocketAddr) -> SocketAddr {
+        match addr {
+            SocketAddr::V4(v4) if self.0.v6 => {
+                SocketAddr::new(IpAddr::V6(v4.ip().to_ipv6_mapped()), v4.port())
+            }
+            other => other,
+        }
+    }
+
+    /// One datagram straight out of the UDP socket (probes, STUN); lost if the socket is busy.
+    fn send_raw(&self, to: SocketAddr, contents: &[u8]) {
+        let _ = self.0.udp.try_send(&Transmit {
+            destination: self.fit(to),
+            ecn: None,
+            contents,
+            segment_size: None,
+            src_ip: None,
+        });
+    }
+
+    /// The virtual address datagrams from `from` belong to, if it is a punched peer's.
+    fn alias(&self, from: SocketAddr) -> Option<SocketAddr> {
+        if self.0.aliases.load(Ordering::Relaxed) == 0 {
+            return None;
+        }
+        self.0
+            .table
+            .read()
+            .ok()?
+            .aliases
+            .get(&canonical(from))
+            .copied()
     }
 
     /// The virtual address of `key`, if bound.
@@ -180,13 +506,31 @@ impl Paths {
         &self.0.stats
     }
 
-    fn send_relayed(&self, transmit: &Transmit<'_>) -> bool {
-        let Ok(t) = self.0.table.read() else {
-            return false;
+    /// Sends on the route of `transmit.destination`: whole to its punched address when direct
+    /// (`Some` with the UDP socket's result), else per segment on its leg. `None`: no route.
+    fn send_routed(&self, transmit: &Transmit<'_>) -> Option<io::Result<()>> {
+        let direct = {
+            let t = self.0.table.read().ok()?;
+            let route = t.routes.get(&transmit.destination)?;
+            match route.direct {
+                Some(d) => d,
+                None => {
+                    self.send_relayed(route, transmit);
+                    return Some(Ok(()));
+                }
+            }
         };
-        let Some(route) = t.routes.get(&transmit.destination) else {
-            return false;
-        };
+        let r = self.0.udp.try_send(&Transmit {
+            destination: direct,
+            ..*transmit
+        });
+        if r.is_ok() {
+            self.0.stats.direct_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        Some(r)
+    }
+
+    fn send_relayed(&self, route: &Route, transmit: &Transmit<'_>) {
         let size = transmit
             .segment_size
             .unwrap_or(transmit.contents.len())
@@ -205,8 +549,11 @@ impl Paths {
                 self.0.stats.relayed_dropped.fetch_add(1, Ordering::Relaxed);
             }
         }
-        true
     }
+}
+
+fn canonical(a: SocketAddr) -> SocketAddr {
+    SocketAddr::new(a.ip().to_canonical(), a.port())
 }
 
 /// A [`quinn::AsyncUdpSocket`] over a UDP socket and relayed routes.
@@ -236,9 +583,12 @@ impl PathSocket {
         let (tx, rx) = mpsc::channel(INBOX);
         let paths = Paths(Arc::new(Shared {
             v6,
+            udp: udp.clone(),
             table: RwLock::new(Table::default()),
             next: AtomicU32::new(1),
+            aliases: AtomicUsize::new(0),
             inbox: tx,
+            stun: Mutex::new(HashMap::new()),
             stats: PathStats::default(),
         }));
         Ok((
@@ -259,15 +609,15 @@ impl AsyncUdpSocket for PathSocket {
 
     fn try_send(&self, transmit: &Transmit<'_>) -> io::Result<()> {
         if is_virtual(transmit.destination) {
-            if !self.paths.send_relayed(transmit) {
+            return self.paths.send_routed(transmit).unwrap_or_else(|| {
                 // A route that is gone (its channel closed): as lost.
                 self.paths
                     .0
                     .stats
                     .relayed_dropped
                     .fetch_add(1, Ordering::Relaxed);
-            }
-            return Ok(());
+                Ok(())
+            });
         }
         self.udp.try_send(transmit)
     }
@@ -310,7 +660,24 @@ impl AsyncUdpSocket for PathSocket {
         if n > 0 {
             return Poll::Ready(Ok(n));
         }
-        self.udp.poll_recv(cx, bufs, meta)
+        let n = match self.udp.poll_recv(cx, bufs, meta) {
+            Poll::Ready(Ok(n)) => n,
+            other => return other,
+        };
+        for (m, buf) in meta.iter_mut().zip(bufs.iter()).take(n) {
+            let single = m.len <= m.stride;
+            let data = &buf[..m.len.min(buf.len())];
+            if single && punch::is_probe(data) {
+                self.paths.on_probe(m.addr, data);
+                m.len = 0; // quinn skips an empty entry
+            } else if single && stun::is_stun(data) {
+                self.paths.on_stun(data);
+                m.len = 0;
+            } else if let Some(vaddr) = self.paths.alias(m.addr) {
+                m.addr = vaddr;
+            }
+        }
+        Poll::Ready(Ok(n))
     }
 
     fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -333,6 +700,125 @@ impl AsyncUdpSocket for PathSocket {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::identity::SecretKey;
+    use crate::transport::{self, Identity, TransportSettings};
+
+    /// A PathSocket endpoint with one relayed route (its leg a real QUIC connection to a
+    /// throwaway server) armed with `key`.
+    async fn armed_route(key: [u8; 32]) -> (quinn::Endpoint, quinn::Endpoint, Paths, SocketAddr) {
+        let settings = TransportSettings::default();
+        let server_id = Identity::new(SecretKey::generate()).unwrap();
+        let server_cfg = transport::server_config(&server_id, b"t", &settings, 1, 8).unwrap();
+        let server = transport::server_endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            server_id.secret_key(),
+            server_cfg,
+            &settings,
+        )
+        .unwrap();
+        let server_addr = server.local_addr().unwrap();
+        let accept = {
+            let server = server.clone();
+            tokio::spawn(async move { server.accept().await.unwrap().await.unwrap() })
+        };
+        let (client, paths) = transport::client_endpoint_with_paths(&settings).unwrap();
+        let me = Identity::new(SecretKey::generate()).unwrap();
+        let (cfg, _) =
+            transport::client_config(&me, b"t", Some(server_id.fingerprint()), &settings).unwrap();
+        let leg = client
+            .connect_with(cfg, server_addr, transport::SERVER_NAME)
+            .unwrap()
+            .await
+            .unwrap();
+        let _server_side = accept.await.unwrap();
+        let route = RouteKey {
+            relay: server_id.fingerprint(),
+            channel: 42,
+        };
+        let vaddr = paths.bind(route, &leg).unwrap();
+        assert!(paths.arm(vaddr, PunchKey::from_bytes(key)));
+        (server, client, paths, vaddr)
+    }
+
+    fn probe(key: [u8; 32], kind: Kind, channel: u64, tx: u64) -> [u8; punch::PROBE_LEN] {
+        PunchKey::from_bytes(key).seal(&Probe { kind, channel, tx })
+    }
+
+    /// Forged probes (another key, another channel, a pong nobody asked for) never move the
+    /// path and get no answer; the real peer's pong to a real ping does.
+    #[tokio::test]
+    async fn only_the_peers_probes_move_the_path() {
+        const KEY: [u8; 32] = [1; 32];
+        let (_server, client, paths, vaddr) = armed_route(KEY).await;
+        let target: SocketAddr = (Ipv4Addr::LOCALHOST, client.local_addr().unwrap().port()).into();
+        let peer = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let peer_addr = peer.local_addr().unwrap();
+        let mut buf = [0u8; 256];
+
+        for forged in [
+            probe([2; 32], Kind::Ping, 42, 1),
+            probe([2; 32], Kind::Pong, 42, 1),
+            probe(KEY, Kind::Ping, 43, 1),
+            probe(KEY, Kind::Pong, 42, 7), // no such ping in flight
+        ] {
+            peer.send_to(&forged, target).await.unwrap();
+            let answer =
+                tokio::time::timeout(Duration::from_millis(300), peer.recv_from(&mut buf)).await;
+            assert!(answer.is_err(), "a forged probe was answered");
+            assert_eq!(paths.state(vaddr), Some(PathState::Relayed));
+        }
+        assert!(paths.stats().probes_rejected.load(Ordering::Relaxed) >= 4);
+
+        // The peer's ping (right key) is answered with a pong under the same key.
+        peer.send_to(&probe(KEY, Kind::Ping, 42, 9), target)
+            .await
+            .unwrap();
+        let (n, _) = peer.recv_from(&mut buf).await.unwrap();
+        let pong = PunchKey::from_bytes(KEY).open(&buf[..n]).unwrap();
+        assert_eq!((pong.kind, pong.tx), (Kind::Pong, 9));
+        assert_eq!(paths.state(vaddr), Some(PathState::Relayed));
+
+        // Our ping, answered by the peer: direct, to the address the pong came from.
+        paths.ping(vaddr, peer_addr);
+        let (n, _) = peer.recv_from(&mut buf).await.unwrap();
+        let ping = PunchKey::from_bytes(KEY).open(&buf[..n]).unwrap();
+        assert_eq!(ping.kind, Kind::Ping);
+        peer.send_to(&probe(KEY, Kind::Pong, 42, ping.tx), target)
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while paths.state(vaddr) == Some(PathState::Relayed) && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        match paths.state(vaddr) {
+            Some(PathState::Direct(a)) => assert_eq!(canonical(a), peer_addr),
+            other => panic!("not direct: {other:?}"),
+        }
+        paths.fall_back(vaddr);
+        assert_eq!(paths.state(vaddr), Some(PathState::Relayed));
+    }
+
+    /// A relay's socket answers a STUN binding request with the address it came from, and a
+    /// PathSocket reads the answer as its reflexive address.
+    #[tokio::test]
+    async fn the_reflexive_address_is_learned_from_a_relay() {
+        let settings = TransportSettings::default();
+        let id = Identity::new(SecretKey::generate()).unwrap();
+        let cfg = transport::server_config(&id, b"t", &settings, 1, 8).unwrap();
+        let relay = transport::relay_endpoint(
+            "127.0.0.1:0".parse().unwrap(),
+            id.secret_key(),
+            cfg,
+            &settings,
+        )
+        .unwrap();
+        let (client, paths) = transport::client_endpoint_with_paths(&settings).unwrap();
+        let seen = paths.reflexive(relay.local_addr().unwrap()).await;
+        let port = client.local_addr().unwrap().port();
+        assert_eq!(seen, Some(SocketAddr::from((Ipv4Addr::LOCALHOST, port))));
+        let local = paths.local_toward(relay.local_addr().unwrap()).unwrap();
+        assert_eq!(local, SocketAddr::from((Ipv4Addr::LOCALHOST, port)));
+    }
 
     #[test]
     fn virtual_addresses_are_recognised_and_in_the_socket_family() {

@@ -24,6 +24,9 @@ pub struct TransportSettings {
     /// and BBR 0.35 s, at 20 % loss 48 s and 0.46 s (docs/BENCHMARKS.md); on loopback and through
     /// a 20 Mbit/s bottleneck both were equal.
     pub congestion: Congestion,
+    /// Move relayed connections onto a direct path when both ends can reach each other through
+    /// their NATs (hole punching). Either end turning it off keeps its connections relayed.
+    pub hole_punching: bool,
 }
 
 /// A QUIC congestion controller.
@@ -47,6 +50,7 @@ impl Default for TransportSettings {
             connection_window: 16 * 1024 * 1024,
             socket_buffer: 4 * 1024 * 1024,
             congestion: Congestion::Bbr,
+            hole_punching: true,
         }
     }
 }

@@ -251,6 +251,9 @@ async fn dial_relayed(
     session.path = SessionPath::Relayed {
         relay: relay.addr.to_string(),
     };
+    if opts.transport.hole_punching {
+        channel.punch(&session.conn, target.name);
+    }
     session.channel = Some(Arc::new(channel));
     Ok(session)
 }

@@ -458,10 +458,13 @@ async fn manage(
                 link_tx.send_replace(LinkState::Connected {
                     conn: session.conn.clone(),
                     addr: session.addr,
-                    path,
+                    path: path.clone(),
                 });
                 let reason = tokio::select! {
                     r = session.conn.closed() => r,
+                    () = follow_path(&session, path, identity, device, opts, status, link_tx) => {
+                        unreachable!("follow_path never returns")
+                    }
                     () = stop.cancelled() => return Ok(()),
                 };
                 let err = connection_error(&device.name, &reason, Some(identity.fingerprint()));
@@ -517,6 +520,39 @@ fn connected(
         warn!("cannot update the ready file: {e}");
     }
     path
+}
+
+/// While connected: notices when the path changes (a relayed connection punched a direct path,
+/// or fell back to the relay) and says so in the log, the status and the ready file.
+async fn follow_path(
+    session: &Session,
+    mut path: String,
+    identity: &Identity,
+    device: &KnownDevice,
+    opts: &OpenOptions,
+    status: &Status,
+    link_tx: &watch::Sender<LinkState>,
+) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        let now = session.path_now();
+        if now == path {
+            continue;
+        }
+        info!(device = %device.name, from = %path, to = %now, "the connection changed path");
+        if let Some(file) = &opts.ready_file
+            && let Err(e) = write_ready(file, identity, device, status, Some((&now, session.rtt())))
+        {
+            warn!("cannot update the ready file: {e}");
+        }
+        link_tx.send_modify(|l| {
+            if let LinkState::Connected { path: p, .. } = l {
+                p.clone_from(&now);
+            }
+        });
+        path = now;
+    }
 }
 
 /// Warns about every forward whose service the device does not offer to this user.

@@ -21,7 +21,8 @@ use crate::config::{RelayRef, TransportSettings};
 use crate::framed::{read_frame, write_frame};
 use crate::relay::{self, LegHello, RelayCode, RelayEvent};
 use crate::secret::Secret;
-use crate::transport::path::{Paths, RouteKey};
+use crate::transport::path::{PathState, Paths, RouteKey};
+use crate::transport::punch;
 use crate::transport::{self, Identity, TransportError};
 
 /// How long a leg may take to reach a datagram size that carries inner packets.
@@ -86,12 +87,41 @@ pub struct Channel {
     key: RouteKey,
     paths: Paths,
     pump: JoinHandle<()>,
+    punch: std::sync::Mutex<Option<JoinHandle<()>>>,
 }
 
 impl Drop for Channel {
     fn drop(&mut self) {
         self.pump.abort();
+        if let Ok(mut p) = self.punch.lock()
+            && let Some(p) = p.take()
+        {
+            p.abort();
+        }
         self.paths.unbind(self.key);
+    }
+}
+
+impl Channel {
+    /// Starts hole punching for `conn`, the end-to-end connection in this channel, named
+    /// `device` in logs; it runs until the connection or the channel ends.
+    pub(crate) fn punch(&self, conn: &quinn::Connection, device: &str) {
+        let task = tokio::spawn(punch::drive(
+            self.paths.clone(),
+            self.addr,
+            conn.clone(),
+            device.to_string(),
+        ));
+        if let Ok(mut p) = self.punch.lock()
+            && let Some(old) = p.replace(task)
+        {
+            old.abort();
+        }
+    }
+
+    /// The path the connection takes now (relayed, or direct to a punched address).
+    pub fn state(&self) -> PathState {
+        self.paths.state(self.addr).unwrap_or(PathState::Relayed)
     }
 }
 
@@ -102,7 +132,7 @@ async fn dial(
     req: &Request<'_>,
     relay: &RelayRef,
     channel: u64,
-) -> Result<(quinn::Connection, quinn::SendStream, quinn::RecvStream), ConnectError> {
+) -> Result<Leg, ConnectError> {
     let name = relay.addr.to_string();
     let failed = |reason: String| ConnectError::Unreachable {
         device: req.device.to_string(),
@@ -124,24 +154,45 @@ async fn dial(
     )
     .map_err(|e| failed(e.to_string()))?;
     cfg.transport_config(Arc::new(transport::leg_transport_config(req.settings, 0)));
-    let conn = dialer
+    let connecting = dialer
         .legs
         .connect_with(cfg, target, transport::SERVER_NAME)
-        .map_err(|e| failed(e.to_string()))?
-        .await
-        .map_err(|e| {
-            let seen = observed.lock().ok().and_then(|g| *g);
-            match seen.filter(|fp| *fp != relay.fingerprint) {
-                Some(actual) => failed(format!(
-                    "the relay presented key {actual}, not the pinned {}; nothing was sent",
-                    relay.fingerprint
-                )),
-                None => failed(e.to_string()),
-            }
-        })?;
-    let (send, recv) = ask(&conn, req, &name, channel).await?;
+        .map_err(|e| failed(e.to_string()))?;
+    // The reflexive address of the socket that would carry a direct path, found while the leg
+    // connects.
+    let (connected, candidates) = tokio::join!(connecting, async {
+        if req.settings.hole_punching {
+            punch::own_candidates(&dialer.paths, target).await
+        } else {
+            Vec::new()
+        }
+    });
+    let conn = connected.map_err(|e| {
+        let seen = observed.lock().ok().and_then(|g| *g);
+        match seen.filter(|fp| *fp != relay.fingerprint) {
+            Some(actual) => failed(format!(
+                "the relay presented key {actual}, not the pinned {}; nothing was sent",
+                relay.fingerprint
+            )),
+            None => failed(e.to_string()),
+        }
+    })?;
+    let (send, recv, peer) = ask(&conn, req, &name, channel, candidates).await?;
     wait_for_mtu(&conn).await.map_err(failed)?;
-    Ok((conn, send, recv))
+    Ok(Leg {
+        conn,
+        _control: (send, recv),
+        peer,
+    })
+}
+
+/// A leg with its channel open: the connection, its control stream, and the device's candidate
+/// addresses the relay passed on.
+struct Leg {
+    conn: quinn::Connection,
+    /// The control stream, held open for the channel's life.
+    _control: (quinn::SendStream, quinn::RecvStream),
+    peer: Vec<SocketAddr>,
 }
 
 /// Sends `Connect` on the leg and reads the relay's answer.
@@ -150,7 +201,8 @@ async fn ask(
     req: &Request<'_>,
     name: &str,
     channel: u64,
-) -> Result<(quinn::SendStream, quinn::RecvStream), ConnectError> {
+    candidates: Vec<SocketAddr>,
+) -> Result<(quinn::SendStream, quinn::RecvStream, Vec<SocketAddr>), ConnectError> {
     let failed = |reason: String| ConnectError::Unreachable {
         device: req.device.to_string(),
         reason: format!("via relay {name}: {reason}"),
@@ -166,12 +218,13 @@ async fn ask(
         device_id: req.device_id.to_string(),
         channel,
         token: req.token.cloned(),
+        candidates,
     };
     write_frame(&mut send, &hello, relay::MAX_FRAME)
         .await
         .map_err(|e| failed(e.to_string()))?;
     match read_frame::<RelayEvent>(&mut recv, relay::MAX_FRAME).await {
-        Ok(Some(RelayEvent::Connected { .. })) => Ok((send, recv)),
+        Ok(Some(RelayEvent::Connected { peer, .. })) => Ok((send, recv, peer)),
         Ok(Some(RelayEvent::Refused { code })) => Err(refused(code)),
         Ok(_) => Err(failed("unexpected answer".into())),
         Err(e) => Err(match conn.close_reason() {
@@ -230,19 +283,20 @@ pub(crate) async fn open(
 ) -> Result<Channel, ConnectError> {
     // Any id but the probe's.
     let channel = rand::random::<u64>() >> 1;
-    let (conn, send, recv) = dial(dialer, req, relay, channel).await?;
+    let leg = dial(dialer, req, relay, channel).await?;
     let key = RouteKey {
         relay: relay.fingerprint,
         channel,
     };
     let addr = dialer
         .paths
-        .bind(key, &conn)
+        .bind(key, &leg.conn)
         .ok_or_else(|| ConnectError::Unreachable {
             device: req.device.to_string(),
             reason: "too many relayed channels in this process".into(),
         })?;
-    let leg_datagram = conn.max_datagram_size().unwrap_or(0);
+    dialer.paths.set_candidates(key, &leg.peer);
+    let leg_datagram = leg.conn.max_datagram_size().unwrap_or(0);
     debug!(relay = %relay.addr, channel, %addr, leg_datagram, "relayed channel open");
     let redial = Redial {
         dialer: dialer.clone(),
@@ -260,19 +314,14 @@ pub(crate) async fn open(
         settings: req.settings.clone(),
         relay: relay.clone(),
     };
-    let pump = tokio::spawn(pump(
-        dialer.paths.clone(),
-        key,
-        addr,
-        (conn, send, recv),
-        redial,
-    ));
+    let pump = tokio::spawn(pump(dialer.paths.clone(), key, addr, leg, redial));
     Ok(Channel {
         addr,
         relay: relay.clone(),
         key,
         paths: dialer.paths.clone(),
         pump,
+        punch: std::sync::Mutex::new(None),
     })
 }
 
@@ -289,15 +338,9 @@ struct Redial {
 
 /// Carries the relay's datagrams for `key` to quinn; when the leg drops, dials again with the
 /// same channel (until the channel is dropped, which aborts this task).
-async fn pump(
-    paths: Paths,
-    key: RouteKey,
-    addr: SocketAddr,
-    mut leg: (quinn::Connection, quinn::SendStream, quinn::RecvStream),
-    redial: Redial,
-) {
+async fn pump(paths: Paths, key: RouteKey, addr: SocketAddr, mut leg: Leg, redial: Redial) {
     loop {
-        let conn = leg.0.clone();
+        let conn = leg.conn.clone();
         while let Ok(d) = conn.read_datagram().await {
             match relay::split_tag(&d) {
                 Some((ch, _)) if ch == key.channel => {
@@ -329,9 +372,10 @@ async fn pump(
                 }
             }
         };
-        if paths.bind(key, &leg.0).is_none() {
+        if paths.bind(key, &leg.conn).is_none() {
             return;
         }
+        paths.set_candidates(key, &leg.peer);
         info!(relay = %redial.relay.addr, "relay leg back; the connection continues");
     }
 }

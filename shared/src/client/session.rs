@@ -32,6 +32,7 @@ use crate::proto::{
 use crate::sanitize::{self, Sanitize};
 use crate::secret::Secret;
 use crate::transport::Identity;
+use crate::transport::path::PathState;
 use crate::wire::{ControlClient, FrameError};
 
 /// Options shared by everything that connects.
@@ -206,6 +207,16 @@ impl Session {
     /// [`ConnectError`] (an older device answers "unknown request").
     pub async fn relays(&self) -> Result<Vec<RelayRef>, ConnectError> {
         expect!(self, self.call(&Request::GetRelays).await?, Response::Relays(r) => r)
+    }
+
+    /// The path the connection takes now: `direct`, `relayed via RELAY`, or `direct (punched)`
+    /// once a relayed connection moved onto a direct path (it falls back to the relay when that
+    /// path dies).
+    pub fn path_now(&self) -> String {
+        match self.channel.as_ref().map(|c| c.state()) {
+            Some(PathState::Direct(_)) => "direct (punched)".to_string(),
+            _ => self.path.to_string(),
+        }
     }
 
     /// The round-trip time of the connection now.

@@ -24,7 +24,7 @@ use crate::pairing::PasswordFlow;
 use crate::proto::{self, CloseCode, Hello, Welcome};
 use crate::secret::Secret;
 use crate::splice::Kill;
-use crate::transport;
+use crate::transport::{self, path::Paths, punch};
 use crate::wire::ControlServer;
 
 /// Longest client name kept (for logs); longer ones are cut.
@@ -174,6 +174,7 @@ pub(crate) async fn accept_loop(
     live: Arc<Live>,
     endpoint: quinn::Endpoint,
     relayed: Arc<quinn::ServerConfig>,
+    paths: Option<Paths>,
 ) {
     loop {
         let incoming = tokio::select! {
@@ -207,6 +208,7 @@ pub(crate) async fn accept_loop(
                 via_relay.then(|| relayed.clone()),
                 id,
                 slot,
+                paths.clone(),
             )
             .instrument(span),
         );
@@ -267,6 +269,7 @@ async fn handle(
     relayed: Option<Arc<quinn::ServerConfig>>,
     id: u64,
     slot: HandshakeSlot,
+    paths: Option<Paths>,
 ) {
     let remote = incoming.remote_address();
     let deadline = Duration::from_secs(live.config().limits.handshake_timeout_secs);
@@ -302,6 +305,19 @@ async fn handle(
         live.tasks.spawn(close_if_unpaired(conn.clone(), timeout));
     }
     live.register(id, &conn);
+    if let Some(paths) = paths
+        && welcome.user.is_some()
+        && transport::path::is_virtual(remote)
+        && live.config().transport.hole_punching
+    {
+        // A relayed client: try for a direct path (the connection stays remote either way).
+        live.tasks.spawn(punch::drive(
+            paths,
+            remote,
+            quic.clone(),
+            fingerprint.fmt_short(),
+        ));
+    }
 
     tokio::select! {
         r = control::serve(&live, &conn, control) => match r {

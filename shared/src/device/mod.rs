@@ -259,9 +259,14 @@ pub async fn run(
     live.tasks
         .spawn(reload::watch(live.clone(), stamps, opts.reload_interval));
     let relayed = Arc::new(relayed_server_config(&identity, &live.config())?);
-    for ep in &endpoints {
-        live.tasks
-            .spawn(conn::accept_loop(live.clone(), ep.clone(), relayed.clone()));
+    // Relayed clients arrive at the first endpoint, whose socket also punches direct paths.
+    for (i, ep) in endpoints.iter().enumerate() {
+        live.tasks.spawn(conn::accept_loop(
+            live.clone(),
+            ep.clone(),
+            relayed.clone(),
+            (i == 0).then(|| paths.clone()),
+        ));
     }
     start_relays(
         &live,

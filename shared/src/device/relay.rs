@@ -26,6 +26,7 @@ use crate::identity::Fingerprint;
 use crate::relay::{self, DeviceUpdate, LegHello, RelayCode, RelayEvent, TokenHash};
 use crate::state::DeviceState;
 use crate::transport::path::{Paths, RouteKey};
+use crate::transport::punch;
 use crate::transport::{self, Identity};
 
 /// One relay's state, as the ready file and the logs show it.
@@ -178,6 +179,20 @@ struct Attached {
     recv: quinn::RecvStream,
     observed: SocketAddr,
     tokens: Vec<TokenHash>,
+    target: SocketAddr,
+    candidates: Vec<SocketAddr>,
+}
+
+/// How often the device checks its reflexive address (a NAT may move it) and tells the relay.
+const CANDIDATES_REFRESH: Duration = Duration::from_secs(60);
+
+/// The candidates the device announces through `relay` (none with hole punching off).
+async fn candidates(legs: &Legs, relay: SocketAddr) -> Vec<SocketAddr> {
+    if legs.live.config().transport.hole_punching {
+        punch::own_candidates(&legs.paths, relay).await
+    } else {
+        Vec::new()
+    }
 }
 
 /// Connects to `relay` (pinned) and attaches. `Err(state)` says why not.
@@ -204,8 +219,11 @@ async fn attach(legs: &Legs, relay: &RelayRef, addr: &str) -> Result<Attached, S
         .endpoint
         .connect_with(client, target, transport::SERVER_NAME)
         .map_err(|e| format!("failed: {e}"))?;
-    let conn = tokio::time::timeout(Duration::from_secs(10), connecting)
-        .await
+    let (connected, candidates) = tokio::join!(
+        tokio::time::timeout(Duration::from_secs(10), connecting),
+        candidates(legs, target)
+    );
+    let conn = connected
         .map_err(|_| {
             "failed: no answer from the relay in 10 s (UDP blocked, or a path MTU below the 1280 \
                  bytes a relay leg needs?)"
@@ -229,6 +247,7 @@ async fn attach(legs: &Legs, relay: &RelayRef, addr: &str) -> Result<Attached, S
         version: relay::PROTOCOL_VERSION,
         device_id: config.device_id.clone(),
         tokens: tokens.clone(),
+        candidates: candidates.clone(),
     };
     write_frame(&mut send, &hello, relay::MAX_FRAME)
         .await
@@ -240,6 +259,8 @@ async fn attach(legs: &Legs, relay: &RelayRef, addr: &str) -> Result<Attached, S
             recv,
             observed,
             tokens,
+            target,
+            candidates,
         }),
         Ok(Some(RelayEvent::Refused { code })) => {
             warn!("the relay refused to attach this device: {code}");
@@ -256,35 +277,42 @@ async fn attach_once(legs: &Legs, relay: &RelayRef, addr: &str) -> Result<(), St
     let Attached {
         conn,
         mut send,
-        mut recv,
+        recv,
         observed,
         mut tokens,
+        target,
+        candidates: mut announced,
     } = attach(legs, relay, addr).await?;
-    info!(%observed, "attached to the relay");
+    info!(%observed, candidates = ?announced, "attached to the relay");
     legs.statuses.set(addr, "attached".into(), Some(observed));
 
-    // The relay's later events (channel closed) on their own task: read_frame is not cancel
-    // safe, so it is never raced against the others.
+    // The relay's later events on their own task: read_frame is not cancel safe, so it is never
+    // raced against the others.
     let relay_fp = relay.fingerprint;
-    let events = {
-        let paths = legs.paths.clone();
-        async move {
-            while let Ok(Some(ev)) = read_frame::<RelayEvent>(&mut recv, relay::MAX_FRAME).await {
-                if let RelayEvent::ChannelClosed { channel } = ev {
-                    debug!(channel, "relayed channel closed");
-                    paths.unbind(RouteKey {
-                        relay: relay_fp,
-                        channel,
-                    });
-                }
-            }
-        }
-    };
-    let events = tokio::spawn(events);
+    let events = tokio::spawn(relay_events(legs.paths.clone(), relay_fp, recv));
     let mut state_changed = legs.live.state_changed();
     let mut channels: HashMap<u64, SocketAddr> = HashMap::new();
+    // The reflexive address is re-checked on its own task: a STUN round trip must not hold up
+    // the datagrams.
+    let (found_tx, mut found) = tokio::sync::mpsc::channel::<Vec<SocketAddr>>(1);
+    let refresh = tokio::spawn(recheck_candidates(
+        legs.paths.clone(),
+        target,
+        legs.live.config().transport.hole_punching,
+        found_tx,
+    ));
     loop {
         tokio::select! {
+            Some(now) = found.recv() => {
+                if !now.is_empty() && now != announced {
+                    info!(candidates = ?now, "this device's addresses changed; telling the relay");
+                    let update = DeviceUpdate::Candidates(now.clone());
+                    if write_frame(&mut send, &update, relay::MAX_FRAME).await.is_err() {
+                        break;
+                    }
+                    announced = now;
+                }
+            }
             d = conn.read_datagram() => {
                 let Ok(d) = d else { break };
                 deliver(&legs.paths, &conn, relay_fp, &mut channels, d);
@@ -306,9 +334,50 @@ async fn attach_once(legs: &Legs, relay: &RelayRef, addr: &str) -> Result<(), St
         }
     }
     events.abort();
+    refresh.abort();
     let reason = leg_error(&conn, "leg ended");
     warn!("lost the relay: {reason}; reconnecting");
     Ok(())
+}
+
+/// The relay's events after the attach: channels that open (with the client's candidates) and
+/// close.
+async fn relay_events(paths: Paths, relay: Fingerprint, mut recv: quinn::RecvStream) {
+    while let Ok(Some(ev)) = read_frame::<RelayEvent>(&mut recv, relay::MAX_FRAME).await {
+        match ev {
+            RelayEvent::ChannelClosed { channel } => {
+                debug!(channel, "relayed channel closed");
+                paths.unbind(RouteKey { relay, channel });
+            }
+            RelayEvent::ChannelOpened { channel, peer } => {
+                debug!(channel, candidates = ?peer, "relayed channel opened");
+                paths.set_candidates(RouteKey { relay, channel }, &peer);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Every [`CANDIDATES_REFRESH`], finds the device's candidates again and hands them to `found`
+/// (nothing with hole punching off).
+async fn recheck_candidates(
+    paths: Paths,
+    relay: SocketAddr,
+    punching: bool,
+    found: tokio::sync::mpsc::Sender<Vec<SocketAddr>>,
+) {
+    if !punching {
+        return;
+    }
+    let mut every = tokio::time::interval(CANDIDATES_REFRESH);
+    every.tick().await;
+    loop {
+        every.tick().await;
+        let now = punch::own_candidates(&paths, relay).await;
+        if found.send(now).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Hands a datagram from the relay to quinn as coming from its channel's virtual address

@@ -15,6 +15,7 @@ mod hardening;
 mod negative;
 mod pairing;
 mod peers;
+mod punch;
 mod raw;
 mod relay;
 mod resilience;

@@ -100,7 +100,8 @@ impl Lab {
 }
 
 /// 256 MiB each way and ssh through a relay, between two homes behind NAT routers: the device's
-/// router admits no inbound connection, so the direct path cannot work.
+/// router admits no inbound connection, so the direct path cannot work (and hole punching is off
+/// on the device, so the connection stays relayed; `punch.rs` tests punching).
 #[test]
 fn through_two_nats_ssh_and_256_mib_each_way_are_relayed() {
     let homes = Homes::new(NatKind::Cone, NatKind::Cone, &[]);
@@ -124,7 +125,7 @@ fn through_two_nats_ssh_and_256_mib_each_way_are_relayed() {
             ("down", source.addr),
         ],
     );
-    dev.append_config("[network]\nmdns = false\n");
+    dev.append_config("[network]\nmdns = false\n[transport]\nhole_punching = false\n");
     let device_id = dev.device_id();
     relay_home.serve(&device_id, &dev.fingerprint());
     // The device reaches the relay at its address on the device's side of the internet.
@@ -346,7 +347,8 @@ fn echo_through(open: &tunnel_testkit::RunningOpen, payload: &[u8]) -> bool {
 fn relay_and_device_restarts_are_survived_without_restarting_open() {
     let echo = TestServer::echo();
     let mut lab = Lab::new(&[("echo", echo.addr)], crate::FAST_IDLE);
-    let mut open = lab.client.open("cam", &["0:echo"], &[]);
+    // On the relay throughout: it is the relay's restart that is survived.
+    let mut open = lab.client.open("cam", &["0:echo"], &["--no-punch"]);
     assert!(open.wait_path().starts_with("relayed via"));
     assert!(echo_through(&open, b"before"));
 
@@ -387,7 +389,7 @@ fn a_removed_users_live_relayed_tunnel_is_cut() {
         &[],
         Some(&lab.dev.token("bob")),
     );
-    let mut open = bob.open("cam", &["0:echo"], &[]);
+    let mut open = bob.open("cam", &["0:echo"], &["--no-punch"]);
     assert!(open.wait_path().starts_with("relayed via"));
     let mut conn = TcpStream::connect(open.local("echo")).unwrap();
     std::io::Write::write_all(&mut conn, b"hello").unwrap();
@@ -444,7 +446,11 @@ fn a_leg_needs_a_1280_byte_path() {
 #[test]
 fn the_relay_never_sees_plaintext() {
     let echo = TestServer::echo();
-    let lab = Lab::new(&[("echo", echo.addr)], "");
+    // Relayed all the way (no direct path to leave the relay for).
+    let lab = Lab::new(
+        &[("echo", echo.addr)],
+        "[transport]\nhole_punching = false\n",
+    );
     let rt = tokio::runtime::Runtime::new().unwrap();
     let imp = rt
         .block_on(Impair::start(lab.relay.addr, Impairment::none()))
@@ -575,5 +581,61 @@ fn jwts_are_checked_at_the_relay_and_on_the_device() {
         stderr(&out).contains("server-connect token"),
         "{}",
         stderr(&out)
+    );
+}
+
+/// On loopback the relayed connection punches a direct path at once: the relay stops carrying it
+/// (counted by a forwarder in front of the relay), the device still treats it as remote, and a
+/// removed user's punched tunnel is cut like any other.
+#[test]
+fn a_punched_connection_leaves_the_relay_and_stays_authorized() {
+    let echo = TestServer::echo();
+    let lab = Lab::new(&[("echo", echo.addr)], "");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let imp = rt
+        .block_on(Impair::start(lab.relay.addr, Impairment::none()))
+        .unwrap();
+    lab.pin(
+        "watched",
+        &imp.addr.to_string(),
+        Some(&lab.dev.token("alice")),
+    );
+    let mut open = lab.client.open("watched", &["0:echo"], &[]);
+    open.wait_path_is("direct (punched)", SOON);
+    // Each end moves when its own probe comes back: the device too.
+    wait_for("the device to go direct", SOON, || {
+        lab.device
+            .proc
+            .log()
+            .contains("direct path punched")
+            .then_some(())
+    });
+    let forwarded = || {
+        imp.control
+            .forwarded
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let before = forwarded();
+    let payload = vec![0x5a; 8 << 20];
+    assert!(echo_through(&open, &payload), "the echo differs");
+    let after = forwarded();
+    assert!(
+        after - before < 100,
+        "{} datagrams still went through the relay",
+        after - before
+    );
+    let log = lab.device.proc.log();
+    assert!(
+        log.contains("path=\"relayed\"") && log.contains("local=false"),
+        "a punched connection is still remote: {log}"
+    );
+    let mut conn = TcpStream::connect(open.local("echo")).unwrap();
+    std::io::Write::write_all(&mut conn, b"hello").unwrap();
+    let mut buf = [0u8; 5];
+    conn.read_exact(&mut buf).unwrap();
+    lab.dev.ok(&["user", "remove", "alice"]);
+    assert!(
+        tunnel_testkit::saw_reset(&mut conn, b"more"),
+        "the removed user's punched tunnel was not reset"
     );
 }

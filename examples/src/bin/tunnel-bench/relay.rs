@@ -291,6 +291,7 @@ pub(crate) fn scale(b: &Bench) -> anyhow::Result<Scale> {
                             version: relay::PROTOCOL_VERSION,
                             device_id: format!("sim-{i}"),
                             tokens: vec![TokenHash::of(&token)],
+                            candidates: Vec::new(),
                         },
                     )
                 })
@@ -307,6 +308,7 @@ pub(crate) fn scale(b: &Bench) -> anyhow::Result<Scale> {
                             device_id: "sim-0".into(),
                             channel: i as u64,
                             token: Some(token.clone()),
+                            candidates: Vec::new(),
                         },
                     )
                 })
