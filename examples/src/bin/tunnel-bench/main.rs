@@ -274,6 +274,7 @@ fn start_open(
     device: &str,
     forwards: &[&str],
     tag: &str,
+    extra: &[&str],
 ) -> anyhow::Result<(Child, BTreeMap<String, u16>)> {
     let ready = b.path(&format!("{tag}.ready"));
     let _ = std::fs::remove_file(&ready);
@@ -281,7 +282,8 @@ fn start_open(
     cmd.arg("--home")
         .arg(b.path("client"))
         .args(["--log-level", "warn", "open", device, "--ready-file"])
-        .arg(&ready);
+        .arg(&ready)
+        .args(extra);
     for f in forwards {
         cmd.arg("-L").arg(f);
     }
@@ -336,7 +338,13 @@ fn start_tunnel(b: &Bench, name: &str, extra_toml: &str) -> anyhow::Result<Tunne
     let home = device_home(b, name, extra_toml)?;
     let (device, device_addr) = start_device(b, &home, "127.0.0.1:0", name)?;
     pin(b, name, device_addr, &home)?;
-    let (client, ports) = start_open(b, name, &["0:iperf", "0:echo"], &format!("{name}-open"))?;
+    let (client, ports) = start_open(
+        b,
+        name,
+        &["0:iperf", "0:echo"],
+        &format!("{name}-open"),
+        &[],
+    )?;
     let t = Tunnel {
         device,
         client,
@@ -588,6 +596,9 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
     let relay = relay::start(&b)?;
     let tunnel = start_tunnel(&b, "dev", &relay.device_toml())?;
     let relayed = relay::open_relayed(&b, &relay, "dev")?;
+    eprintln!("[bench] hole punching");
+    let (punched, punch_times) = relay::punch_times(&b, b.opts.startup_samples.max(1))?;
+    report.punch = punch_times;
     report.idle = Some((rss_kib(tunnel.client.pid()), rss_kib(tunnel.device.pid())));
     let socat_port = free_port()?;
     let _socat = Child::spawn(
@@ -672,6 +683,13 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
             middle: Some(relay.child.pid()),
             parallel: 1,
         },
+        BenchPath {
+            name: "tunnel via relay, punched direct",
+            port: punched.iperf,
+            ends: Some((punched.client.pid(), tunnel.device.pid())),
+            middle: Some(relay.child.pid()),
+            parallel: 1,
+        },
     ];
 
     // --- Throughput, interleaved -------------------------------------------------------------
@@ -727,7 +745,8 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
                         device,
                         "-L",
                         &format!("{port}:echo"),
-                    ]),
+                    ])
+                    .args((device == relay::RELAYED_NAME).then_some("--no-punch")),
                 &b.path("startup.log"),
             )?;
             if let Some(d) = first_byte(port, t0) {
@@ -755,6 +774,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
     eprintln!("[bench] WAN relay");
     report.wan = wan(&b, &tunnel)?;
     drop(relayed);
+    drop(punched);
     drop(tunnel);
     drop(relay);
 
@@ -824,7 +844,7 @@ fn wan(b: &Bench, tunnel: &Tunnel) -> anyhow::Result<Wan> {
     let mut rows = Vec::new();
     let omit = if b.opts.quick { 1 } else { 2 };
     {
-        let (client, ports) = start_open(b, "wan", &["0:iperf"], "wan-open")?;
+        let (client, ports) = start_open(b, "wan", &["0:iperf"], "wan-open", &[])?;
         for (dir, reverse) in [("up", false), ("down", true)] {
             reset_peak(client.pid());
             reset_peak(tunnel.device.pid());
@@ -866,7 +886,7 @@ fn wan(b: &Bench, tunnel: &Tunnel) -> anyhow::Result<Wan> {
         s.trim().parse().ok()
     })?;
     pin(b, "wanq", SocketAddr::from(([127, 0, 0, 1], rport)), &home)?;
-    let (client, ports) = start_open(b, "wanq", &["0:iperf"], "wanq-open")?;
+    let (client, ports) = start_open(b, "wanq", &["0:iperf"], "wanq-open", &[])?;
     reset_peak(client.pid());
     reset_peak(device.pid());
     let g = iperf(ports["iperf"], b.opts.wan_secs, false, 1, omit).ok();
@@ -975,10 +995,41 @@ struct Report {
     wan: Wan,
     lossy: Option<lossy::Lossy>,
     relay_scale: Option<relay::Scale>,
+    punch: relay::PunchTimes,
     duration: Duration,
 }
 
 impl Report {
+    /// Hole punching: how soon a relayed `open` carries data and goes direct, and its
+    /// throughput once direct against a plain direct connection.
+    fn render_punch(&self, s: &mut String) {
+        s.push_str("## Hole punching\n\n");
+        s.push_str(
+            "`tunnel via relay, punched direct`: an `open` that knows the device only through the \
+             relay (no direct address), with hole punching on, so the connection starts relayed \
+             and moves to the direct path inside the client's and the device's sockets (same \
+             virtual address, no new handshake). Times from starting `open` (median (min–max) \
+             of the samples), and throughput once direct, per round, ÷ the plain direct tunnel \
+             of the same round:\n\n",
+        );
+        s.push_str("| measure | value |\n|---|---|\n");
+        s.push_str(&format!(
+            "| start → connected via the relay (ms) | {} |\n| start → direct (punched) (ms) | {} |\n",
+            fmt_stat(&self.punch.relayed, 0),
+            fmt_stat(&self.punch.direct, 0)
+        ));
+        for (rev, dir) in [(false, "up"), (true, "down")] {
+            s.push_str(&format!(
+                "| punched ÷ direct, {dir} | {} |\n",
+                fmt_stat(
+                    &self.ratio_of("tunnel via relay, punched direct", "tunnel", rev),
+                    2
+                )
+            ));
+        }
+        s.push('\n');
+    }
+
     /// The relay: its CPU per Gbit/s and peak memory in the relayed runs, and its memory per
     /// attached device and per channel.
     fn render_relay(&self, s: &mut String) {
@@ -1089,6 +1140,7 @@ impl Report {
             "wan": self.wan.rows.iter().map(|r| json!({"case": r.0, "dir": r.1, "gbps": r.2, "client_peak_kib": r.3, "device_peak_kib": r.4})).collect::<Vec<_>>(),
             "lossy": self.lossy.as_ref().map(|l| json!({"bytes": l.len, "cap_secs": l.cap_secs, "paths": lossy::PATHS, "rows": l.rows.iter().map(|(loss, c)| json!({"loss_percent": loss, "secs": c})).collect::<Vec<_>>(), "verified": l.verified})),
             "relay_scale": self.relay_scale,
+            "punch_ms": {"to_relayed": self.punch.relayed, "to_direct": self.punch.direct},
             "idle_many": self.idle_many.as_ref().map(|m| json!({"idle": m.idle, "rows": m.rows, "max_streams_per_connection": m.max_streams})),
         })
     }
@@ -1185,6 +1237,7 @@ impl Report {
         ));
         w(&mut s, "");
         self.render_relay(&mut s);
+        self.render_punch(&mut s);
         w(&mut s, "## CPU per run");
         w(&mut s, "");
         w(

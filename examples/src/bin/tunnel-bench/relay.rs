@@ -142,7 +142,14 @@ pub(crate) fn open_relayed(b: &Bench, relay: &RelayProc, device: &str) -> anyhow
         let v: Value = serde_json::from_str(s).ok()?;
         (v["relays"][0]["state"] == "attached").then_some(())
     })?;
-    let (child, ports) = start_open(b, RELAYED_NAME, &["0:iperf", "0:echo"], "relayed-open")?;
+    // Relayed for good: what the relay itself costs and carries.
+    let (child, ports) = start_open(
+        b,
+        RELAYED_NAME,
+        &["0:iperf", "0:echo"],
+        "relayed-open",
+        &["--no-punch"],
+    )?;
     wait_file(
         &b.path("relayed-open.ready"),
         Duration::from_secs(20),
@@ -159,6 +166,51 @@ pub(crate) fn open_relayed(b: &Bench, relay: &RelayProc, device: &str) -> anyhow
     };
     echo_once(r.echo).context("the relayed tunnel does not echo")?;
     Ok(r)
+}
+
+/// Milliseconds from starting `open` (relay only, punching on) to its first path, relayed, and
+/// to the direct path.
+#[derive(Debug, Default, serde::Serialize)]
+pub(crate) struct PunchTimes {
+    pub(crate) relayed: Vec<f64>,
+    pub(crate) direct: Vec<f64>,
+}
+
+/// Starts `open` through the relay with hole punching on, `samples` times, timing each up to
+/// the direct path; the last one is kept running for the throughput rounds.
+pub(crate) fn punch_times(b: &Bench, samples: usize) -> anyhow::Result<(Relayed, PunchTimes)> {
+    let mut times = PunchTimes::default();
+    let path_of = |s: &str| -> Option<String> {
+        let v: Value = serde_json::from_str(s).ok()?;
+        v["path"].as_str().map(ToString::to_string)
+    };
+    for i in 0..samples {
+        let ready = b.path("punched-open.ready");
+        let t0 = std::time::Instant::now();
+        let (child, ports) =
+            start_open(b, RELAYED_NAME, &["0:iperf", "0:echo"], "punched-open", &[])?;
+        // `start_open` returns as soon as the ready file names the forwards: the first path.
+        let connected = t0.elapsed().as_secs_f64() * 1000.0;
+        let first = wait_file(&ready, Duration::from_secs(1), |s| path_of(s))?;
+        if first.starts_with("relayed") {
+            times.relayed.push(connected);
+        }
+        wait_file(&ready, Duration::from_secs(20), |s| {
+            (path_of(s)? == "direct (punched)").then_some(())
+        })
+        .context("the relayed connection did not go direct")?;
+        times.direct.push(t0.elapsed().as_secs_f64() * 1000.0);
+        if i + 1 == samples {
+            let r = Relayed {
+                client: child,
+                iperf: ports["iperf"],
+                echo: ports["echo"],
+            };
+            echo_once(r.echo).context("the punched tunnel does not echo")?;
+            return Ok((r, times));
+        }
+    }
+    anyhow::bail!("no samples")
 }
 
 /// The relay's memory with many attached devices and open channels.

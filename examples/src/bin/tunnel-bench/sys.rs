@@ -69,7 +69,8 @@ pub(crate) fn wait_file<T>(
         if let Some(v) = std::fs::read_to_string(path).ok().and_then(|s| parse(&s)) {
             return Ok(v);
         }
-        std::thread::sleep(Duration::from_millis(20));
+        // Fine-grained so that the startup figures are not rounded up to the poll period.
+        std::thread::sleep(Duration::from_millis(2));
     }
     bail!("{} not ready after {timeout:?}", path.display())
 }
