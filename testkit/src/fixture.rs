@@ -556,6 +556,7 @@ impl RelayFixture {
                 .expect("listen")
                 .parse()
                 .expect("addr"),
+            tcp: json["tcp"][0].as_str().and_then(|a| a.parse().ok()),
             fingerprint: json["fingerprint"]
                 .as_str()
                 .expect("fingerprint")
@@ -571,6 +572,8 @@ pub struct RunningRelay {
     pub proc: Proc,
     /// Its first UDP address.
     pub addr: SocketAddr,
+    /// Its first TCP address (legs from UDP-blocked networks), if it listens on TCP.
+    pub tcp: Option<SocketAddr>,
     /// Its fingerprint.
     pub fingerprint: String,
 }
@@ -624,7 +627,13 @@ impl DeviceFixture {
             let v: serde_json::Value =
                 serde_json::from_str(&fs::read_to_string(&ready).ok()?).ok()?;
             let relays = v["relays"].as_array()?;
-            (!relays.is_empty() && relays.iter().all(|r| r["state"] == "attached")).then_some(())
+            (!relays.is_empty()
+                && relays.iter().all(|r| {
+                    r["state"]
+                        .as_str()
+                        .is_some_and(|s| s.starts_with("attached"))
+                }))
+            .then_some(())
         });
     }
 }

@@ -161,6 +161,10 @@ enum Command {
         /// measure or debug the relayed path).
         #[arg(long)]
         no_punch: bool,
+        /// How legs reach relays: auto (UDP; TLS over TCP to the same port when UDP gets no
+        /// answer within a second or cannot carry a full packet), udp, or tcp.
+        #[arg(long, value_enum, default_value_t = Via::Auto, value_name = "HOW")]
+        relay_via: Via,
     },
     /// Manage a device's users (needs a role that allows it, e.g. Owner).
     User {
@@ -176,6 +180,24 @@ enum Command {
         #[command(subcommand)]
         cmd: PairingCmd,
     },
+}
+
+/// `--relay-via`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Via {
+    Auto,
+    Udp,
+    Tcp,
+}
+
+impl From<Via> for tunnel_shared::transport::RelayVia {
+    fn from(v: Via) -> Self {
+        match v {
+            Via::Auto => Self::Auto,
+            Via::Udp => Self::Udp,
+            Via::Tcp => Self::Tcp,
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -534,9 +556,11 @@ fn dispatch(command: Command, home: ClientHome) -> Result<(), Failure> {
             connect_wait,
             drain_timeout,
             no_punch,
+            relay_via,
         } => {
             let mut opts = OpenOptions::new(home, device, forwards);
             opts.connect.transport.hole_punching = !no_punch;
+            opts.connect.transport.relay_via = relay_via.into();
             opts.ready_file = ready_file;
             opts.connect_wait = Duration::from_secs(connect_wait);
             opts.drain_timeout = Duration::from_secs(drain_timeout);

@@ -22,6 +22,10 @@ pub struct RelayConfig {
     /// UDP addresses to listen on.
     #[serde(default = "default_listen")]
     pub listen: Vec<SocketAddr>,
+    /// Also listen on TCP at each listen address (same port), for legs from networks that block
+    /// UDP (TLS 1.3, the relay's key).
+    #[serde(default = "yes")]
+    pub tcp: bool,
     /// Resource limits.
     #[serde(default)]
     pub limits: RelayLimits,
@@ -34,6 +38,10 @@ pub struct RelayConfig {
     /// The devices this relay serves.
     #[serde(default, rename = "device")]
     pub devices: Vec<RelayDevice>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_listen() -> Vec<SocketAddr> {
@@ -195,6 +203,7 @@ pub fn template(listen: &[SocketAddr]) -> String {
         "# tunnel-relay configuration. Devices are added with `tunnel-relay device add ID \
          --fingerprint FP`.\n\
          listen = [{}]\n\
+         # tcp = true                         # also TCP (TLS) on the same ports, for UDP-blocked networks\n\
          \n\
          [limits]\n\
          # max_legs = {}                    # device and client connections at once\n\

@@ -121,7 +121,10 @@ fn exit_code(e: &RelayError) -> u8 {
     match e {
         RelayError::Home(h) => home_code(h),
         RelayError::Jwt(_) => 2,
-        RelayError::Transport(_) | RelayError::AlreadyRunning(_) | RelayError::Io { .. } => 1,
+        RelayError::Transport(_)
+        | RelayError::TcpBind { .. }
+        | RelayError::AlreadyRunning(_)
+        | RelayError::Io { .. } => 1,
     }
 }
 

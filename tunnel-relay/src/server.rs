@@ -24,12 +24,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 use tunnel_core::fsutil::{self, FileStamp};
 use tunnel_core::identity::Fingerprint;
 use tunnel_core::jwt::{JwtError, JwtVerifier};
 use tunnel_core::limits::{HandshakeGate, TokenBucket, source_key};
 use tunnel_core::relay::{self, RelayCode};
+use tunnel_core::transport::tcp::{LegAcceptor, StreamSocket};
 use tunnel_core::transport::{self, Identity, TransportError};
 
 use crate::config::RelayConfig;
@@ -71,6 +72,8 @@ pub struct Ready {
     pub fingerprint: String,
     /// Bound UDP addresses.
     pub listen: Vec<SocketAddr>,
+    /// Bound TCP addresses (the same ports; empty with `tcp = false`).
+    pub tcp: Vec<SocketAddr>,
     /// Devices served.
     pub devices: usize,
 }
@@ -87,6 +90,17 @@ pub enum RelayError {
     /// The JWKS of `[jwt]`.
     #[error(transparent)]
     Jwt(#[from] JwtError),
+    /// The TCP port next to a UDP one.
+    #[error(
+        "cannot listen on TCP {addr}: {source} (the relay also listens on TCP at each UDP \
+         address, for networks that block UDP; free the port, or set tcp = false in relay.toml)"
+    )]
+    TcpBind {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
     /// Another relay uses this home.
     #[error(
         "another tunnel-relay is already running with home '{path}' (it holds run.lock); stop \
@@ -243,16 +257,23 @@ pub async fn run(
     } else {
         opts.listen.clone()
     };
-    let (endpoints, bound) = bind(&identity, &config, &listen)?;
+    let Bound {
+        endpoints,
+        udp: bound,
+        tcp,
+    } = bind(&identity, &config, &listen)?;
+    let tcp_bound = tcp.bound.clone();
     let ready = Ready {
         pid: std::process::id(),
         fingerprint: identity.fingerprint().to_string(),
         listen: bound.clone(),
+        tcp: tcp_bound.clone(),
         devices: config.devices.len(),
     };
     info!(
         fingerprint = %identity.fingerprint(),
         listen = ?bound,
+        tcp = ?tcp_bound,
         devices = config.devices.len(),
         jwt = config.jwt.is_some(),
         "tunnel-relay is listening"
@@ -280,6 +301,7 @@ pub async fn run(
     for ep in &endpoints {
         relay.tasks.spawn(accept_loop(relay.clone(), ep.clone()));
     }
+    tcp.spawn(&relay);
     watch(&relay, &home, stamp, opts.reload_interval).await;
     info!("shutting down");
     stop(&relay, &endpoints).await;
@@ -325,12 +347,45 @@ async fn watch(relay: &Relay, home: &RelayHome, mut stamp: Option<FileStamp>, ev
     }
 }
 
-/// One server endpoint per listen address (legs get datagrams and their MTU bound).
+/// What [`bind`] made: the QUIC endpoints (UDP, and one over TCP streams per TCP listener), and
+/// the TCP listeners with the sockets their streams join.
+struct Bound {
+    endpoints: Vec<quinn::Endpoint>,
+    udp: Vec<SocketAddr>,
+    tcp: TcpLegs,
+}
+
+/// The TCP side: listeners, the sockets their streams join, their addresses, the TLS acceptor.
+struct TcpLegs {
+    listeners: Vec<(tokio::net::TcpListener, Arc<StreamSocket>)>,
+    bound: Vec<SocketAddr>,
+    acceptor: Arc<LegAcceptor>,
+}
+
+impl TcpLegs {
+    /// One accept loop per listener, on the relay's tasks.
+    fn spawn(self, relay: &Arc<Relay>) {
+        for (listener, socket) in self.listeners {
+            relay.tasks.spawn(tcp_accept_loop(
+                relay.clone(),
+                listener,
+                socket,
+                self.acceptor.clone(),
+            ));
+        }
+    }
+}
+
+/// Times a `:0` listen address is rebound when its UDP port is taken on TCP.
+const TCP_PORT_TRIES: usize = 8;
+
+/// One server endpoint per listen address (legs get datagrams and their MTU bound), and with
+/// `tcp` a TCP listener on the same address and port.
 fn bind(
     identity: &Identity,
     config: &RelayConfig,
     listen: &[SocketAddr],
-) -> Result<(Vec<quinn::Endpoint>, Vec<SocketAddr>), RelayError> {
+) -> Result<Bound, RelayError> {
     let mut server = transport::server_config(
         identity,
         relay::ALPN,
@@ -342,24 +397,101 @@ fn bind(
         &config.transport,
         1,
     )));
-    let mut endpoints = Vec::new();
-    let mut bound = Vec::new();
+    let mut out = Bound {
+        endpoints: Vec::new(),
+        udp: Vec::new(),
+        tcp: TcpLegs {
+            listeners: Vec::new(),
+            bound: Vec::new(),
+            acceptor: Arc::new(LegAcceptor::new(identity)?),
+        },
+    };
     for addr in listen {
-        let ep = transport::relay_endpoint(
-            *addr,
-            identity.secret_key(),
-            server.clone(),
-            &config.transport,
-        )?;
-        bound.push(ep.local_addr().map_err(|source| {
-            RelayError::Transport(TransportError::Bind {
-                addr: *addr,
-                source,
-            })
-        })?);
-        endpoints.push(ep);
+        let mut tries = 0;
+        loop {
+            let ep = transport::relay_endpoint(
+                *addr,
+                identity.secret_key(),
+                server.clone(),
+                &config.transport,
+            )?;
+            let local = ep.local_addr().map_err(|source| {
+                RelayError::Transport(TransportError::Bind {
+                    addr: *addr,
+                    source,
+                })
+            })?;
+            if !config.tcp {
+                out.endpoints.push(ep);
+                out.udp.push(local);
+                break;
+            }
+            match bind_tcp(local) {
+                Ok(listener) => {
+                    let (tcp_ep, socket) = transport::stream_server_endpoint(
+                        local,
+                        identity.secret_key(),
+                        server.clone(),
+                    )?;
+                    out.endpoints.push(ep);
+                    out.endpoints.push(tcp_ep);
+                    out.udp.push(local);
+                    out.tcp.bound.push(local);
+                    out.tcp.listeners.push((listener, socket));
+                    break;
+                }
+                Err(_) if addr.port() == 0 && tries < TCP_PORT_TRIES => tries += 1,
+                Err(source) => {
+                    return Err(RelayError::TcpBind {
+                        addr: local,
+                        source,
+                    });
+                }
+            }
+        }
     }
-    Ok((endpoints, bound))
+    Ok(out)
+}
+
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let l = std::net::TcpListener::bind(addr)?;
+    l.set_nonblocking(true)?;
+    tokio::net::TcpListener::from_std(l)
+}
+
+/// Accepts TCP legs on `listener` until shutdown: the leg cap and the source's failure limiter
+/// first, then TLS (bounded in flight and in time), then the stream joins `socket`, whose QUIC
+/// endpoint runs the same leg code as UDP.
+async fn tcp_accept_loop(
+    relay: Arc<Relay>,
+    listener: tokio::net::TcpListener,
+    socket: Arc<StreamSocket>,
+    acceptor: Arc<LegAcceptor>,
+) {
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors, most likely: wait instead of spinning.
+                    warn!("cannot accept a TCP leg: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = relay.shutdown.cancelled() => return,
+        };
+        let config = relay.config();
+        let full =
+            socket.stream_count() >= usize::try_from(config.limits.max_legs).unwrap_or(usize::MAX);
+        if full || !relay.may_try(peer.ip()) {
+            continue;
+        }
+        let timeout = Duration::from_secs(config.limits.handshake_timeout_secs);
+        if !acceptor.accept(&socket, tcp, peer, timeout) {
+            debug!(%peer, "too many TLS handshakes in flight: TCP leg closed");
+        }
+    }
 }
 
 fn write_ready(path: &std::path::Path, ready: &Ready) -> std::io::Result<()> {

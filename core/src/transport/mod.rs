@@ -7,11 +7,13 @@
 //! (the caller's), 0-RTT off. Everything that speaks QUIC in the project builds its configs and
 //! endpoints here: device and client (ALPN `tunnel/1`) and, later, the relay and its legs.
 
+pub mod leg;
 pub mod path;
 pub mod punch;
 pub mod reflect;
 pub mod settings;
 pub mod socket;
+pub mod tcp;
 pub mod verify;
 
 use std::net::SocketAddr;
@@ -24,7 +26,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
 use crate::identity::{Fingerprint, SecretKey};
 use crate::limits::{Gate, HandshakeGate, HandshakeLimits};
-pub use settings::{Congestion, SettingsError, TransportSettings};
+pub use settings::{Congestion, RelayVia, SettingsError, TransportSettings};
 pub use socket::bind_udp;
 use verify::provider;
 pub use verify::{
@@ -231,17 +233,7 @@ pub fn server_config(
     max_streams: u32,
     max_handshakes: u32,
 ) -> Result<quinn::ServerConfig, TransportError> {
-    let provider = provider();
-    let verifier = ClientKeyVerifier::new();
-    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .map_err(|e| TransportError::Tls(e.to_string()))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(identity.cert_chain(), identity.private_key())
-        .map_err(|e| TransportError::Tls(e.to_string()))?;
-    tls.alpn_protocols = vec![alpn.to_vec()];
-    tls.max_early_data_size = 0;
-    tls.send_half_rtt_data = false;
+    let tls = server_tls_config(identity, alpn)?;
     let quic = QuicServerConfig::try_from(tls).map_err(|e| TransportError::Tls(e.to_string()))?;
     let mut cfg = quinn::ServerConfig::with_crypto(Arc::new(quic));
     cfg.transport_config(Arc::new(transport_config(settings, max_streams)));
@@ -253,6 +245,27 @@ pub fn server_config(
         .incoming_buffer_size(64 * 1024)
         .incoming_buffer_size_total(4 * 1024 * 1024);
     Ok(cfg)
+}
+
+/// The rustls half of [`server_config`]: TLS 1.3, `identity`'s key, a client key required (any,
+/// identified by its fingerprint), one ALPN, no early data. Also the TLS of TCP legs.
+///
+/// # Errors
+/// [`TransportError::Tls`].
+pub fn server_tls_config(
+    identity: &Identity,
+    alpn: &[u8],
+) -> Result<rustls::ServerConfig, TransportError> {
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TransportError::Tls(e.to_string()))?
+        .with_client_cert_verifier(ClientKeyVerifier::new())
+        .with_single_cert(identity.cert_chain(), identity.private_key())
+        .map_err(|e| TransportError::Tls(e.to_string()))?;
+    tls.alpn_protocols = vec![alpn.to_vec()];
+    tls.max_early_data_size = 0;
+    tls.send_half_rtt_data = false;
+    Ok(tls)
 }
 
 /// A quinn client configuration speaking `alpn` that pins `expected` (`None`: trust on first use),
@@ -332,6 +345,30 @@ pub fn relay_endpoint(
         Arc::new(quinn::TokioRuntime),
     )
     .map_err(|source| TransportError::Bind { addr, source })
+}
+
+/// A relay's endpoint for legs over TCP ([`tcp`]): a [`tcp::StreamSocket`] reporting `local`
+/// (the TCP listener's address), to which the caller adds each accepted TLS stream.
+///
+/// # Errors
+/// [`TransportError::Bind`].
+pub fn stream_server_endpoint(
+    local: SocketAddr,
+    key: &SecretKey,
+    server: quinn::ServerConfig,
+) -> Result<(Endpoint, Arc<tcp::StreamSocket>), TransportError> {
+    let socket = tcp::StreamSocket::new(local);
+    let ep = Endpoint::new_with_abstract_socket(
+        endpoint_config(Some(Arc::new(reset_key(key)))),
+        Some(server),
+        socket.clone(),
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| TransportError::Bind {
+        addr: local,
+        source,
+    })?;
+    Ok((ep, socket))
 }
 
 /// The stateless-reset key of a server, derived from its key (a restarted server resets its old

@@ -27,6 +27,22 @@ pub struct TransportSettings {
     /// Move relayed connections onto a direct path when both ends can reach each other through
     /// their NATs (hole punching). Either end turning it off keeps its connections relayed.
     pub hole_punching: bool,
+    /// How legs reach relays: `auto` (UDP, and TLS over TCP to the same port where UDP gets no
+    /// answer or cannot carry a full packet), `udp`, or `tcp`.
+    pub relay_via: RelayVia,
+}
+
+/// How legs reach relays (`[transport] relay_via`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayVia {
+    /// UDP, and TCP where UDP gets no answer within a second ([`super::leg::UDP_HEAD_START`]) or its path is too small.
+    #[default]
+    Auto,
+    /// UDP only.
+    Udp,
+    /// TCP (TLS 1.3) only: for networks known to block UDP.
+    Tcp,
 }
 
 /// A QUIC congestion controller.
@@ -51,6 +67,7 @@ impl Default for TransportSettings {
             socket_buffer: 4 * 1024 * 1024,
             congestion: Congestion::Bbr,
             hole_punching: true,
+            relay_via: RelayVia::Auto,
         }
     }
 }

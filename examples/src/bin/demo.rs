@@ -255,7 +255,11 @@ async fn wait_attached(ready_file: &std::path::Path) -> anyhow::Result<()> {
         let text = std::fs::read_to_string(ready_file).unwrap_or_default();
         let attached = serde_json::from_str::<serde_json::Value>(&text)
             .ok()
-            .and_then(|v| v["relays"][0]["state"].as_str().map(|s| s == "attached"))
+            .and_then(|v| {
+                v["relays"][0]["state"]
+                    .as_str()
+                    .map(|s| s.starts_with("attached"))
+            })
             .unwrap_or(false);
         if attached {
             return Ok(());

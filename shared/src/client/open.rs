@@ -504,7 +504,7 @@ fn connected(
     opts: &OpenOptions,
     status: &Status,
 ) -> String {
-    let path = session.path.to_string();
+    let path = session.path_now();
     info!(
         device = %device.name,
         addr = %session.addr,

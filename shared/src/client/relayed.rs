@@ -11,6 +11,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::task::JoinHandle;
@@ -21,12 +22,10 @@ use crate::config::{RelayRef, TransportSettings};
 use crate::framed::{read_frame, write_frame};
 use crate::relay::{self, LegHello, RelayCode, RelayEvent};
 use crate::secret::Secret;
+use crate::transport::leg::{self, LegDial, LegPath};
 use crate::transport::path::{PathState, Paths, RouteKey};
 use crate::transport::punch;
-use crate::transport::{self, Identity, TransportError};
-
-/// How long a leg may take to reach a datagram size that carries inner packets.
-const MTU_WAIT: Duration = Duration::from_secs(3);
+use crate::transport::{self, Identity, RelayVia, TransportError};
 
 /// The client's sockets: one endpoint for its connections to devices (direct, or relayed
 /// behind virtual addresses) and one for its legs to relays.
@@ -88,6 +87,7 @@ pub struct Channel {
     paths: Paths,
     pump: JoinHandle<()>,
     punch: std::sync::Mutex<Option<JoinHandle<()>>>,
+    over_tcp: Arc<AtomicBool>,
 }
 
 impl Drop for Channel {
@@ -119,6 +119,11 @@ impl Channel {
         }
     }
 
+    /// Whether its leg rides TCP now (UDP to the relay blocked or too small).
+    pub fn over_tcp(&self) -> bool {
+        self.over_tcp.load(Ordering::Relaxed)
+    }
+
     /// The path the connection takes now (relayed, or direct to a punched address).
     pub fn state(&self) -> PathState {
         self.paths.state(self.addr).unwrap_or(PathState::Relayed)
@@ -146,46 +151,52 @@ async fn dial(
         .into_iter()
         .next()
         .ok_or_else(|| failed("no address".into()))?;
-    let (mut cfg, observed) = transport::client_config(
-        req.identity,
-        relay::ALPN,
-        Some(relay.fingerprint),
-        req.settings,
-    )
-    .map_err(|e| failed(e.to_string()))?;
-    cfg.transport_config(Arc::new(transport::leg_transport_config(req.settings, 0)));
-    let connecting = dialer
-        .legs
-        .connect_with(cfg, target, transport::SERVER_NAME)
-        .map_err(|e| failed(e.to_string()))?;
-    // The reflexive address of the socket that would carry a direct path, found while the leg
-    // connects.
-    let (connected, candidates) = tokio::join!(connecting, async {
-        if req.settings.hole_punching {
-            punch::own_candidates(&dialer.paths, target).await
-        } else {
-            Vec::new()
-        }
-    });
-    let conn = connected.map_err(|e| {
-        let seen = observed.lock().ok().and_then(|g| *g);
-        match seen.filter(|fp| *fp != relay.fingerprint) {
-            Some(actual) => failed(format!(
-                "the relay presented key {actual}, not the pinned {}; nothing was sent",
-                relay.fingerprint
-            )),
+    let settings = req.settings;
+    let dial = LegDial {
+        udp: &dialer.legs,
+        identity: req.identity,
+        relay: relay.fingerprint,
+        target,
+        settings,
+    };
+    let mut via = settings.relay_via;
+    // Why UDP was given up after it connected (then TCP is tried).
+    let mut udp_too_small: Option<String> = None;
+    loop {
+        // The reflexive address of the socket that would carry a direct path, found while the
+        // leg connects.
+        let (connected, candidates) = tokio::join!(leg::connect(&dial, via), async {
+            if settings.hole_punching {
+                punch::own_candidates(&dialer.paths, target).await
+            } else {
+                Vec::new()
+            }
+        });
+        let (conn, path) = connected.map_err(|e| match &udp_too_small {
+            Some(mtu) => failed(format!("{mtu}; and over TCP: {e}")),
             None => failed(e.to_string()),
+        })?;
+        let (send, recv, peer) = ask(&conn, req, &name, channel, candidates).await?;
+        match leg::wait_for_mtu(&conn).await {
+            Ok(()) => {
+                debug!(relay = %name, %path, "leg connected");
+                return Ok(Leg {
+                    conn,
+                    _control: (send, recv),
+                    peer,
+                    path,
+                });
+            }
+            // A UDP path too small for a full inner packet: the same leg over TCP.
+            Err(e) if via == RelayVia::Auto && path == LegPath::Udp => {
+                info!(relay = %name, "{e}; trying TCP");
+                via = RelayVia::Tcp;
+                udp_too_small = Some(e);
+            }
+            Err(e) => return Err(failed(e)),
         }
-    })?;
-    let (send, recv, peer) = ask(&conn, req, &name, channel, candidates).await?;
-    wait_for_mtu(&conn).await.map_err(failed)?;
-    Ok(Leg {
-        conn,
-        _control: (send, recv),
-        peer,
-    })
+    }
 }
-
 /// A leg with its channel open: the connection, its control stream, and the device's candidate
 /// addresses the relay passed on.
 struct Leg {
@@ -193,6 +204,8 @@ struct Leg {
     /// The control stream, held open for the channel's life.
     _control: (quinn::SendStream, quinn::RecvStream),
     peer: Vec<SocketAddr>,
+    /// What the leg rides on.
+    path: LegPath,
 }
 
 /// Sends `Connect` on the leg and reads the relay's answer.
@@ -236,42 +249,6 @@ async fn ask(
     }
 }
 
-/// Proves that the leg's path carries datagrams that hold an inner packet (≥ 1200 bytes) and
-/// its tag: a probe of exactly that size must come back from the relay. (The leg starts at the
-/// size of a 1280-byte path, so on a smaller one the probe is lost, not refused.)
-async fn wait_for_mtu(conn: &quinn::Connection) -> Result<(), String> {
-    let deadline = tokio::time::Instant::now() + MTU_WAIT;
-    let mut probe = relay::tag(relay::PROBE_CHANNEL).to_vec();
-    probe.resize(relay::MIN_LEG_DATAGRAM, 0);
-    let probe = bytes::Bytes::from(probe);
-    loop {
-        let size = conn.max_datagram_size().unwrap_or(0);
-        if size >= relay::MIN_LEG_DATAGRAM && conn.send_datagram(probe.clone()).is_ok() {
-            let echo = tokio::time::timeout(Duration::from_millis(300), async {
-                while let Ok(d) = conn.read_datagram().await {
-                    if d == probe {
-                        return true;
-                    }
-                }
-                false
-            });
-            if echo.await == Ok(true) {
-                return Ok(());
-            }
-        } else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        if tokio::time::Instant::now() >= deadline {
-            conn.close(RelayCode::NORMAL.to_varint(), b"path MTU too small");
-            return Err(format!(
-                "the path to the relay does not carry {}-byte datagrams (the leg's limit is now \
-                 {size}); relaying needs them, which takes a path MTU of at least 1280 bytes",
-                relay::MIN_LEG_DATAGRAM
-            ));
-        }
-    }
-}
-
 /// Opens a channel to the device through `relay`.
 ///
 /// # Errors
@@ -297,7 +274,7 @@ pub(crate) async fn open(
         })?;
     dialer.paths.set_candidates(key, &leg.peer);
     let leg_datagram = leg.conn.max_datagram_size().unwrap_or(0);
-    debug!(relay = %relay.addr, channel, %addr, leg_datagram, "relayed channel open");
+    debug!(relay = %relay.addr, channel, %addr, leg_datagram, over = %leg.path, "relayed channel open");
     let redial = Redial {
         dialer: dialer.clone(),
         device: req.device.to_string(),
@@ -314,9 +291,18 @@ pub(crate) async fn open(
         settings: req.settings.clone(),
         relay: relay.clone(),
     };
-    let pump = tokio::spawn(pump(dialer.paths.clone(), key, addr, leg, redial));
+    let over_tcp = Arc::new(AtomicBool::new(leg.path == LegPath::Tcp));
+    let pump = tokio::spawn(pump(
+        dialer.paths.clone(),
+        key,
+        addr,
+        leg,
+        redial,
+        over_tcp.clone(),
+    ));
     Ok(Channel {
         addr,
+        over_tcp,
         relay: relay.clone(),
         key,
         paths: dialer.paths.clone(),
@@ -338,8 +324,16 @@ struct Redial {
 
 /// Carries the relay's datagrams for `key` to quinn; when the leg drops, dials again with the
 /// same channel (until the channel is dropped, which aborts this task).
-async fn pump(paths: Paths, key: RouteKey, addr: SocketAddr, mut leg: Leg, redial: Redial) {
+async fn pump(
+    paths: Paths,
+    key: RouteKey,
+    addr: SocketAddr,
+    mut leg: Leg,
+    redial: Redial,
+    over_tcp: Arc<AtomicBool>,
+) {
     loop {
+        over_tcp.store(leg.path == LegPath::Tcp, Ordering::Relaxed);
         let conn = leg.conn.clone();
         while let Ok(d) = conn.read_datagram().await {
             match relay::split_tag(&d) {

@@ -209,12 +209,13 @@ impl Session {
         expect!(self, self.call(&Request::GetRelays).await?, Response::Relays(r) => r)
     }
 
-    /// The path the connection takes now: `direct`, `relayed via RELAY`, or `direct (punched)`
-    /// once a relayed connection moved onto a direct path (it falls back to the relay when that
-    /// path dies).
+    /// The path the connection takes now: `direct`, `relayed via RELAY` (`… over TCP` when
+    /// the leg to the relay rides TCP), or `direct (punched)` once a relayed connection moved
+    /// onto a direct path (it falls back to the relay when that path dies).
     pub fn path_now(&self) -> String {
-        match self.channel.as_ref().map(|c| c.state()) {
-            Some(PathState::Direct(_)) => "direct (punched)".to_string(),
+        match self.channel.as_ref() {
+            Some(c) if matches!(c.state(), PathState::Direct(_)) => "direct (punched)".to_string(),
+            Some(c) if c.over_tcp() => format!("{} over TCP", self.path),
             _ => self.path.to_string(),
         }
     }

@@ -25,9 +25,10 @@ use crate::framed::{read_frame, write_frame};
 use crate::identity::Fingerprint;
 use crate::relay::{self, DeviceUpdate, LegHello, RelayCode, RelayEvent, TokenHash};
 use crate::state::DeviceState;
+use crate::transport::leg::{self, LegDial, LegError, LegPath};
 use crate::transport::path::{Paths, RouteKey};
 use crate::transport::punch;
-use crate::transport::{self, Identity};
+use crate::transport::{Identity, RelayVia};
 
 /// One relay's state, as the ready file and the logs show it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -181,6 +182,7 @@ struct Attached {
     tokens: Vec<TokenHash>,
     target: SocketAddr,
     candidates: Vec<SocketAddr>,
+    path: LegPath,
 }
 
 /// How often the device checks its reflexive address (a NAT may move it) and tells the relay.
@@ -196,7 +198,12 @@ async fn candidates(legs: &Legs, relay: SocketAddr) -> Vec<SocketAddr> {
 }
 
 /// Connects to `relay` (pinned) and attaches. `Err(state)` says why not.
-async fn attach(legs: &Legs, relay: &RelayRef, addr: &str) -> Result<Attached, String> {
+async fn attach(
+    legs: &Legs,
+    relay: &RelayRef,
+    addr: &str,
+    via: RelayVia,
+) -> Result<Attached, String> {
     let target = relay
         .addr
         .resolve()
@@ -207,40 +214,23 @@ async fn attach(legs: &Legs, relay: &RelayRef, addr: &str) -> Result<Attached, S
         .ok_or_else(|| format!("failed: {addr} has no address"))?;
     let config = legs.live.config();
     let settings = &config.transport;
-    let (mut client, observed_key) = transport::client_config(
-        &legs.identity,
-        relay::ALPN,
-        Some(relay.fingerprint),
+    let dial = LegDial {
+        udp: &legs.endpoint,
+        identity: &legs.identity,
+        relay: relay.fingerprint,
+        target,
         settings,
-    )
-    .map_err(|e| format!("failed: {e}"))?;
-    client.transport_config(Arc::new(transport::leg_transport_config(settings, 0)));
-    let connecting = legs
-        .endpoint
-        .connect_with(client, target, transport::SERVER_NAME)
-        .map_err(|e| format!("failed: {e}"))?;
-    let (connected, candidates) = tokio::join!(
-        tokio::time::timeout(Duration::from_secs(10), connecting),
-        candidates(legs, target)
-    );
-    let conn = connected
-        .map_err(|_| {
-            "failed: no answer from the relay in 10 s (UDP blocked, or a path MTU below the 1280 \
-                 bytes a relay leg needs?)"
-                .to_string()
-        })?
-        .map_err(|e| {
-            let seen = observed_key.lock().ok().and_then(|g| *g);
-            match seen.filter(|fp| *fp != relay.fingerprint) {
-                Some(actual) => format!(
-                    "refused: the relay presented key {}, not the pinned {}; check the \
-                     fingerprint in device.toml",
-                    actual.fmt_short(),
-                    relay.fingerprint.fmt_short()
-                ),
-                None => format!("failed: {e}"),
-            }
-        })?;
+    };
+    let (connected, candidates) = tokio::join!(leg::connect(&dial, via), candidates(legs, target));
+    let (conn, path) = connected.map_err(|e| match e {
+        LegError::WrongKey { actual, expected } => format!(
+            "refused: the relay presented key {}, not the pinned {}; check the fingerprint in \
+             device.toml",
+            actual.fmt_short(),
+            expected.fmt_short()
+        ),
+        LegError::Failed(e) => format!("failed: {e}"),
+    })?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("failed: {e}"))?;
     let tokens = token_hashes(&legs.live.state());
     let hello = LegHello::Attach {
@@ -261,6 +251,7 @@ async fn attach(legs: &Legs, relay: &RelayRef, addr: &str) -> Result<Attached, S
             tokens,
             target,
             candidates,
+            path,
         }),
         Ok(Some(RelayEvent::Refused { code })) => {
             warn!("the relay refused to attach this device: {code}");
@@ -268,6 +259,30 @@ async fn attach(legs: &Legs, relay: &RelayRef, addr: &str) -> Result<Attached, S
         }
         Ok(_) => Err("failed: unexpected answer".into()),
         Err(e) => Err(format!("failed: {}", leg_error(&conn, &e.to_string()))),
+    }
+}
+
+/// [`attach`], then the proof that the leg carries full inner packets; a UDP leg that does not
+/// is attached again over TCP (with `relay_via = "auto"`).
+async fn attach_checked(legs: &Legs, relay: &RelayRef, addr: &str) -> Result<Attached, String> {
+    let mut via = legs.live.config().transport.relay_via;
+    let mut udp_too_small: Option<String> = None;
+    loop {
+        let attached = attach(legs, relay, addr, via)
+            .await
+            .map_err(|e| match &udp_too_small {
+                Some(mtu) => format!("{e} (over UDP: {mtu})"),
+                None => e,
+            })?;
+        match leg::wait_for_mtu(&attached.conn).await {
+            Ok(()) => return Ok(attached),
+            Err(e) if via == RelayVia::Auto && attached.path == LegPath::Udp => {
+                info!("{e}; attaching over TCP");
+                via = RelayVia::Tcp;
+                udp_too_small = Some(e);
+            }
+            Err(e) => return Err(format!("failed: {e}")),
+        }
     }
 }
 
@@ -282,9 +297,14 @@ async fn attach_once(legs: &Legs, relay: &RelayRef, addr: &str) -> Result<(), St
         mut tokens,
         target,
         candidates: mut announced,
-    } = attach(legs, relay, addr).await?;
-    info!(%observed, candidates = ?announced, "attached to the relay");
-    legs.statuses.set(addr, "attached".into(), Some(observed));
+        path,
+    } = attach_checked(legs, relay, addr).await?;
+    info!(%observed, candidates = ?announced, over = %path, "attached to the relay");
+    let state = match path {
+        LegPath::Udp => "attached",
+        LegPath::Tcp => "attached over TCP",
+    };
+    legs.statuses.set(addr, state.into(), Some(observed));
 
     // The relay's later events on their own task: read_frame is not cancel safe, so it is never
     // raced against the others.

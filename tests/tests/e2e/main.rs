@@ -11,6 +11,7 @@
 
 mod basic;
 mod cli;
+mod fallback;
 mod hardening;
 mod negative;
 mod pairing;

@@ -403,7 +403,9 @@ fn a_removed_users_live_relayed_tunnel_is_cut() {
 }
 
 /// A leg needs a path that carries 1208-byte datagrams (an inner QUIC packet and its tag): a
-/// 1280-byte path MTU works, a smaller one fails with an error that says so.
+/// 1280-byte path MTU works, a smaller one fails with an error that says so (the TCP fallback
+/// it then tries finds nothing at the proxy's port), and once TCP reaches the relay at that
+/// port the same leg goes over TCP instead.
 #[test]
 fn a_leg_needs_a_1280_byte_path() {
     let echo = TestServer::echo();
@@ -439,6 +441,25 @@ fn a_leg_needs_a_1280_byte_path() {
     let (out, _imp) = through(1172, "mtu1200");
     assert!(!out.status.success());
     assert!(stderr(&out).contains("1280"), "{}", stderr(&out));
+    // The small path again, now with TCP to the relay at the proxy's port: the leg takes TCP.
+    let (_, imp) = through(1230, "mtu1258-tcp");
+    let relay_tcp = lab.relay.tcp.expect("the relay listens on TCP");
+    let listener = std::net::TcpListener::bind(imp.addr).expect("TCP on the proxy's port");
+    std::thread::spawn(move || {
+        for inbound in listener.incoming().flatten() {
+            let Ok(outbound) = TcpStream::connect(relay_tcp) else {
+                continue;
+            };
+            let (mut ri, mut wo) = (inbound.try_clone().unwrap(), outbound.try_clone().unwrap());
+            std::thread::spawn(move || std::io::copy(&mut ri, &mut wo));
+            let (mut ro, mut wi) = (outbound, inbound);
+            std::thread::spawn(move || std::io::copy(&mut ro, &mut wi));
+        }
+    });
+    let mut open = lab.client.open("mtu1258-tcp", &["0:echo"], &[]);
+    let path = open.wait_path();
+    assert!(path.ends_with(" over TCP"), "{path}");
+    assert!(echo_through(&open, &[7u8; 100_000]), "the echo differs");
 }
 
 /// What the relay forwards is ciphertext: a marker the client sends many times over never

@@ -140,7 +140,10 @@ pub(crate) fn open_relayed(b: &Bench, relay: &RelayProc, device: &str) -> anyhow
     // The device attaches once the relay has reloaded relay.toml (its first try may be early).
     wait_file(&ready_path, Duration::from_secs(30), |s| {
         let v: Value = serde_json::from_str(s).ok()?;
-        (v["relays"][0]["state"] == "attached").then_some(())
+        v["relays"][0]["state"]
+            .as_str()?
+            .starts_with("attached")
+            .then_some(())
     })?;
     // Relayed for good: what the relay itself costs and carries.
     let (child, ports) = start_open(
