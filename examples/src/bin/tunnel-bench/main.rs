@@ -596,6 +596,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
     let relay = relay::start(&b)?;
     let tunnel = start_tunnel(&b, "dev", &relay.device_toml())?;
     let relayed = relay::open_relayed(&b, &relay, "dev")?;
+    let over_tcp = relay::open_relayed_tcp(&b)?;
     eprintln!("[bench] hole punching");
     let (punched, punch_times) = relay::punch_times(&b, b.opts.startup_samples.max(1))?;
     report.punch = punch_times;
@@ -680,6 +681,13 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
             name: "tunnel via relay",
             port: relayed.iperf,
             ends: Some((relayed.client.pid(), tunnel.device.pid())),
+            middle: Some(relay.child.pid()),
+            parallel: 1,
+        },
+        BenchPath {
+            name: "tunnel via relay, client leg over TCP",
+            port: over_tcp.iperf,
+            ends: Some((over_tcp.client.pid(), tunnel.device.pid())),
             middle: Some(relay.child.pid()),
             parallel: 1,
         },
@@ -774,6 +782,7 @@ fn run(opts: &Opts) -> anyhow::Result<()> {
     eprintln!("[bench] WAN relay");
     report.wan = wan(&b, &tunnel)?;
     drop(relayed);
+    drop(over_tcp);
     drop(punched);
     drop(tunnel);
     drop(relay);
@@ -1212,6 +1221,7 @@ impl Report {
             "ssh -L (default cipher), 8 streams",
             "tunnel, 8 streams",
             "tunnel via relay",
+            "tunnel via relay, client leg over TCP",
         ] {
             s.push_str(&format!(
                 "| {name} | {} | {} |\n",
@@ -1234,6 +1244,12 @@ impl Report {
             "| tunnel via relay ÷ tunnel (direct) | {} | {} |\n",
             fmt_stat(&self.ratio_of("tunnel via relay", "tunnel", false), 2),
             fmt_stat(&self.ratio_of("tunnel via relay", "tunnel", true), 2)
+        ));
+        let tcp = "tunnel via relay, client leg over TCP";
+        s.push_str(&format!(
+            "| {tcp} ÷ ssh -L (default cipher) | {} | {} |\n",
+            fmt_stat(&self.ratio_of(tcp, "ssh -L (default cipher)", false), 2),
+            fmt_stat(&self.ratio_of(tcp, "ssh -L (default cipher)", true), 2)
         ));
         w(&mut s, "");
         self.render_relay(&mut s);

@@ -146,15 +146,20 @@ pub(crate) fn open_relayed(b: &Bench, relay: &RelayProc, device: &str) -> anyhow
             .then_some(())
     })?;
     // Relayed for good: what the relay itself costs and carries.
-    let (child, ports) = start_open(
-        b,
-        RELAYED_NAME,
-        &["0:iperf", "0:echo"],
-        "relayed-open",
-        &["--no-punch"],
-    )?;
+    open_through(b, "relayed-open", &["--no-punch"])
+}
+
+/// A relayed `open` whose leg to the relay rides TLS over TCP (a client on a network that
+/// blocks UDP); the device's leg stays UDP.
+pub(crate) fn open_relayed_tcp(b: &Bench) -> anyhow::Result<Relayed> {
+    open_through(b, "tcp-open", &["--no-punch", "--relay-via", "tcp"])
+}
+
+/// Starts `open` through the relay (tagged `tag`, with `extra` flags) and checks it echoes.
+fn open_through(b: &Bench, tag: &str, extra: &[&str]) -> anyhow::Result<Relayed> {
+    let (child, ports) = start_open(b, RELAYED_NAME, &["0:iperf", "0:echo"], tag, extra)?;
     wait_file(
-        &b.path("relayed-open.ready"),
+        &b.path(&format!("{tag}.ready")),
         Duration::from_secs(20),
         |s| {
             let v: Value = serde_json::from_str(s).ok()?;
