@@ -233,8 +233,8 @@ async fn dial_relayed(
         .map_err(|_| ConnectError::Unreachable {
             device: target.name.to_string(),
             reason: format!(
-                "via relay {}: no answer within {:?} (UDP blocked, or a path MTU below the 1280 \
-                 bytes a relay leg needs?)",
+                "via relay {}: no answer within {:?} over UDP or TCP (is the relay running, \
+                 and its port open to this network?)",
                 relay.addr, opts.timeout
             ),
         })??;
