@@ -168,7 +168,19 @@ pub enum RelayEvent {
         /// The channel.
         channel: u64,
     },
+    /// To a client: the device is attached to another relay of the fleet; connect there (with
+    /// the same channel and token). The leg is closed after this. The client trusts the
+    /// fingerprint because the relay that sent it is pinned.
+    Redirect {
+        /// Where the other relay listens (`host:port`).
+        addr: String,
+        /// Its key.
+        fingerprint: crate::identity::Fingerprint,
+    },
 }
+
+/// Redirects a client follows for one channel at most (a loop between relays ends there).
+pub const MAX_REDIRECTS: usize = 2;
 
 /// Why a relay refused a leg: stable numbers, also used as QUIC close codes of legs.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -197,6 +209,8 @@ impl RelayCode {
     pub const SHUTDOWN: Self = Self(9);
     /// Another leg attached the same device (the newest wins).
     pub const REPLACED: Self = Self(10);
+    /// The device is not attached here and the fleet's registry cannot be reached to find it.
+    pub const REGISTRY_UNAVAILABLE: Self = Self(11);
 
     /// What it means, for people.
     pub fn describe(self) -> &'static str {
@@ -212,6 +226,10 @@ impl RelayCode {
             Self::PROTOCOL => "protocol error (another version, or a malformed frame)",
             Self::SHUTDOWN => "the relay is shutting down",
             Self::REPLACED => "another connection attached the same device",
+            Self::REGISTRY_UNAVAILABLE => {
+                "the device is not attached to this relay, and the relay cannot reach its fleet's \
+                 registry to find where it is"
+            }
             _ => "unknown reason",
         }
     }

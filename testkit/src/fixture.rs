@@ -611,6 +611,49 @@ impl DeviceFixture {
             .to_string()
     }
 
+    /// The relays' `(addr, state)` in the device's ready file (empty before it is written).
+    pub fn relay_states(&self) -> Vec<(String, String)> {
+        let name = self
+            .home
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        let ready = self.logs.join(format!("{name}.ready"));
+        let Some(v) = fs::read_to_string(&ready)
+            .ok()
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+        else {
+            return Vec::new();
+        };
+        v["relays"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .map(|r| {
+                        (
+                            r["addr"].as_str().unwrap_or_default().to_string(),
+                            r["state"].as_str().unwrap_or_default().to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Waits until the device is attached to the relay at `addr` (as its ready file says).
+    pub fn wait_attached_to(&self, device: &mut RunningDevice, addr: &str) {
+        crate::wait_for(&format!("the device to attach to {addr}"), SOON, || {
+            if let Some(st) = device.proc.try_status() {
+                panic!("tunnel-device exited with {st}: {}", device.proc.log());
+            }
+            self.relay_states()
+                .iter()
+                .any(|(a, s)| a == addr && s.starts_with("attached"))
+                .then_some(())
+        });
+    }
+
     /// Waits until the running device's ready file says every relay is attached.
     pub fn wait_attached(&self, device: &mut RunningDevice) {
         let name = self

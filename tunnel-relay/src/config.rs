@@ -38,6 +38,35 @@ pub struct RelayConfig {
     /// The devices this relay serves.
     #[serde(default, rename = "device")]
     pub devices: Vec<RelayDevice>,
+    /// A fleet of relays sharing a registry in Redis (none: this relay alone, in memory).
+    #[serde(default)]
+    pub fleet: Option<FleetConfig>,
+}
+
+/// `[fleet]`: relays that share a registry of which relay each device is attached to, so a
+/// client that asks one relay for a device attached to another is redirected there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetConfig {
+    /// The Redis URL (`redis://[:PASSWORD@]HOST:PORT[/DB]`, or `rediss://` for TLS); secret,
+    /// since it may hold a password.
+    pub redis: tunnel_core::secret::Secret,
+    /// Where clients redirected to this relay reach it (`host:port`, its public address).
+    pub advertise: String,
+    /// Seconds a registry entry lives unless refreshed (refreshed every third of it).
+    #[serde(default = "default_ttl")]
+    pub ttl_secs: u64,
+    /// Prefix of the registry's keys (several fleets may share one Redis).
+    #[serde(default = "default_prefix")]
+    pub prefix: String,
+}
+
+fn default_ttl() -> u64 {
+    30
+}
+
+fn default_prefix() -> String {
+    "tunnel-relay".into()
 }
 
 fn yes() -> bool {
@@ -176,6 +205,27 @@ impl RelayConfig {
                 "limits.handshake_timeout_secs must be 1-300".into(),
             ));
         }
+        if let Some(f) = &self.fleet {
+            if !(6..=3600).contains(&f.ttl_secs) {
+                return Err(ConfigError("fleet.ttl_secs must be 6-3600".into()));
+            }
+            if f.advertise
+                .rsplit_once(':')
+                .is_none_or(|(h, p)| h.is_empty() || p.parse::<u16>().is_err())
+            {
+                return Err(ConfigError(
+                    "fleet.advertise must be HOST:PORT, the address clients reach this relay at"
+                        .into(),
+                ));
+            }
+            if !(f.redis.expose().starts_with("redis://")
+                || f.redis.expose().starts_with("rediss://"))
+            {
+                return Err(ConfigError(
+                    "fleet.redis must be a redis:// or rediss:// URL".into(),
+                ));
+            }
+        }
         let mut seen = std::collections::HashSet::new();
         for d in &self.devices {
             check_device_id(&d.id)?;
@@ -214,6 +264,11 @@ pub fn template(listen: &[SocketAddr]) -> String {
          # max_handshakes_per_source = {}\n\
          # max_handshakes = {}\n\
          # failed_connects_burst = {}         # then failed_connects_per_minute = {}\n\
+         \n\
+         # [fleet]                            # several relays sharing a registry (docs/RELAY.md)\n\
+         # redis = \"redis://127.0.0.1:6379/\"\n\
+         # advertise = \"relay-1.example.net:5593\" # where clients redirected here reach this relay\n\
+         # ttl_secs = 30\n\
          \n\
          # [jwt]                              # accept JWTs of an identity provider besides tokens\n\
          # jwks = \"jwks.json\"                 # relative to this file\n\

@@ -230,9 +230,10 @@ async fn serve_device(
         return;
     }
     info!(device = %device_id, "device attached");
+    announce(relay, &hub);
     relay
         .tasks
-        .spawn(read_updates(hub.clone(), conn.clone(), recv));
+        .spawn(read_updates(relay.clone(), hub.clone(), conn.clone(), recv));
     let mut routes = DeviceRoutes::new();
     loop {
         tokio::select! {
@@ -249,6 +250,16 @@ async fn serve_device(
         }
     }
     hub.detach(leg_id);
+    if hub.device().is_none()
+        && let Some(r) = relay.registry.clone()
+    {
+        let id = device_id.clone();
+        relay.tasks.spawn(async move {
+            if let Err(e) = r.withdraw(&id).await {
+                debug!(device = %id, "cannot withdraw the device from the registry: {e}");
+            }
+        });
+    }
     relay.forget_if_idle(&hub);
     info!(device = %device_id, reason = %close_reason(&conn), "device detached");
 }
@@ -273,12 +284,36 @@ fn attach_refusal(
 }
 
 /// The device's later frames on its control stream: token updates, applied at once.
-async fn read_updates(hub: Arc<Hub>, conn: quinn::Connection, mut recv: quinn::RecvStream) {
+/// Tells the fleet's registry (if any) that `hub`'s device is attached here, with its tokens;
+/// on its own task, so a slow registry never holds up a leg.
+fn announce(relay: &Arc<Relay>, hub: &Arc<Hub>) {
+    let Some(r) = relay.registry.clone() else {
+        return;
+    };
+    let hub = hub.clone();
+    relay.tasks.spawn(async move {
+        if let Err(e) = r.announce(&hub.id, &hub.tokens()).await {
+            warn!(
+                device = %hub.id,
+                "cannot record the device in the fleet's registry ({e}); it is served here, but \
+                 other relays cannot redirect clients to it"
+            );
+        }
+    });
+}
+
+async fn read_updates(
+    relay: Arc<Relay>,
+    hub: Arc<Hub>,
+    conn: quinn::Connection,
+    mut recv: quinn::RecvStream,
+) {
     loop {
         match tunnel_core::framed::read_frame::<DeviceUpdate>(&mut recv, MAX_FRAME).await {
             Ok(Some(DeviceUpdate::Tokens(t))) if t.len() <= MAX_TOKENS => {
                 debug!(tokens = t.len(), "tokens updated");
                 hub.set_tokens(t);
+                announce(&relay, &hub);
             }
             Ok(Some(DeviceUpdate::Candidates(c))) if c.len() <= MAX_CANDIDATES => {
                 debug!(candidates = ?c, "candidates updated");
@@ -298,26 +333,71 @@ fn close_reason(conn: &quinn::Connection) -> String {
         .map_or_else(|| "-".to_string(), |r| r.to_string())
 }
 
-/// Whether `token` may reach the device: its hash is one the device uploaded, or it is a JWT
-/// valid for the device.
-fn token_ok(relay: &Relay, hub: &Hub, token: Option<&tunnel_core::secret::Secret>) -> bool {
+/// Whether `token` may reach `device_id`: its hash is one of `tokens` (what the device
+/// uploaded), or it is a JWT valid for the device.
+fn token_ok(
+    relay: &Relay,
+    device_id: &str,
+    tokens: &[TokenHash],
+    token: Option<&tunnel_core::secret::Secret>,
+) -> bool {
     let Some(token) = token else {
         return false;
     };
     if jwt::looks_like_jwt(token.expose()) {
         let verifier = relay.jwt.read().ok().and_then(|j| j.clone());
         return match verifier {
-            Some(v) => match v.verify(token.expose(), &hub.id, unix_now()) {
+            Some(v) => match v.verify(token.expose(), device_id, unix_now()) {
                 Ok(_) => true,
                 Err(e) => {
-                    info!(device = %hub.id, "JWT refused: {e}");
+                    info!(device = %device_id, "JWT refused: {e}");
                     false
                 }
             },
             None => false,
         };
     }
-    TokenHash::of(token).is_in(hub.tokens().iter())
+    TokenHash::of(token).is_in(tokens.iter())
+}
+
+/// A client asks for a device not attached here: with a fleet, the registry says where it is;
+/// the token is checked against the hashes there before the client learns anything, then the
+/// client is sent to that relay. `Err` is the refusal.
+async fn redirect(
+    relay: &Relay,
+    device_id: &str,
+    token: Option<&tunnel_core::secret::Secret>,
+    source: IpAddr,
+) -> Result<RelayEvent, RelayCode> {
+    let Some(registry) = &relay.registry else {
+        info!(device = %device_id, "connect refused: the device is not attached");
+        return Err(RelayCode::DEVICE_OFFLINE);
+    };
+    let entry = match registry.lookup(device_id).await {
+        Ok(Some(e)) if e.relay != registry.me() => e,
+        Ok(_) => {
+            info!(device = %device_id, "connect refused: the device is not attached here or elsewhere in the fleet");
+            return Err(RelayCode::DEVICE_OFFLINE);
+        }
+        Err(e) => {
+            warn!(
+                device = %device_id,
+                "connect refused: the device is not attached here, and the fleet's registry \
+                 cannot be asked where it is: {e}"
+            );
+            return Err(RelayCode::REGISTRY_UNAVAILABLE);
+        }
+    };
+    if !token_ok(relay, device_id, &entry.tokens, token) {
+        relay.failed(source);
+        info!(device = %device_id, "connect refused: token rejected (checked against the registry)");
+        return Err(RelayCode::TOKEN_REJECTED);
+    }
+    info!(device = %device_id, to = %entry.addr, "client redirected to the relay the device is attached to");
+    Ok(RelayEvent::Redirect {
+        addr: entry.addr,
+        fingerprint: entry.relay,
+    })
 }
 
 async fn serve_client(
@@ -350,10 +430,20 @@ async fn serve_client(
         return refuse_with(&conn, &mut send, RelayCode::UNKNOWN_DEVICE).await;
     }
     let Some(hub) = relay.hub(device_id).filter(|h| h.device().is_some()) else {
-        info!(device = %device_id, "connect refused: the device is not attached");
-        return refuse_with(&conn, &mut send, RelayCode::DEVICE_OFFLINE).await;
+        match redirect(relay, device_id, token, source).await {
+            Ok(to) => {
+                if answer(&mut send, &to).await {
+                    let _ = send.finish();
+                    // Let the answer reach the client before the leg closes.
+                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+                }
+                conn.close(RelayCode::NORMAL.to_varint(), b"redirected");
+            }
+            Err(code) => refuse_with(&conn, &mut send, code).await,
+        }
+        return;
     };
-    if !token_ok(relay, &hub, token) {
+    if !token_ok(relay, device_id, &hub.tokens(), token) {
         relay.failed(source);
         info!(device = %device_id, presented = token.is_some(), "connect refused: token rejected");
         return refuse_with(&conn, &mut send, RelayCode::TOKEN_REJECTED).await;

@@ -15,6 +15,7 @@
 //! | `hub` | IO | one device's meeting point: its leg, its clients' channels, token hashes, forwarding |
 //! | [`server`] | IO | [`run`]: endpoints, reload, counters, shutdown |
 //! | `leg` | IO | one leg: the handshake gate, the first frame, a device's attachment or a client's channel |
+//! | `registry` | IO | `[fleet]`: the Redis registry (device id → relay, token hashes, TTL) behind redirects |
 //!
 //! This crate depends on `tunnel-core` only (codec, identity, transport, limits, the leg
 //! protocol): never on device, IAM or pairing code.
@@ -31,6 +32,7 @@ pub mod config;
 pub mod home;
 mod hub;
 mod leg;
+mod registry;
 pub mod server;
 
 pub use server::{Ready, RelayError, RunOptions, run};

@@ -120,7 +120,7 @@ fn home_code(e: &HomeError) -> u8 {
 fn exit_code(e: &RelayError) -> u8 {
     match e {
         RelayError::Home(h) => home_code(h),
-        RelayError::Jwt(_) => 2,
+        RelayError::Jwt(_) | RelayError::Fleet(_) => 2,
         RelayError::Transport(_)
         | RelayError::TcpBind { .. }
         | RelayError::AlreadyRunning(_)

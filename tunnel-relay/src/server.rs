@@ -37,6 +37,7 @@ use crate::config::RelayConfig;
 use crate::home::{HomeError, RelayHome};
 use crate::hub::{Counters, Hub};
 use crate::leg::accept_loop;
+use crate::registry::Registry;
 
 /// Options of [`run`].
 #[derive(Debug, Clone)]
@@ -90,6 +91,9 @@ pub enum RelayError {
     /// The JWKS of `[jwt]`.
     #[error(transparent)]
     Jwt(#[from] JwtError),
+    /// `[fleet]` cannot be used.
+    #[error("[fleet] in relay.toml: {0}")]
+    Fleet(String),
     /// The TCP port next to a UDP one.
     #[error(
         "cannot listen on TCP {addr}: {source} (the relay also listens on TCP at each UDP \
@@ -143,6 +147,8 @@ pub(crate) struct Relay {
     pub(crate) counters: Counters,
     pub(crate) shutdown: CancellationToken,
     pub(crate) tasks: TaskTracker,
+    /// The fleet's registry (`[fleet]`), or none: this relay alone.
+    pub(crate) registry: Option<Arc<Registry>>,
 }
 
 impl Relay {
@@ -250,8 +256,14 @@ pub async fn run(
         })?
         .ok_or_else(|| RelayError::AlreadyRunning(home.dir().to_owned()))?;
     let jwt = load_jwt(&home, &config)?;
-    let _ = fsutil::raise_open_file_limit();
     let identity = Identity::new(key)?;
+    let registry = config
+        .fleet
+        .as_ref()
+        .map(|f| Registry::new(f, identity.fingerprint()).map(Arc::new))
+        .transpose()
+        .map_err(RelayError::Fleet)?;
+    let _ = fsutil::raise_open_file_limit();
     let listen = if opts.listen.is_empty() {
         config.listen.clone()
     } else {
@@ -290,6 +302,7 @@ pub async fn run(
         counters: Counters::default(),
         shutdown: shutdown.clone(),
         tasks: TaskTracker::new(),
+        registry,
     });
     if let Some(path) = &opts.ready_file {
         write_ready(path, &ready).map_err(|source| RelayError::Io {
@@ -298,10 +311,7 @@ pub async fn run(
         })?;
     }
     on_ready(&ready);
-    for ep in &endpoints {
-        relay.tasks.spawn(accept_loop(relay.clone(), ep.clone()));
-    }
-    tcp.spawn(&relay);
+    start_tasks(&relay, &endpoints, tcp);
     watch(&relay, &home, stamp, opts.reload_interval).await;
     info!("shutting down");
     stop(&relay, &endpoints).await;
@@ -311,6 +321,64 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
+}
+
+/// The relay's long-running tasks: an accept loop per endpoint and per TCP listener, and the
+/// registry's refresh.
+fn start_tasks(relay: &Arc<Relay>, endpoints: &[quinn::Endpoint], tcp: TcpLegs) {
+    for ep in endpoints {
+        relay.tasks.spawn(accept_loop(relay.clone(), ep.clone()));
+    }
+    tcp.spawn(relay);
+    if let Some(r) = &relay.registry {
+        relay
+            .tasks
+            .spawn(refresh_registry(relay.clone(), r.clone()));
+    }
+}
+
+/// Until shutdown: re-announces every attached device to the fleet's registry every third of
+/// the TTL, so entries of a live relay never expire and a dead relay's do.
+async fn refresh_registry(relay: Arc<Relay>, registry: Arc<Registry>) {
+    let mut tick = tokio::time::interval(registry.refresh_every());
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = relay.shutdown.cancelled() => return,
+        }
+        let hubs: Vec<Arc<Hub>> = relay
+            .hubs
+            .lock()
+            .map(|h| {
+                h.values()
+                    .filter(|h| h.device().is_some())
+                    .cloned()
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut result = Ok(());
+        for hub in hubs {
+            result = registry.announce(&hub.id, &hub.tokens()).await;
+            if result.is_err() {
+                break;
+            }
+        }
+        match result {
+            Err(e) if !failing => {
+                failing = true;
+                warn!(
+                    "cannot refresh the fleet's registry ({e}); attached devices are still \
+                     served here, but other relays cannot redirect clients to them"
+                );
+            }
+            Ok(()) if failing => {
+                failing = false;
+                info!("the fleet's registry is reachable again");
+            }
+            _ => {}
+        }
+    }
 }
 
 /// The shutdown order: stop accepting, close every leg, wait (bounded) for the endpoints and the

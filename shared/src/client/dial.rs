@@ -249,7 +249,7 @@ async fn dial_relayed(
     )
     .await?;
     session.path = SessionPath::Relayed {
-        relay: relay.addr.to_string(),
+        relay: channel.relay.addr.to_string(),
     };
     if opts.transport.hole_punching {
         channel.punch(&session.conn, target.name);

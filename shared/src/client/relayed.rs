@@ -81,7 +81,8 @@ pub(crate) struct Request<'a> {
 pub struct Channel {
     /// The virtual address the end-to-end connection uses.
     pub addr: SocketAddr,
-    /// The relay it goes through.
+    /// The relay it went through when opened (the one asked, or the one that relay redirected
+    /// to).
     pub relay: RelayRef,
     key: RouteKey,
     paths: Paths,
@@ -138,6 +139,33 @@ async fn dial(
     relay: &RelayRef,
     channel: u64,
 ) -> Result<Leg, ConnectError> {
+    let mut at = relay.clone();
+    for _ in 0..=relay::MAX_REDIRECTS {
+        match dial_one(dialer, req, &at, channel).await? {
+            Ok(leg) => return Ok(leg),
+            Err(next) => {
+                info!(from = %at.addr, to = %next.addr, "the relay sent this client to another relay of its fleet");
+                at = next;
+            }
+        }
+    }
+    Err(ConnectError::Unreachable {
+        device: req.device.to_string(),
+        reason: format!(
+            "via relay {}: more than {} redirects between relays",
+            relay.addr,
+            relay::MAX_REDIRECTS
+        ),
+    })
+}
+
+/// One relay: its leg and its answer, `Ok(Err(next))` when it redirects to another relay.
+async fn dial_one(
+    dialer: &Dialer,
+    req: &Request<'_>,
+    relay: &RelayRef,
+    channel: u64,
+) -> Result<Result<Leg, RelayRef>, ConnectError> {
     let name = relay.addr.to_string();
     let failed = |reason: String| ConnectError::Unreachable {
         device: req.device.to_string(),
@@ -176,16 +204,20 @@ async fn dial(
             Some(mtu) => failed(format!("{mtu}; and over TCP: {e}")),
             None => failed(e.to_string()),
         })?;
-        let (send, recv, peer) = ask(&conn, req, &name, channel, candidates).await?;
+        let (send, recv, peer) = match ask(&conn, req, &name, channel, candidates).await? {
+            Answer::Connected(send, recv, peer) => (send, recv, peer),
+            Answer::Redirect(next) => return Ok(Err(next)),
+        };
         match leg::wait_for_mtu(&conn).await {
             Ok(()) => {
                 debug!(relay = %name, %path, "leg connected");
-                return Ok(Leg {
+                return Ok(Ok(Leg {
                     conn,
                     _control: (send, recv),
                     peer,
                     path,
-                });
+                    at: relay.clone(),
+                }));
             }
             // A UDP path too small for a full inner packet: the same leg over TCP.
             Err(e) if via == RelayVia::Auto && path == LegPath::Udp => {
@@ -206,6 +238,16 @@ struct Leg {
     peer: Vec<SocketAddr>,
     /// What the leg rides on.
     path: LegPath,
+    /// The relay it reached (another than the one asked when that one redirected).
+    at: RelayRef,
+}
+
+/// What a relay said to `Connect`.
+enum Answer {
+    /// The channel is open: the control stream, and the device's candidates.
+    Connected(quinn::SendStream, quinn::RecvStream, Vec<SocketAddr>),
+    /// The device is attached to this other relay of the fleet.
+    Redirect(RelayRef),
 }
 
 /// Sends `Connect` on the leg and reads the relay's answer.
@@ -215,7 +257,7 @@ async fn ask(
     name: &str,
     channel: u64,
     candidates: Vec<SocketAddr>,
-) -> Result<(quinn::SendStream, quinn::RecvStream, Vec<SocketAddr>), ConnectError> {
+) -> Result<Answer, ConnectError> {
     let failed = |reason: String| ConnectError::Unreachable {
         device: req.device.to_string(),
         reason: format!("via relay {name}: {reason}"),
@@ -237,7 +279,11 @@ async fn ask(
         .await
         .map_err(|e| failed(e.to_string()))?;
     match read_frame::<RelayEvent>(&mut recv, relay::MAX_FRAME).await {
-        Ok(Some(RelayEvent::Connected { peer, .. })) => Ok((send, recv, peer)),
+        Ok(Some(RelayEvent::Connected { peer, .. })) => Ok(Answer::Connected(send, recv, peer)),
+        Ok(Some(RelayEvent::Redirect { addr, fingerprint })) => match addr.parse() {
+            Ok(addr) => Ok(Answer::Redirect(RelayRef { addr, fingerprint })),
+            Err(e) => Err(failed(format!("the relay redirected to '{addr}': {e}"))),
+        },
         Ok(Some(RelayEvent::Refused { code })) => Err(refused(code)),
         Ok(_) => Err(failed("unexpected answer".into())),
         Err(e) => Err(match conn.close_reason() {
@@ -292,6 +338,7 @@ pub(crate) async fn open(
         relay: relay.clone(),
     };
     let over_tcp = Arc::new(AtomicBool::new(leg.path == LegPath::Tcp));
+    let at = leg.at.clone();
     let pump = tokio::spawn(pump(
         dialer.paths.clone(),
         key,
@@ -303,7 +350,7 @@ pub(crate) async fn open(
     Ok(Channel {
         addr,
         over_tcp,
-        relay: relay.clone(),
+        relay: at,
         key,
         paths: dialer.paths.clone(),
         pump,

@@ -131,6 +131,20 @@ pub struct NetworkSettings {
     pub mdns: bool,
     /// Addresses put into pairing strings (default: this host's addresses and the listen port).
     pub advertise: Vec<HostPort>,
+    /// Attach to every `[[relay]]` (`all`), or to one at a time in list order, moving to the
+    /// next when it is lost (`one`: the relays of a fleet, which redirect clients to it).
+    pub relay_attach: RelayAttach,
+}
+
+/// How a device uses its relays.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RelayAttach {
+    /// Every relay at once: each is an independent way in.
+    #[default]
+    All,
+    /// One at a time (a fleet sharing a registry): the first that works, the next when lost.
+    One,
 }
 
 impl Default for NetworkSettings {
@@ -141,6 +155,7 @@ impl Default for NetworkSettings {
             local_networks: Vec::new(),
             mdns: true,
             advertise: Vec::new(),
+            relay_attach: RelayAttach::All,
         }
     }
 }

@@ -12,8 +12,8 @@ pub mod values;
 use std::path::{Path, PathBuf};
 
 pub use device::{
-    Congestion, DEFAULT_PORT, DeviceConfig, Limits, NetworkSettings, ServiceConfig, ServiceSpec,
-    TransportSettings, add_relay_to_toml, add_service_to_toml, remove_relay_from_toml,
+    Congestion, DEFAULT_PORT, DeviceConfig, Limits, NetworkSettings, RelayAttach, ServiceConfig,
+    ServiceSpec, TransportSettings, add_relay_to_toml, add_service_to_toml, remove_relay_from_toml,
     remove_service_from_toml, set_name_in_toml,
 };
 pub use values::{Host, HostPort, IpNet, RelayRef, check_id, is_private};

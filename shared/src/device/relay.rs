@@ -20,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 use super::live::Live;
-use crate::config::RelayRef;
+use crate::config::{RelayAttach, RelayRef};
 use crate::framed::{read_frame, write_frame};
 use crate::identity::Fingerprint;
 use crate::relay::{self, DeviceUpdate, LegHello, RelayCode, RelayEvent, TokenHash};
@@ -107,8 +107,44 @@ pub(crate) struct Legs {
 /// `device.toml` changes, until shutdown.
 pub(crate) async fn supervise(legs: Arc<Legs>, mut config_changed: watch::Receiver<u64>) {
     let mut running: HashMap<(String, Fingerprint), CancellationToken> = HashMap::new();
+    // With `relay_attach = "one"`: the list being worked through, and its task.
+    let mut one: Option<(Vec<RelayRef>, CancellationToken)> = None;
     loop {
-        let wanted: Vec<RelayRef> = legs.live.config().relays.clone();
+        let config = legs.live.config();
+        let wanted: Vec<RelayRef> = config.relays.clone();
+        let single = config.network.relay_attach == RelayAttach::One;
+        if (!single || one.as_ref().is_some_and(|(list, _)| *list != wanted))
+            && let Some((list, stop)) = one.take()
+        {
+            stop.cancel();
+            for r in list {
+                legs.statuses.remove(&r.addr.to_string());
+            }
+        }
+        if single {
+            for ((addr, _), stop) in running.drain() {
+                stop.cancel();
+                legs.statuses.remove(&addr);
+            }
+            if one.is_none() && !wanted.is_empty() {
+                let stop = legs.live.shutdown.child_token();
+                for r in &wanted {
+                    legs.statuses
+                        .set(&r.addr.to_string(), "standby".into(), None);
+                }
+                legs.live.tasks.spawn(keep_attached_one(
+                    legs.clone(),
+                    wanted.clone(),
+                    stop.clone(),
+                ));
+                one = Some((wanted, stop));
+            }
+            tokio::select! {
+                r = config_changed.changed() => if r.is_err() { return },
+                () = legs.live.shutdown.cancelled() => return,
+            }
+            continue;
+        }
         running.retain(|(addr, fp), stop| {
             let keep = wanted
                 .iter()
@@ -169,6 +205,47 @@ async fn keep_attached(legs: Arc<Legs>, relay: RelayRef, stop: CancellationToken
             () = stop.cancelled() => return,
         }
         legs.statuses.set(&addr, "connecting".into(), None);
+    }
+}
+
+/// Attaches to one of `relays` at a time, in list order: the first that works, and when its leg
+/// is lost, the next (a relay that died is skipped at once; the fleet's registry tells clients
+/// where the device went). A full round of failures backs off (200 ms doubling to 30 s).
+async fn keep_attached_one(legs: Arc<Legs>, relays: Vec<RelayRef>, stop: CancellationToken) {
+    let mut backoff = Duration::from_millis(200);
+    for i in 0.. {
+        let Some(relay) = relays.get(i % relays.len().max(1)) else {
+            return;
+        };
+        let addr = relay.addr.to_string();
+        legs.statuses.set(&addr, "connecting".into(), None);
+        let span = info_span!("relay", addr = %relay.addr);
+        let outcome = tokio::select! {
+            r = attach_once(&legs, relay, &addr).instrument(span) => r,
+            () = stop.cancelled() => return,
+        };
+        let wait = match outcome {
+            Ok(()) => {
+                backoff = Duration::from_millis(200);
+                legs.statuses.set(&addr, "standby".into(), None);
+                Duration::ZERO
+            }
+            Err(state) => {
+                legs.statuses.set(&addr, state, None);
+                if (i + 1) % relays.len() == 0 {
+                    let w = backoff;
+                    backoff = (backoff * 2).min(Duration::from_secs(30));
+                    w
+                } else {
+                    Duration::ZERO
+                }
+            }
+        };
+        let jitter = Duration::from_millis(rand::random::<u64>() % 200);
+        tokio::select! {
+            () = tokio::time::sleep(wait + jitter) => {}
+            () = stop.cancelled() => return,
+        }
     }
 }
 

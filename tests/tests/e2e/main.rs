@@ -12,6 +12,7 @@
 mod basic;
 mod cli;
 mod fallback;
+mod fleet;
 mod hardening;
 mod negative;
 mod pairing;
