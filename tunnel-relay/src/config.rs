@@ -368,11 +368,35 @@ mod tests {
     }
 
     #[test]
+    fn a_fleet_parses_and_its_url_stays_out_of_debug() {
+        let c = RelayConfig::from_toml(
+            "[fleet]\nredis = \"redis://:hunter2@10.0.0.5:6379/\"\nadvertise = \"r1.example.net:5593\"\n",
+        )
+        .unwrap();
+        let f = c.fleet.as_ref().unwrap();
+        assert_eq!((f.ttl_secs, f.prefix.as_str()), (30, "tunnel-relay"));
+        assert!(c.tcp, "TCP is on by default");
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+
+    #[test]
     fn invalid_files_say_why() {
         let f = fp(9).to_string();
         let cases = [
             ("listen = []\n", "at least one"),
             ("bogus = 1\n", "unknown field"),
+            (
+                "[fleet]\nredis = \"redis://h:6379/\"\nadvertise = \"h\"\n",
+                "fleet.advertise must be HOST:PORT",
+            ),
+            (
+                "[fleet]\nredis = \"http://h/\"\nadvertise = \"h:1\"\n",
+                "redis:// or rediss://",
+            ),
+            (
+                "[fleet]\nredis = \"redis://h/\"\nadvertise = \"h:1\"\nttl_secs = 1\n",
+                "ttl_secs must be 6-3600",
+            ),
             (
                 &format!("[[device]]\nid = \"a b\"\nfingerprint = \"{f}\"\n") as &str,
                 "must be 1-64",

@@ -67,6 +67,20 @@ impl Redis {
         line.trim_end().to_string()
     }
 
+    /// `GET key`: the value, or `None` (nil or unreachable).
+    fn get(&self, key: &str) -> Option<String> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        s.write_all(format!("GET {key}\r\n").as_bytes()).ok()?;
+        let mut r = BufReader::new(s);
+        let mut head = String::new();
+        r.read_line(&mut head).ok()?;
+        head.strip_prefix('$')?.trim().parse::<usize>().ok()?;
+        let mut value = String::new();
+        r.read_line(&mut value).ok()?;
+        Some(value.trim_end().to_string())
+    }
+
     fn stop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -138,12 +152,17 @@ fn a_fleet_redirects_to_the_relay_that_has_the_device_and_survives_a_relay_and_r
     dev.add_user("alice", &client.fingerprint(), "Owner");
     let mut device = dev.start();
     dev.wait_attached_to(&mut device, &addr_b);
-    // B recorded it in the registry, under B's key.
-    wait_for("B's registry entry", SOON, || {
-        let v = redis.command(&format!("GET tunnel-relay:device:{device_id}"));
-        // A bulk string answer starts with its length: `$N`.
-        v.starts_with('$').then_some(())
-    });
+    // B recorded it in the registry, under B's key, with the token's hash (never the token).
+    let key = format!("tunnel-relay:device:{device_id}");
+    let entry = wait_for("B's registry entry", SOON, || redis.get(&key));
+    assert!(
+        entry.contains(&relay_b.fingerprint) && entry.contains(&addr_b),
+        "{entry}"
+    );
+    assert!(
+        !entry.contains(&dev.token("alice")),
+        "a token in the registry: {entry}"
+    );
 
     // The client knows only relay A.
     client.pin_relayed(
@@ -184,6 +203,9 @@ fn a_fleet_redirects_to_the_relay_that_has_the_device_and_survives_a_relay_and_r
     // B dies: the device moves to A, and the same `open` carries data again.
     drop(relay_b);
     dev.wait_attached_to(&mut device, &addr_a);
+    wait_for("A's registry entry", SOON, || {
+        redis.get(&key).filter(|e| e.contains(&relay_a.fingerprint))
+    });
     wait_for("the open to recover after B died", SOON, || {
         echo_ok(&open).then_some(())
     });
