@@ -45,8 +45,9 @@ impl std::fmt::Display for LegPath {
 /// How long a UDP handshake runs alone before TCP is tried alongside.
 pub const UDP_HEAD_START: Duration = Duration::from_secs(1);
 
-/// How long either handshake may take.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long either handshake may take (below the client's 10 s connect timeout, so the leg's
+/// own, more precise error is the one reported).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(8);
 
 /// How long [`wait_for_mtu`] tries.
 pub const MTU_WAIT: Duration = Duration::from_secs(3);

@@ -234,7 +234,8 @@ async fn dial_relayed(
             device: target.name.to_string(),
             reason: format!(
                 "via relay {}: no answer within {:?} over UDP or TCP (is the relay running, \
-                 and its port open to this network?)",
+                 and its port open to this network? A relay leg also needs a path MTU of at \
+                 least 1280 bytes)",
                 relay.addr, opts.timeout
             ),
         })??;
