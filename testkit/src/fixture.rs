@@ -641,42 +641,33 @@ impl DeviceFixture {
             .unwrap_or_default()
     }
 
-    /// Waits until the device is attached to the relay at `addr` (as its ready file says).
-    pub fn wait_attached_to(&self, device: &mut RunningDevice, addr: &str) {
-        crate::wait_for(&format!("the device to attach to {addr}"), SOON, || {
+    /// Waits until the device's relays, as its ready file lists them, satisfy `done`.
+    fn wait_relays(
+        &self,
+        device: &mut RunningDevice,
+        what: &str,
+        done: impl Fn(&[(String, String)]) -> bool,
+    ) {
+        crate::wait_for(what, SOON, || {
             if let Some(st) = device.proc.try_status() {
                 panic!("tunnel-device exited with {st}: {}", device.proc.log());
             }
-            self.relay_states()
-                .iter()
+            done(&self.relay_states()).then_some(())
+        });
+    }
+
+    /// Waits until the device is attached to the relay at `addr` (as its ready file says).
+    pub fn wait_attached_to(&self, device: &mut RunningDevice, addr: &str) {
+        self.wait_relays(device, &format!("the device to attach to {addr}"), |r| {
+            r.iter()
                 .any(|(a, s)| a == addr && s.starts_with("attached"))
-                .then_some(())
         });
     }
 
     /// Waits until the running device's ready file says every relay is attached.
     pub fn wait_attached(&self, device: &mut RunningDevice) {
-        let name = self
-            .home
-            .file_name()
-            .unwrap()
-            .to_string_lossy()
-            .into_owned();
-        let ready = self.logs.join(format!("{name}.ready"));
-        crate::wait_for("the device to attach to its relays", SOON, || {
-            if let Some(st) = device.proc.try_status() {
-                panic!("tunnel-device exited with {st}: {}", device.proc.log());
-            }
-            let v: serde_json::Value =
-                serde_json::from_str(&fs::read_to_string(&ready).ok()?).ok()?;
-            let relays = v["relays"].as_array()?;
-            (!relays.is_empty()
-                && relays.iter().all(|r| {
-                    r["state"]
-                        .as_str()
-                        .is_some_and(|s| s.starts_with("attached"))
-                }))
-            .then_some(())
+        self.wait_relays(device, "the device to attach to its relays", |r| {
+            !r.is_empty() && r.iter().all(|(_, s)| s.starts_with("attached"))
         });
     }
 }
