@@ -292,6 +292,17 @@ pub fn raise_open_file_limit() -> io::Result<u64> {
     rlimit::increase_nofile_limit(u64::MAX)
 }
 
+/// Points standard output at `/dev/null`, so that whoever reads our standard output (a pipe)
+/// sees EOF while we keep running: the half-close of `tunnel-client stdio`.
+///
+/// # Errors
+/// The OS error.
+pub fn detach_stdout() -> io::Result<()> {
+    let null = OpenOptions::new().write(true).open("/dev/null")?;
+    rustix::stdio::dup2_stdout(&null)?;
+    Ok(())
+}
+
 /// A cheap identity of a file's current version: changes whenever it is replaced or rewritten.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FileStamp {

@@ -24,7 +24,7 @@ use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
@@ -81,11 +81,11 @@ pub struct SpliceStats {
 /// Why a splice ended abnormally.
 #[derive(Debug, thiserror::Error)]
 pub enum SpliceError {
-    /// Reading the TCP socket failed.
-    #[error("TCP read failed: {0}")]
+    /// Reading the local side (the TCP socket, or standard input) failed.
+    #[error("local read failed: {0}")]
     TcpRead(std::io::Error),
-    /// Writing the TCP socket failed.
-    #[error("TCP write failed: {0}")]
+    /// Writing the local side (the TCP socket, or standard output) failed.
+    #[error("local write failed: {0}")]
     TcpWrite(std::io::Error),
     /// The peer reset the stream.
     #[error("the peer reset the stream: {0}")]
@@ -277,4 +277,76 @@ async fn write_all_chunks(
         }
     }
     Ok(total)
+}
+
+/// As [`splice`], for any local byte stream instead of a TCP socket (standard input and output
+/// for `tunnel-client stdio`): `input`'s EOF finishes the stream, the peer's finish shuts
+/// `output` down (half-close both ways). On an error the stream is reset; a pipe has no reset,
+/// so the caller reports the error and exits non-zero.
+///
+/// The streams are borrowed so that the caller can wait for its finish to be acknowledged
+/// ([`quinn::SendStream::stopped`]) before closing the connection.
+///
+/// # Errors
+/// [`SpliceError`] describing the first failure.
+pub async fn splice_io<R, W>(
+    input: &mut R,
+    output: &mut W,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    kill: &Kill,
+) -> Result<SpliceStats, SpliceError>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut stats = SpliceStats::default();
+    let result = {
+        let up = async {
+            let mut buf = BytesMut::new();
+            loop {
+                buf.reserve(CHUNK);
+                let n = input
+                    .read_buf(&mut buf)
+                    .await
+                    .map_err(SpliceError::TcpRead)?;
+                if n == 0 {
+                    let _ = send.finish();
+                    return Ok::<_, SpliceError>(());
+                }
+                stats.tcp_to_quic += n as u64;
+                let chunk = std::mem::take(&mut buf).freeze();
+                send.write_chunk(chunk).await.map_err(write_error)?;
+            }
+        };
+        let down = async {
+            let mut received = 0;
+            while let Some(mut chunk) = recv.read_chunk(CHUNK, true).await.map_err(read_error)? {
+                received += chunk.bytes.len() as u64;
+                output
+                    .write_all_buf(&mut chunk.bytes)
+                    .await
+                    .map_err(SpliceError::TcpWrite)?;
+                output.flush().await.map_err(SpliceError::TcpWrite)?;
+            }
+            output.shutdown().await.map_err(SpliceError::TcpWrite)?;
+            Ok::<_, SpliceError>(received)
+        };
+        tokio::select! {
+            r = async { tokio::try_join!(up, down) } => r.map(|((), down)| down),
+            () = kill.token.cancelled() => Err(SpliceError::Killed(kill.code())),
+        }
+    };
+    match result {
+        Ok(received) => {
+            stats.quic_to_tcp = received;
+            Ok(stats)
+        }
+        Err(e) => {
+            let code = e.local_code();
+            let _ = send.reset(code.to_varint());
+            let _ = recv.stop(code.to_varint());
+            Err(e)
+        }
+    }
 }

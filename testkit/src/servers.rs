@@ -284,7 +284,7 @@ impl Sshd {
             "HostKey {dir}/host_key\nAuthorizedKeysFile {dir}/authorized_keys\nStrictModes no\n\
              UsePAM no\nPasswordAuthentication no\nKbdInteractiveAuthentication no\n\
              PermitRootLogin prohibit-password\nPidFile none\nLogLevel ERROR\n\
-             AllowTcpForwarding yes\n",
+             AllowTcpForwarding yes\nSubsystem sftp internal-sftp\n",
             dir = dir.display()
         );
         std::fs::write(dir.join("sshd_config"), config).expect("sshd_config");

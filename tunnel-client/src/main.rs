@@ -21,6 +21,7 @@ use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tunnel_shared::client::open::{ForwardSpec, OpenOptions, Opener};
 use tunnel_shared::client::pair::{self, LocalPairing, PairOutcome};
+use tunnel_shared::client::stdio;
 use tunnel_shared::client::{ClientError, ClientHome, ConnectOptions, Dialer, connect_paired};
 use tunnel_shared::config::{HostPort, RelayRef, default_client_home};
 use tunnel_shared::discovery;
@@ -44,8 +45,9 @@ struct Cli {
     home: Option<PathBuf>,
 
     /// Log level: error, warn, info, debug or trace (RUST_LOG overrides it).
-    #[arg(long, global = true, default_value = "info", value_name = "LEVEL")]
-    log_level: String,
+    /// [default: info; warn for stdio]
+    #[arg(long, global = true, value_name = "LEVEL")]
+    log_level: Option<String>,
 
     #[command(subcommand)]
     command: Command,
@@ -70,14 +72,17 @@ enum Command {
             value_name = "PAIRING_STRING|-",
             env = "TUNNEL_PAIRING_STRING",
             hide_env_values = true,
-            conflicts_with_all = ["addr", "local", "string_file"],
+            conflicts_with_all = ["local", "string_file"],
             required_unless_present_any = ["addr", "local", "string_file"]
         )]
         string: Option<String>,
         /// Read the pairing string from this file.
-        #[arg(long, value_name = "FILE", conflicts_with_all = ["addr", "local"])]
+        #[arg(long, value_name = "FILE", conflicts_with = "local")]
         string_file: Option<PathBuf>,
-        /// Pair by address, on the local network (local initial or local open pairing).
+        /// Without a pairing string: pair by address on the local network (local initial or
+        /// local open pairing). With one: reach the device here instead of at the string's
+        /// addresses (a port forward, another port); the key is still pinned by the string's
+        /// fingerprint. Repeatable.
         #[arg(long, value_name = "HOST:PORT")]
         addr: Vec<HostPort>,
         /// Pair with a device found by mDNS on the LAN (see `discover`); with several, give
@@ -163,6 +168,20 @@ enum Command {
         no_punch: bool,
         /// How legs reach relays: auto (UDP; TLS over TCP to the same port when UDP gets no
         /// answer within a second or cannot carry a full packet), udp, or tcp.
+        #[arg(long, value_enum, default_value_t = Via::Auto, value_name = "HOW")]
+        relay_via: Via,
+    },
+    /// Carry one connection to a device's service on standard input and output, for ssh's
+    /// ProxyCommand (no local port): `ssh -o ProxyCommand='tunnel-client stdio %h ssh' user@cam`.
+    /// Exits when the connection ends (1 if the tunnel was refused or broke off). Logs only
+    /// warnings unless --log-level says otherwise, so ssh's terminal stays clean.
+    Stdio {
+        /// The device (name, id or fingerprint prefix; ssh's %h when the Host alias is the
+        /// device's name).
+        device: String,
+        /// The service id, e.g. ssh.
+        service: String,
+        /// How legs reach relays: auto, udp or tcp (as for open).
         #[arg(long, value_enum, default_value_t = Via::Auto, value_name = "HOW")]
         relay_via: Via,
     },
@@ -337,6 +356,7 @@ fn exit_code(e: &ClientError) -> u8 {
         | E::Connect(_)
         | E::Io { .. }
         | E::Listen { .. }
+        | E::Tunnel { .. }
         | E::Discovery(_) => 1,
     }
 }
@@ -368,7 +388,12 @@ impl From<ClientError> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    status::init_tracing(&cli.log_level);
+    let quiet = matches!(cli.command, Command::Stdio { .. });
+    let level = cli
+        .log_level
+        .as_deref()
+        .unwrap_or(if quiet { "warn" } else { "info" });
+    status::init_tracing(level);
     let Some(home) = cli.home.clone().or_else(default_client_home) else {
         eprintln!("error: cannot find a home directory: pass --home DIR or set TUNNEL_CLIENT_HOME");
         return ExitCode::from(2);
@@ -424,7 +449,9 @@ fn dispatch(command: Command, home: ClientHome) -> Result<(), Failure> {
             )?
             .map(|s| s.parse::<PairingString>())
             .transpose()
-            .map_err(|e| Failure::usage(e.to_string()))?;
+            .map_err(|e| Failure::usage(e.to_string()))?
+            .map(|ps| with_addresses(ps, &addr, fingerprint))
+            .transpose()?;
             let opts = ConnectOptions::default();
             let outcome = runtime()?.block_on(async {
                 if let Some(ps) = string {
@@ -566,6 +593,24 @@ fn dispatch(command: Command, home: ClientHome) -> Result<(), Failure> {
             opts.drain_timeout = Duration::from_secs(drain_timeout);
             runtime()?.block_on(open_cmd(opts))?;
         }
+        Command::Stdio {
+            device,
+            service,
+            relay_via,
+        } => {
+            let mut opts = ConnectOptions::default();
+            opts.transport.relay_via = relay_via.into();
+            let rt = runtime()?;
+            let result = rt.block_on(async {
+                let shutdown = CancellationToken::new();
+                tunnel_shared::shutdown::spawn_signal_handler(shutdown.clone(), || {});
+                stdio::run(&home, &device, &service, &opts, shutdown).await
+            });
+            // A read of standard input may still be pending on a blocking thread: do not wait
+            // for it.
+            rt.shutdown_timeout(Duration::from_millis(100));
+            result?;
+        }
         Command::User { device, cmd } => {
             runtime()?.block_on(manage::user(&home, &device, cmd))?;
         }
@@ -574,6 +619,29 @@ fn dispatch(command: Command, home: ClientHome) -> Result<(), Failure> {
         }
     }
     Ok(())
+}
+
+/// A pairing string with `--addr` in place of its addresses; a `--fingerprint` must agree with
+/// the one it carries.
+fn with_addresses(
+    mut ps: PairingString,
+    addrs: &[HostPort],
+    fingerprint: Option<Fingerprint>,
+) -> Result<PairingString, Failure> {
+    if let Some(fp) = fingerprint
+        && fp != ps.fingerprint
+    {
+        return Err(Failure::usage(format!(
+            "--fingerprint {} differs from the pairing string's {}: check where the string came \
+             from (the string pins the device's key; --fingerprint is not needed with it)",
+            fp.fmt_short(),
+            ps.fingerprint.fmt_short()
+        )));
+    }
+    if !addrs.is_empty() {
+        ps.addresses = addrs.to_vec();
+    }
+    Ok(ps)
 }
 
 /// A secret given as an argument (`-`: read standard input), a file, or an environment variable.
@@ -675,6 +743,7 @@ fn print_paired(o: &PairOutcome) {
 
 fn print_devices(home: &ClientHome, json: bool) -> Result<(), Failure> {
     let known = home.known_devices()?;
+    let seen = home.seen();
     if json {
         let v: Vec<_> = known
             .devices
@@ -690,6 +759,9 @@ fn print_devices(home: &ClientHome, json: bool) -> Result<(), Failure> {
                     "relays": d.relays.iter().map(|r| serde_json::json!({
                         "addr": r.addr.to_string(), "fingerprint": r.fingerprint.to_string(),
                     })).collect::<Vec<_>>(),
+                    "last_seen": seen.get(&d.fingerprint).map(|e| serde_json::json!({
+                        "path": e.path, "addr": e.addr, "at": e.at,
+                    })),
                 })
             })
             .collect();
@@ -700,19 +772,22 @@ fn print_devices(home: &ClientHome, json: bool) -> Result<(), Failure> {
              tunnel-client device add NAME --addr HOST:PORT --fingerprint FP"
         );
     } else {
+        let now = std::time::SystemTime::now();
         println!(
-            "{:<16} {:<24} {:<18} {:<10} ADDRESSES",
-            "NAME", "DEVICE ID", "FINGERPRINT", "USER"
+            "{:<16} {:<20} {:<18} {:<10} {:<30} ADDRESSES",
+            "NAME", "DEVICE ID", "FINGERPRINT", "USER", "LAST SEEN"
         );
         for d in &known.devices {
             let mut addrs: Vec<String> = d.addresses.iter().map(ToString::to_string).collect();
             addrs.extend(d.relays.iter().map(|r| format!("relay {}", r.addr)));
             println!(
-                "{:<16} {:<24} {:<18} {:<10} {}",
+                "{:<16} {:<20} {:<18} {:<10} {:<30} {}",
                 d.name,
                 d.device_id.as_deref().unwrap_or("-"),
                 d.fingerprint.fmt_short(),
                 d.user.as_deref().unwrap_or("-"),
+                seen.get(&d.fingerprint)
+                    .map_or_else(|| "never".to_string(), |e| e.describe(now)),
                 addrs.join(", ")
             );
         }

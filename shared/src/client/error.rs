@@ -94,6 +94,38 @@ pub enum ClientError {
     /// LAN discovery failed.
     #[error(transparent)]
     Discovery(#[from] crate::discovery::DiscoveryError),
+    /// A tunnel (`stdio`) was refused by the device or broke off.
+    #[error("{}", tunnel_message(.device, .service, .error))]
+    Tunnel {
+        /// The device's local name.
+        device: String,
+        /// The service.
+        service: String,
+        /// What happened.
+        error: Box<crate::splice::SpliceError>,
+    },
+}
+
+fn tunnel_message(device: &str, service: &str, error: &crate::splice::SpliceError) -> String {
+    use crate::proto::StreamCode as C;
+    match error.peer_code() {
+        Some(C::FORBIDDEN) => format!(
+            "device '{device}' refused the tunnel to '{service}': forbidden (your role may not \
+             use it from here; `tunnel-client services {device}` lists what you may use)"
+        ),
+        Some(C::NO_SUCH_SERVICE) => format!(
+            "device '{device}' has no service '{service}' (`tunnel-client services {device}` lists \
+             them)"
+        ),
+        Some(C::TARGET_UNREACHABLE) => format!(
+            "device '{device}' cannot reach the server behind '{service}' (is it running? \
+             `tunnel-device run --self-test` on the device checks)"
+        ),
+        Some(C::LIMIT_REACHED) => {
+            format!("device '{device}' refused the tunnel to '{service}': too many tunnels open")
+        }
+        _ => format!("the tunnel to '{service}' on device '{device}' broke off: {error}"),
+    }
 }
 
 impl From<ConnectError> for ClientError {

@@ -17,7 +17,9 @@ pub mod known;
 pub mod open;
 pub mod pair;
 mod relayed;
+mod seen;
 mod session;
+pub mod stdio;
 
 use std::path::{Path, PathBuf};
 
@@ -27,6 +29,7 @@ pub use dial::{DIRECT_HEAD_START, Target, connect, connect_to, dial};
 pub use error::{ClientError, ConnectError, LookupError, Mismatch};
 pub use known::{KnownDevice, KnownDevices};
 pub use relayed::{Channel, Dialer};
+pub use seen::{Seen, SeenEntry};
 pub use session::{ConnectOptions, Session, SessionPath, connect_paired};
 
 use crate::config::{HostPort, RelayRef};

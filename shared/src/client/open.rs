@@ -541,6 +541,7 @@ async fn follow_path(
             continue;
         }
         info!(device = %device.name, from = %path, to = %now, "the connection changed path");
+        session.record_seen(&opts.home);
         if let Some(file) = &opts.ready_file
             && let Err(e) = write_ready(file, identity, device, status, Some((&now, session.rtt())))
         {

@@ -220,6 +220,14 @@ impl Session {
         }
     }
 
+    /// Records in the home's `seen.json` that the device was reached now, by this path (a file
+    /// error is only logged: the record only informs `tunnel-client devices`).
+    pub fn record_seen(&self, home: &ClientHome) {
+        if let Err(e) = home.record_seen(&self.device_fingerprint, &self.path_now(), self.addr) {
+            tracing::debug!("could not update the last-seen record: {e}");
+        }
+    }
+
     /// The round-trip time of the connection now.
     pub fn rtt(&self) -> Duration {
         self.conn.rtt()
@@ -440,4 +448,5 @@ pub(crate) async fn learn(home: &ClientHome, session: &Session, device: &KnownDe
     ) {
         tracing::warn!("could not update known_devices.toml: {e}");
     }
+    session.record_seen(home);
 }

@@ -12,6 +12,12 @@ fn echo_round_trip_services_and_devices() {
     let echo = TestServer::echo();
     let s = setup(&[("echo", echo.addr)]);
 
+    // Pinned, never reached yet.
+    let devices: serde_json::Value =
+        serde_json::from_str(&s.client.ok(&["devices", "--json"])).unwrap();
+    assert!(devices[0]["last_seen"].is_null(), "{devices}");
+    assert!(s.client.ok(&["devices"]).contains(" never "));
+
     let services: serde_json::Value =
         serde_json::from_str(&s.client.ok(&["services", "cam", "--json"])).unwrap();
     assert_eq!(services[0]["id"], "echo");
@@ -26,6 +32,12 @@ fn echo_round_trip_services_and_devices() {
     assert_eq!(devices[0]["device_id"], "dev-id");
     assert_eq!(devices[0]["user"], "alice");
     assert_eq!(devices[0]["fingerprint"], s.device.fingerprint);
+    // … and when and how it last reached the device.
+    assert_eq!(devices[0]["last_seen"]["path"], "direct", "{devices}");
+    assert_eq!(devices[0]["last_seen"]["addr"], s.device.addr.to_string());
+    let table = s.client.ok(&["devices"]);
+    assert!(table.contains("direct, just now"), "{table}");
+    assert!(table.contains(&s.device.addr.to_string()), "{table}");
 
     let open = s.client.open("cam", &["0:echo"], &[]);
     let mut conn = TcpStream::connect(open.local("echo")).unwrap();

@@ -21,6 +21,7 @@ mod punch;
 mod raw;
 mod relay;
 mod resilience;
+mod stdio;
 mod transfer;
 
 use std::net::SocketAddr;

@@ -53,8 +53,10 @@ fn init_prints_a_pairing_string_that_pairs_and_then_ssh_works() {
             "cam-1",
             "--listen",
             &listen,
+            // Wrong from where the client stands (as behind a port forward): `pair --addr`
+            // overrides it below.
             "--addr",
-            &listen,
+            "192.0.2.1:5592",
             "--service",
             &format!("ssh={}", sshd.addr),
         ],
@@ -68,7 +70,23 @@ fn init_prints_a_pairing_string_that_pairs_and_then_ssh_works() {
     let _device = dev.start_with(&[]);
 
     let client = world.client("laptop");
-    let paired = client.ok(&["pair", &string, "--name", "cam"]);
+    // A --fingerprint that contradicts the string's pin is refused before anything is sent.
+    let wrong_fp = world.client("other").fingerprint();
+    let out = client.cmd(&[
+        "pair",
+        &string,
+        "--addr",
+        &listen,
+        "--fingerprint",
+        &wrong_fp,
+    ]);
+    assert_eq!(out.status.code(), Some(2), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("differs from the pairing string"),
+        "{}",
+        stderr(&out)
+    );
+    let paired = client.ok(&["pair", &string, "--name", "cam", "--addr", &listen]);
     assert!(
         paired
             .contains("Paired with 'cam' as user 'owner' (role Owner) by password-invite pairing"),
@@ -80,10 +98,15 @@ fn init_prints_a_pairing_string_that_pairs_and_then_ssh_works() {
     assert_eq!(cam.user.as_deref(), Some("owner"));
     assert!(cam.sct.is_some());
     assert_eq!(cam.fingerprint.to_string(), dev.fingerprint());
+    assert_eq!(
+        cam.addresses,
+        vec![listen.parse().unwrap()],
+        "--addr was not pinned"
+    );
 
     // The invitation worked once: another key with the same string is refused.
     let other = world.client("intruder");
-    let out = other.cmd(&["pair", &string]);
+    let out = other.cmd(&["pair", &string, "--addr", &listen]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("already used"), "{}", stderr(&out));
     assert!(!stderr(&out).contains("wrong password"), "{}", stderr(&out));
