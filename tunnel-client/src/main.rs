@@ -15,14 +15,17 @@ mod status;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tunnel_shared::client::open::{ForwardSpec, OpenOptions, Opener};
 use tunnel_shared::client::pair::{self, LocalPairing, PairOutcome};
-use tunnel_shared::client::stdio;
+use tunnel_shared::client::up::{self, Up, UpOptions};
 use tunnel_shared::client::{ClientError, ClientHome, ConnectOptions, Dialer, connect_paired};
+use tunnel_shared::client::{forwards, stdio};
 use tunnel_shared::config::{HostPort, RelayRef, default_client_home};
 use tunnel_shared::discovery;
 use tunnel_shared::identity::{Fingerprint, KeyFileError};
@@ -171,6 +174,32 @@ enum Command {
         #[arg(long, value_enum, default_value_t = Via::Auto, value_name = "HOW")]
         relay_via: Via,
     },
+    /// Keep every forward of forwards.toml open in one process, for as long as it runs (a
+    /// systemd user unit runs this). SIGHUP or `tunnel-client reload` re-reads the file and
+    /// adds or removes forwards without touching the others.
+    Up {
+        /// Write one JSON object here once listening (pid, fingerprint, and per device its
+        /// state, path and forwards), rewritten on every change.
+        #[arg(long, value_name = "PATH")]
+        ready_file: Option<PathBuf>,
+        /// Seconds a local connection waits for its device before it is reset.
+        #[arg(long, default_value_t = 15, value_name = "SECS")]
+        connect_wait: u64,
+        /// Seconds live tunnels may continue after a shutdown signal.
+        #[arg(long, default_value_t = 2, value_name = "SECS")]
+        drain_timeout: u64,
+        /// Keep relayed connections on the relay (no hole punching).
+        #[arg(long)]
+        no_punch: bool,
+        /// How legs reach relays: auto, udp or tcp (as for open).
+        #[arg(long, value_enum, default_value_t = Via::Auto, value_name = "HOW")]
+        relay_via: Via,
+    },
+    /// Make the running `tunnel-client up` re-read forwards.toml (as SIGHUP does).
+    Reload,
+    /// Edit forwards.toml, the forwards `up` keeps open (a running `up` is reloaded).
+    #[command(subcommand)]
+    Forward(ForwardCmd),
     /// Carry one connection to a device's service on standard input and output, for ssh's
     /// ProxyCommand (no local port): `ssh -o ProxyCommand='tunnel-client stdio %h ssh' user@cam`.
     /// Exits when the connection ends (1 if the tunnel was refused or broke off). Logs only
@@ -217,6 +246,39 @@ impl From<Via> for tunnel_shared::transport::RelayVia {
             Via::Tcp => Self::Tcp,
         }
     }
+}
+
+#[derive(Debug, Subcommand)]
+enum ForwardCmd {
+    /// Add a forward for a device: [BIND:]PORT:SERVICE, e.g. 2222:ssh (BIND defaults to
+    /// 127.0.0.1, PORT 0 picks a free port).
+    Add {
+        /// The device (name, id or fingerprint prefix of a known device).
+        device: String,
+        /// [BIND:]PORT:SERVICE.
+        #[arg(value_name = "[BIND:]PORT:SERVICE")]
+        forward: ForwardSpec,
+        /// Only edit the file; do not reload a running `up`.
+        #[arg(long)]
+        no_reload: bool,
+    },
+    /// Remove a device's forward: [BIND:]PORT:SERVICE, or just the local PORT.
+    Remove {
+        /// The device, as in forwards.toml (or its name).
+        device: String,
+        /// [BIND:]PORT:SERVICE or PORT.
+        #[arg(value_name = "FORWARD|PORT")]
+        forward: String,
+        /// Only edit the file; do not reload a running `up`.
+        #[arg(long)]
+        no_reload: bool,
+    },
+    /// List the forwards in forwards.toml.
+    List {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -340,7 +402,8 @@ fn exit_code(e: &ClientError) -> u8 {
         | E::NoForwards
         | E::NeedsUsername
         | E::NeedsPairingString(_)
-        | E::NeedsDeviceId => 2,
+        | E::NeedsDeviceId
+        | E::AlreadyUp { .. } => 2,
         E::Key(
             KeyFileError::Unprotected { .. }
             | KeyFileError::Invalid { .. }
@@ -593,6 +656,29 @@ fn dispatch(command: Command, home: ClientHome) -> Result<(), Failure> {
             opts.drain_timeout = Duration::from_secs(drain_timeout);
             runtime()?.block_on(open_cmd(opts))?;
         }
+        Command::Up {
+            ready_file,
+            connect_wait,
+            drain_timeout,
+            no_punch,
+            relay_via,
+        } => {
+            let mut opts = UpOptions::new(home);
+            opts.connect.transport.hole_punching = !no_punch;
+            opts.connect.transport.relay_via = relay_via.into();
+            opts.ready_file = ready_file;
+            opts.connect_wait = Duration::from_secs(connect_wait);
+            opts.drain_timeout = Duration::from_secs(drain_timeout);
+            runtime()?.block_on(up_cmd(opts))?;
+        }
+        Command::Reload => {
+            let pid = up::reload(&home).map_err(|e| Failure {
+                code: 1,
+                message: e.to_string(),
+            })?;
+            println!("Asked `tunnel-client up` (pid {pid}) to re-read forwards.toml");
+        }
+        Command::Forward(cmd) => forward_cmd(&home, cmd)?,
         Command::Stdio {
             device,
             service,
@@ -825,12 +911,112 @@ async fn services_cmd(home: ClientHome, device: &str, json: bool) -> Result<(), 
     Ok(())
 }
 
+async fn up_cmd(opts: UpOptions) -> Result<(), ClientError> {
+    let (up, applied) = Up::start(opts).await?;
+    if !applied.failed.is_empty() {
+        eprintln!(
+            "warning: {} forward(s) could not be opened (retried at the next reload):\n  {}",
+            applied.failed.len(),
+            applied.failed.join("\n  ")
+        );
+    }
+    let shutdown = CancellationToken::new();
+    tunnel_shared::shutdown::spawn_signal_handler(shutdown.clone(), status::clear);
+    let reload = Arc::new(Notify::new());
+    up::on_sighup(reload.clone()).map_err(|source| ClientError::Io {
+        path: "SIGHUP".into(),
+        source,
+    })?;
+    let display = status::spawn(
+        up.statuses(),
+        std::io::stdout().is_terminal(),
+        shutdown.clone(),
+    );
+    up.run(shutdown.clone(), reload, |_| {}).await;
+    shutdown.cancel();
+    let _ = display.await;
+    Ok(())
+}
+
+fn forward_cmd(home: &ClientHome, cmd: ForwardCmd) -> Result<(), Failure> {
+    let reload_up = |no_reload: bool| {
+        if no_reload {
+            return;
+        }
+        match up::reload(home) {
+            Ok(pid) => println!("Reloaded the running `tunnel-client up` (pid {pid})."),
+            Err(up::ReloadError::NotRunning(_)) => {
+                println!("`tunnel-client up` (or its systemd unit) opens it.");
+            }
+            Err(e) => eprintln!("warning: {e}"),
+        }
+    };
+    match cmd {
+        ForwardCmd::Add {
+            device,
+            forward,
+            no_reload,
+        } => {
+            // Stored under the device's name, so a fingerprint prefix reads well in the file.
+            let name = home.find_device(&device)?.name;
+            home.edit_forwards(|text| Ok((forwards::add(text, &name, &forward)?, ())))?;
+            println!("Added forward {forward} to device '{name}'.");
+            reload_up(no_reload);
+        }
+        ForwardCmd::Remove {
+            device,
+            forward,
+            no_reload,
+        } => {
+            let file = home.forwards()?;
+            let key = if file.devices.contains_key(&device) {
+                device
+            } else {
+                home.find_device(&device)?.name
+            };
+            let removed = home.edit_forwards(|text| forwards::remove(text, &key, &forward))?;
+            for r in removed {
+                println!("Removed forward {r} of device '{key}'.");
+            }
+            reload_up(no_reload);
+        }
+        ForwardCmd::List { json } => {
+            let file = home.forwards()?;
+            if json {
+                let v: Vec<_> = file
+                    .iter()
+                    .map(|(d, f)| {
+                        serde_json::json!({
+                            "device": d, "forward": f.to_string(), "bind": f.bind.to_string(),
+                            "port": f.port, "service": f.service,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else if file.devices.is_empty() {
+                println!(
+                    "No forwards in {}. Add one with `tunnel-client forward add DEVICE \
+                     [BIND:]PORT:SERVICE`.",
+                    home.forwards_path().display()
+                );
+            } else {
+                println!("{:<16} {:<24} SERVICE", "DEVICE", "LOCAL");
+                for (d, f) in file.iter() {
+                    let local = std::net::SocketAddr::new(f.bind, f.port);
+                    println!("{d:<16} {:<24} {}", local.to_string(), f.service);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 async fn open_cmd(opts: OpenOptions) -> Result<(), ClientError> {
     let opener = Opener::bind(opts).await?;
     let shutdown = CancellationToken::new();
     tunnel_shared::shutdown::spawn_signal_handler(shutdown.clone(), status::clear);
     let display = status::spawn(
-        opener.status(),
+        opener.statuses(),
         std::io::stdout().is_terminal(),
         shutdown.clone(),
     );

@@ -1,10 +1,11 @@
 //! Log output and the live status of `open`.
 //!
-//! On a terminal, `open` draws one line for the connection (state, address, RTT) and one per
-//! forward (local address, connections open/total, bytes and current rate each way) with
-//! indicatif, redrawn every second; log lines are printed above the bars. Otherwise it logs a
-//! summary line every 30 s while data moves.
+//! On a terminal, `open` and `up` draw, per device, one line for the connection (state,
+//! address, RTT) and one per forward (local address, connections open/total, bytes and current
+//! rate each way) with indicatif, redrawn every second and following reloads; log lines are
+//! printed above the bars. Otherwise they log a summary line per busy forward every 30 s.
 
+use std::collections::HashMap;
 use std::io::{IsTerminal, Write};
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -12,9 +13,10 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tunnel_shared::client::open::{LinkState, Status};
+use tunnel_shared::client::forwarder::{LinkState, ServiceStatus, Status};
 
 /// Set while bars are drawn; log lines then go through [`MultiProgress::suspend`].
 static BARS: OnceLock<MultiProgress> = OnceLock::new();
@@ -73,40 +75,53 @@ pub(crate) fn clear() {
 
 /// Starts the display task; it ends when `stop` is cancelled.
 pub(crate) fn spawn(
-    status: Arc<Status>,
+    statuses: watch::Receiver<Vec<Arc<Status>>>,
     terminal: bool,
     stop: CancellationToken,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         if terminal {
-            bars(status, stop).await;
+            bars(statuses, stop).await;
         } else {
-            plain(status, stop).await;
+            plain(statuses, stop).await;
         }
     })
 }
 
+/// Bytes each way of every forward at one instant, keyed by the forward's counters.
 struct Sample {
     at: Instant,
-    up: Vec<u64>,
-    down: Vec<u64>,
+    bytes: HashMap<usize, (u64, u64)>,
 }
 
 impl Sample {
-    fn take(status: &Status) -> Self {
+    fn take(list: &[Arc<Status>]) -> Self {
+        let bytes = list
+            .iter()
+            .flat_map(|d| d.services.iter())
+            .map(|s| {
+                (
+                    Arc::as_ptr(s).addr(),
+                    (
+                        s.bytes.tcp_to_quic.load(Ordering::Relaxed),
+                        s.bytes.quic_to_tcp.load(Ordering::Relaxed),
+                    ),
+                )
+            })
+            .collect();
         Self {
             at: Instant::now(),
-            up: status
-                .services
-                .iter()
-                .map(|s| s.bytes.tcp_to_quic.load(Ordering::Relaxed))
-                .collect(),
-            down: status
-                .services
-                .iter()
-                .map(|s| s.bytes.quic_to_tcp.load(Ordering::Relaxed))
-                .collect(),
+            bytes,
         }
+    }
+
+    /// (up, down, up rate, down rate) of `svc` since `prev`.
+    fn delta(&self, prev: &Self, svc: &Arc<ServiceStatus>) -> (u64, u64, f64, f64) {
+        let key = Arc::as_ptr(svc).addr();
+        let (up, down) = self.bytes.get(&key).copied().unwrap_or_default();
+        let (up0, down0) = prev.bytes.get(&key).copied().unwrap_or((up, down));
+        let secs = self.at.duration_since(prev.at).as_secs_f64();
+        (up, down, rate(up, up0, secs), rate(down, down0, secs))
     }
 }
 
@@ -118,39 +133,60 @@ fn rate(now: u64, before: u64, secs: f64) -> f64 {
     }
 }
 
-async fn bars(status: Arc<Status>, stop: CancellationToken) {
+/// The lines of one redraw: per device its link, then a line per forward.
+fn lines(list: &[Arc<Status>], now: &Sample, prev: &Sample) -> Vec<String> {
+    let mut out = Vec::new();
+    for dev in list {
+        out.push(link_line(dev));
+        for svc in &dev.services {
+            let (up, down, up_rate, down_rate) = now.delta(prev, svc);
+            out.push(format!(
+                "  {:<10} {:<21} conns {}/{}  ↑ {} {}/s  ↓ {} {}/s",
+                svc.service,
+                svc.local.to_string(),
+                svc.open.load(Ordering::Relaxed),
+                svc.total.load(Ordering::Relaxed),
+                bytes(up as f64),
+                bytes(up_rate),
+                bytes(down as f64),
+                bytes(down_rate),
+            ));
+        }
+        for (spec, error) in &dev.failed {
+            out.push(format!("  {spec:<32} NOT FORWARDED: {error}"));
+        }
+    }
+    if out.is_empty() {
+        out.push("no forwards (tunnel-client forward add DEVICE [BIND:]PORT:SERVICE)".into());
+    }
+    out
+}
+
+async fn bars(statuses: watch::Receiver<Vec<Arc<Status>>>, stop: CancellationToken) {
     let mp = MultiProgress::with_draw_target(ProgressDrawTarget::stdout());
     let style =
         ProgressStyle::with_template("{wide_msg}").unwrap_or_else(|_| ProgressStyle::default_bar());
-    let head = mp.add(ProgressBar::new_spinner().with_style(style.clone()));
-    let lines: Vec<ProgressBar> = status
-        .services
-        .iter()
-        .map(|_| mp.add(ProgressBar::new_spinner().with_style(style.clone())))
-        .collect();
+    let mut shown: Vec<ProgressBar> = Vec::new();
     let _ = BARS.set(mp.clone());
-    let mut prev = Sample::take(&status);
+    let mut prev = Sample::take(&statuses.borrow());
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = stop.cancelled() => break,
         }
-        let now = Sample::take(&status);
-        let secs = now.at.duration_since(prev.at).as_secs_f64();
-        head.set_message(link_line(&status));
-        for (i, (svc, bar)) in status.services.iter().zip(&lines).enumerate() {
-            bar.set_message(format!(
-                "  {:<10} {:<21} conns {}/{}  ↑ {} {}/s  ↓ {} {}/s",
-                svc.service,
-                svc.local.to_string(),
-                svc.open.load(Ordering::Relaxed),
-                svc.total.load(Ordering::Relaxed),
-                bytes(now.up[i] as f64),
-                bytes(rate(now.up[i], prev.up[i], secs)),
-                bytes(now.down[i] as f64),
-                bytes(rate(now.down[i], prev.down[i], secs)),
-            ));
+        let list = statuses.borrow().clone();
+        let now = Sample::take(&list);
+        let text = lines(&list, &now, &prev);
+        while shown.len() < text.len() {
+            shown.push(mp.add(ProgressBar::new_spinner().with_style(style.clone())));
+        }
+        for bar in shown.drain(text.len()..) {
+            bar.finish_and_clear();
+            mp.remove(&bar);
+        }
+        for (bar, line) in shown.iter().zip(text) {
+            bar.set_message(line);
         }
         prev = now;
     }
@@ -183,8 +219,8 @@ fn link_line(status: &Status) -> String {
     }
 }
 
-async fn plain(status: Arc<Status>, stop: CancellationToken) {
-    let mut prev = Sample::take(&status);
+async fn plain(statuses: watch::Receiver<Vec<Arc<Status>>>, stop: CancellationToken) {
+    let mut prev = Sample::take(&statuses.borrow());
     let mut tick = tokio::time::interval(Duration::from_secs(30));
     tick.tick().await;
     loop {
@@ -192,24 +228,29 @@ async fn plain(status: Arc<Status>, stop: CancellationToken) {
             _ = tick.tick() => {}
             () = stop.cancelled() => return,
         }
-        let now = Sample::take(&status);
+        let list = statuses.borrow().clone();
+        let now = Sample::take(&list);
         let secs = now.at.duration_since(prev.at).as_secs_f64();
-        for (i, svc) in status.services.iter().enumerate() {
-            if now.up[i] == prev.up[i] && now.down[i] == prev.down[i] {
-                continue;
+        for dev in &list {
+            for svc in &dev.services {
+                let (up, down, up_rate, down_rate) = now.delta(&prev, svc);
+                if up_rate == 0.0 && down_rate == 0.0 {
+                    continue;
+                }
+                tracing::info!(
+                    device = %dev.device,
+                    service = %svc.service,
+                    local = %svc.local,
+                    open = svc.open.load(Ordering::Relaxed),
+                    total = svc.total.load(Ordering::Relaxed),
+                    sent = up,
+                    received = down,
+                    "{}/s up, {}/s down in the last {:.0} s",
+                    bytes(up_rate),
+                    bytes(down_rate),
+                    secs
+                );
             }
-            tracing::info!(
-                service = %svc.service,
-                local = %svc.local,
-                open = svc.open.load(Ordering::Relaxed),
-                total = svc.total.load(Ordering::Relaxed),
-                sent = now.up[i],
-                received = now.down[i],
-                "{} up, {} down in the last {:.0} s",
-                bytes(rate(now.up[i], prev.up[i], 1.0)),
-                bytes(rate(now.down[i], prev.down[i], 1.0)),
-                secs
-            );
         }
         prev = now;
     }

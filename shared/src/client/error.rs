@@ -94,6 +94,15 @@ pub enum ClientError {
     /// LAN discovery failed.
     #[error(transparent)]
     Discovery(#[from] crate::discovery::DiscoveryError),
+    /// `up` is running already for this home.
+    #[error(
+        "`tunnel-client up` is already running for this home (pid {pid}); `tunnel-client reload` \
+         makes it re-read forwards.toml"
+    )]
+    AlreadyUp {
+        /// Its pid, as its pid file says.
+        pid: String,
+    },
     /// A tunnel (`stdio`) was refused by the device or broke off.
     #[error("{}", tunnel_message(.device, .service, .error))]
     Tunnel {

@@ -13,6 +13,8 @@
 
 mod dial;
 mod error;
+pub mod forwarder;
+pub mod forwards;
 pub mod known;
 pub mod open;
 pub mod pair;
@@ -20,6 +22,7 @@ mod relayed;
 mod seen;
 mod session;
 pub mod stdio;
+pub mod up;
 
 use std::path::{Path, PathBuf};
 
@@ -27,6 +30,7 @@ use std::path::{Path, PathBuf};
 pub use crate::proto::{Invite, PairingInfo, ServiceInfo, Settings, UserInfo, Welcome};
 pub use dial::{DIRECT_HEAD_START, Target, connect, connect_to, dial};
 pub use error::{ClientError, ConnectError, LookupError, Mismatch};
+pub use forwards::ForwardsFile;
 pub use known::{KnownDevice, KnownDevices};
 pub use relayed::{Channel, Dialer};
 pub use seen::{Seen, SeenEntry};

@@ -23,6 +23,7 @@ mod relay;
 mod resilience;
 mod stdio;
 mod transfer;
+mod up;
 
 use std::net::SocketAddr;
 

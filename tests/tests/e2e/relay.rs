@@ -456,7 +456,8 @@ fn a_leg_needs_a_1280_byte_path() {
             std::thread::spawn(move || std::io::copy(&mut ro, &mut wi));
         }
     });
-    let mut open = lab.client.open("mtu1258-tcp", &["0:echo"], &[]);
+    // No punching: the path under test is the relayed one.
+    let mut open = lab.client.open("mtu1258-tcp", &["0:echo"], &["--no-punch"]);
     let path = open.wait_path();
     assert!(path.ends_with(" over TCP"), "{path}");
     assert!(echo_through(&open, &[7u8; 100_000]), "the echo differs");
