@@ -14,6 +14,8 @@
 //! | [`stun`] | pure | STUN binding requests and responses (a socket's reflexive address) |
 //! | [`fsutil`] | IO | atomic writes, private dirs and files, locks |
 //! | [`shutdown`] | IO | SIGINT/SIGTERM: graceful first, immediate second |
+//! | [`sdnotify`] | IO | systemd's readiness, reload, stopping and watchdog notifications |
+//! | [`logging`] | IO | the binaries' log output: text or JSON lines on stderr |
 //!
 //! Nothing here knows about devices, users, access control or pairing: those live in
 //! `tunnel-shared`, which depends on this crate, never the other way round. The relay
@@ -36,7 +38,9 @@ pub mod fsutil;
 pub mod identity;
 pub mod jwt;
 pub mod limits;
+pub mod logging;
 pub mod relay;
+pub mod sdnotify;
 pub mod secret;
 pub mod shutdown;
 pub mod stun;

@@ -34,7 +34,9 @@
     clippy::too_many_lines
 )]
 
-pub use tunnel_core::{framed, fsutil, identity, jwt, limits, relay, secret, shutdown, transport};
+pub use tunnel_core::{
+    framed, fsutil, identity, jwt, limits, logging, relay, sdnotify, secret, shutdown, transport,
+};
 
 pub mod authz;
 pub mod client;

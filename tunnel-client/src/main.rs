@@ -21,6 +21,7 @@ use std::time::Duration;
 use clap::{Parser, Subcommand};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use tunnel_shared::client::forwarder::Status;
 use tunnel_shared::client::open::{ForwardSpec, OpenOptions, Opener};
 use tunnel_shared::client::pair::{self, LocalPairing, PairOutcome};
 use tunnel_shared::client::up::{self, Up, UpOptions};
@@ -29,7 +30,9 @@ use tunnel_shared::client::{forwards, stdio};
 use tunnel_shared::config::{HostPort, RelayRef, default_client_home};
 use tunnel_shared::discovery;
 use tunnel_shared::identity::{Fingerprint, KeyFileError};
+use tunnel_shared::logging::LogFormat;
 use tunnel_shared::pairing::{PairingMode, PairingString};
+use tunnel_shared::sdnotify;
 use tunnel_shared::secret::Secret;
 
 /// Reach a device's TCP services (ssh, a camera's RTSP, a web UI) through local listeners carried
@@ -51,6 +54,16 @@ struct Cli {
     /// [default: info; warn for stdio]
     #[arg(long, global = true, value_name = "LEVEL")]
     log_level: Option<String>,
+
+    /// Log lines on stderr as text, or as one JSON object per line (for log collectors).
+    #[arg(
+        long,
+        global = true,
+        default_value_t = LogFormat::Text,
+        env = "TUNNEL_LOG_FORMAT",
+        value_name = "text|json"
+    )]
+    log_format: LogFormat,
 
     #[command(subcommand)]
     command: Command,
@@ -456,7 +469,7 @@ fn main() -> ExitCode {
         .log_level
         .as_deref()
         .unwrap_or(if quiet { "warn" } else { "info" });
-    status::init_tracing(level);
+    status::init_tracing(level, cli.log_format);
     let Some(home) = cli.home.clone().or_else(default_client_home) else {
         eprintln!("error: cannot find a home directory: pass --home DIR or set TUNNEL_CLIENT_HOME");
         return ExitCode::from(2);
@@ -922,6 +935,8 @@ async fn up_cmd(opts: UpOptions) -> Result<(), ClientError> {
     }
     let shutdown = CancellationToken::new();
     tunnel_shared::shutdown::spawn_signal_handler(shutdown.clone(), status::clear);
+    sdnotify::attach(&shutdown);
+    sdnotify::ready(&up_summary(&up.statuses().borrow()));
     let reload = Arc::new(Notify::new());
     up::on_sighup(reload.clone()).map_err(|source| ClientError::Io {
         path: "SIGHUP".into(),
@@ -932,10 +947,30 @@ async fn up_cmd(opts: UpOptions) -> Result<(), ClientError> {
         std::io::stdout().is_terminal(),
         shutdown.clone(),
     );
-    up.run(shutdown.clone(), reload, |_| {}).await;
+    let statuses = up.statuses();
+    up.run(shutdown.clone(), reload, |outcome| match outcome {
+        Ok(_) => {
+            sdnotify::ready(&up_summary(&statuses.borrow()));
+        }
+        Err(e) => {
+            sdnotify::ready(&format!("forwards.toml not reloaded: {e}"));
+        }
+    })
+    .await;
     shutdown.cancel();
     let _ = display.await;
     Ok(())
+}
+
+/// `systemctl status`'s line for `up`: how many forwards to how many devices.
+fn up_summary(list: &[Arc<Status>]) -> String {
+    let forwards: usize = list.iter().map(|s| s.services.len()).sum();
+    let failed: usize = list.iter().map(|s| s.failed.len()).sum();
+    let mut line = format!("{forwards} forwards to {} devices", list.len());
+    if failed > 0 {
+        line.push_str(&format!(", {failed} not forwarded (port in use?)"));
+    }
+    line
 }
 
 fn forward_cmd(home: &ClientHome, cmd: ForwardCmd) -> Result<(), Failure> {
@@ -1015,6 +1050,8 @@ async fn open_cmd(opts: OpenOptions) -> Result<(), ClientError> {
     let opener = Opener::bind(opts).await?;
     let shutdown = CancellationToken::new();
     tunnel_shared::shutdown::spawn_signal_handler(shutdown.clone(), status::clear);
+    sdnotify::attach(&shutdown);
+    sdnotify::ready(&up_summary(&opener.statuses().borrow()));
     let display = status::spawn(
         opener.statuses(),
         std::io::stdout().is_terminal(),

@@ -17,6 +17,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tunnel_shared::client::forwarder::{LinkState, ServiceStatus, Status};
+use tunnel_shared::logging::LogFormat;
 
 /// Set while bars are drawn; log lines then go through [`MultiProgress::suspend`].
 static BARS: OnceLock<MultiProgress> = OnceLock::new();
@@ -47,23 +48,15 @@ impl Drop for LogWriter {
     }
 }
 
-/// Logs to stderr at `level` for this program (RUST_LOG overrides).
-pub(crate) fn init_tracing(level: &str) {
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| {
-        format!("warn,tunnel_core={level},tunnel_shared={level},tunnel_client={level}")
-    });
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| {
-        eprintln!("warning: invalid log level '{level}', using info");
-        tracing_subscriber::EnvFilter::new(
-            "warn,tunnel_core=info,tunnel_shared=info,tunnel_client=info",
-        )
-    });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(|| LogWriter(Vec::new()))
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+/// Logs to stderr at `level` for this program (RUST_LOG overrides), in `format`.
+pub(crate) fn init_tracing(level: &str, format: LogFormat) {
+    tunnel_shared::logging::init(
+        level,
+        &["tunnel_client"],
+        format,
+        std::io::stderr().is_terminal(),
+        || LogWriter(Vec::new()),
+    );
 }
 
 /// Removes the bars (before a final error message).

@@ -20,7 +20,9 @@ use tunnel_shared::device::admin::{self, ExplainQuery, InitOptions};
 use tunnel_shared::device::{self, DeviceError, DeviceHome, RunOptions};
 use tunnel_shared::iam::{Action, DEFAULT_IAM_TOML};
 use tunnel_shared::identity::{Fingerprint, KeyFileError};
+use tunnel_shared::logging::{self, LogFormat};
 use tunnel_shared::pairing::{PairingMode, PairingString};
+use tunnel_shared::sdnotify;
 use tunnel_shared::state::StateError;
 
 /// Publish TCP services (sshd, a camera's RTSP server, a web UI) to paired clients through an
@@ -40,6 +42,16 @@ struct Cli {
     /// Log level: error, warn, info, debug or trace (RUST_LOG overrides it).
     #[arg(long, global = true, default_value = "info", value_name = "LEVEL")]
     log_level: String,
+
+    /// Log lines on stderr as text, or as one JSON object per line (for log collectors).
+    #[arg(
+        long,
+        global = true,
+        default_value_t = LogFormat::Text,
+        env = "TUNNEL_LOG_FORMAT",
+        value_name = "text|json"
+    )]
+    log_format: LogFormat,
 
     #[command(subcommand)]
     command: Command,
@@ -328,7 +340,13 @@ impl From<DeviceError> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(&cli.log_level);
+    logging::init(
+        &cli.log_level,
+        &["tunnel_device"],
+        cli.log_format,
+        std::io::stderr().is_terminal(),
+        std::io::stderr,
+    );
     let Some(home) = cli.home.clone().or_else(default_device_home) else {
         eprintln!("error: cannot find a home directory: pass --home DIR or set TUNNEL_DEVICE_HOME");
         return ExitCode::from(2);
@@ -341,24 +359,6 @@ fn main() -> ExitCode {
             ExitCode::from(f.code)
         }
     }
-}
-
-fn init_tracing(level: &str) {
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| {
-        format!("warn,tunnel_core={level},tunnel_shared={level},tunnel_device={level}")
-    });
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| {
-        eprintln!("warning: invalid log level '{level}', using info");
-        tracing_subscriber::EnvFilter::new(
-            "warn,tunnel_core=info,tunnel_shared=info,tunnel_device=info",
-        )
-    });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
 }
 
 /// One thread (the default) is the fastest per connection: quinn's connection driver and the
@@ -421,7 +421,12 @@ fn dispatch(command: Command, home: &DeviceHome) -> Result<ExitCode, Failure> {
             rt.block_on(async {
                 let shutdown = CancellationToken::new();
                 tunnel_shared::shutdown::spawn_signal_handler(shutdown.clone(), || {});
-                device::run(opts, shutdown, |_| {}).await
+                sdnotify::attach(&shutdown);
+                device::run(opts, shutdown, |r| {
+                    let listen: Vec<String> = r.listen.iter().map(ToString::to_string).collect();
+                    sdnotify::ready(&format!("serving {} on {}", r.device_id, listen.join(", ")));
+                })
+                .await
             })?;
         }
         Command::Fingerprint => println!("{}", admin::fingerprint(home)?),

@@ -11,6 +11,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tunnel_core::identity::{Fingerprint, KeyFileError};
+use tunnel_core::logging::{self, LogFormat};
+use tunnel_core::sdnotify;
 use tunnel_relay::home::{HomeError, RelayHome};
 use tunnel_relay::{RelayError, RunOptions};
 
@@ -34,6 +36,16 @@ struct Cli {
     /// Log level: error, warn, info, debug or trace (RUST_LOG overrides it).
     #[arg(long, global = true, default_value = "info", value_name = "LEVEL")]
     log_level: String,
+
+    /// Log lines on stderr as text, or as one JSON object per line (for log collectors).
+    #[arg(
+        long,
+        global = true,
+        default_value_t = LogFormat::Text,
+        env = "TUNNEL_LOG_FORMAT",
+        value_name = "text|json"
+    )]
+    log_format: LogFormat,
 
     #[command(subcommand)]
     command: Command,
@@ -153,7 +165,13 @@ fn default_home() -> Option<PathBuf> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing(&cli.log_level);
+    logging::init(
+        &cli.log_level,
+        &["tunnel_relay"],
+        cli.log_format,
+        std::io::stderr().is_terminal(),
+        std::io::stderr,
+    );
     let Some(home) = cli.home.clone().or_else(default_home) else {
         eprintln!("error: cannot find a home directory: pass --home DIR or set TUNNEL_RELAY_HOME");
         return ExitCode::from(2);
@@ -165,21 +183,6 @@ fn main() -> ExitCode {
             ExitCode::from(f.code)
         }
     }
-}
-
-fn init_tracing(level: &str) {
-    let filter = std::env::var("RUST_LOG")
-        .unwrap_or_else(|_| format!("warn,tunnel_relay={level},tunnel_core={level}"));
-    let filter = tracing_subscriber::EnvFilter::try_new(&filter).unwrap_or_else(|_| {
-        eprintln!("warning: invalid log level '{level}', using info");
-        tracing_subscriber::EnvFilter::new("warn,tunnel_relay=info,tunnel_core=info")
-    });
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
 }
 
 fn dispatch(command: Command, home: &RelayHome) -> Result<(), Failure> {
@@ -208,7 +211,16 @@ fn dispatch(command: Command, home: &RelayHome) -> Result<(), Failure> {
             rt.block_on(async {
                 let shutdown = CancellationToken::new();
                 tunnel_core::shutdown::spawn_signal_handler(shutdown.clone(), || {});
-                tunnel_relay::run(opts, shutdown, |_| {}).await
+                sdnotify::attach(&shutdown);
+                tunnel_relay::run(opts, shutdown, |r| {
+                    let listen: Vec<String> = r.listen.iter().map(ToString::to_string).collect();
+                    sdnotify::ready(&format!(
+                        "relaying for {} devices on {}",
+                        r.devices,
+                        listen.join(", ")
+                    ));
+                })
+                .await
             })?;
         }
         Command::Fingerprint => println!("{}", home.load_key()?.fingerprint()),

@@ -243,6 +243,7 @@ impl Up {
 
     /// Re-reads `forwards.toml` and applies it; on an error nothing changes.
     async fn reload(&mut self) -> Result<Applied, ClientError> {
+        crate::sdnotify::reloading();
         let plan = match self.home.forwards_plan() {
             Ok(plan) => plan,
             Err(e) => {

@@ -15,6 +15,7 @@ mod fallback;
 mod fleet;
 mod hardening;
 mod negative;
+mod ops;
 mod pairing;
 mod peers;
 mod punch;
