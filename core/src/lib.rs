@@ -15,6 +15,7 @@
 //! | [`fsutil`] | IO | atomic writes, private dirs and files, locks |
 //! | [`shutdown`] | IO | SIGINT/SIGTERM: graceful first, immediate second |
 //! | [`sdnotify`] | IO | systemd's readiness, reload, stopping and watchdog notifications |
+//! | [`metrics`] | IO | Prometheus metrics: registry, scrape-time sources, connection histograms, the HTTP exporter |
 //! | [`logging`] | IO | the binaries' log output: text or JSON lines on stderr |
 //!
 //! Nothing here knows about devices, users, access control or pairing: those live in
@@ -39,6 +40,7 @@ pub mod identity;
 pub mod jwt;
 pub mod limits;
 pub mod logging;
+pub mod metrics;
 pub mod relay;
 pub mod sdnotify;
 pub mod secret;

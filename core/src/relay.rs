@@ -234,6 +234,25 @@ impl RelayCode {
         }
     }
 
+    /// A short stable name for metrics labels (`other` for unknown codes).
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::NORMAL => "normal",
+            Self::UNKNOWN_DEVICE => "unknown_device",
+            Self::DEVICE_OFFLINE => "device_offline",
+            Self::TOKEN_REJECTED => "token_rejected",
+            Self::RATE_LIMITED => "rate_limited",
+            Self::WRONG_KEY => "wrong_key",
+            Self::BUSY => "busy",
+            Self::CHANNEL_IN_USE => "channel_in_use",
+            Self::PROTOCOL => "protocol",
+            Self::SHUTDOWN => "shutdown",
+            Self::REPLACED => "replaced",
+            Self::REGISTRY_UNAVAILABLE => "registry_unavailable",
+            _ => "other",
+        }
+    }
+
     /// As a QUIC close code.
     pub fn to_varint(self) -> quinn::VarInt {
         quinn::VarInt::from_u32(self.0)

@@ -35,7 +35,8 @@
 )]
 
 pub use tunnel_core::{
-    framed, fsutil, identity, jwt, limits, logging, relay, sdnotify, secret, shutdown, transport,
+    framed, fsutil, identity, jwt, limits, logging, metrics, relay, sdnotify, secret, shutdown,
+    transport,
 };
 
 pub mod authz;

@@ -116,7 +116,8 @@ impl SpliceError {
         }
     }
 
-    fn local_code(&self) -> StreamCode {
+    /// The code this end resets the stream with for this error.
+    pub fn local_code(&self) -> StreamCode {
         match self {
             Self::Reset(c) | Self::Stopped(c) | Self::Killed(c) => *c,
             _ => StreamCode::PEER_RESET,

@@ -178,6 +178,10 @@ enum Command {
         /// Seconds live tunnels may continue after a shutdown signal.
         #[arg(long, default_value_t = 2, value_name = "SECS")]
         drain_timeout: u64,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9465; port 0 picks
+        /// one, written to the ready file).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
         /// Keep relayed connections on the relay: no hole punching to a direct path (to
         /// measure or debug the relayed path).
         #[arg(long)]
@@ -201,6 +205,10 @@ enum Command {
         /// Seconds live tunnels may continue after a shutdown signal.
         #[arg(long, default_value_t = 2, value_name = "SECS")]
         drain_timeout: u64,
+        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9465; port 0 picks
+        /// one, written to the ready file).
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
         /// Keep relayed connections on the relay (no hole punching).
         #[arg(long)]
         no_punch: bool,
@@ -658,10 +666,12 @@ fn dispatch(command: Command, home: ClientHome) -> Result<(), Failure> {
             ready_file,
             connect_wait,
             drain_timeout,
+            metrics,
             no_punch,
             relay_via,
         } => {
             let mut opts = OpenOptions::new(home, device, forwards);
+            opts.metrics = metrics;
             opts.connect.transport.hole_punching = !no_punch;
             opts.connect.transport.relay_via = relay_via.into();
             opts.ready_file = ready_file;
@@ -673,10 +683,12 @@ fn dispatch(command: Command, home: ClientHome) -> Result<(), Failure> {
             ready_file,
             connect_wait,
             drain_timeout,
+            metrics,
             no_punch,
             relay_via,
         } => {
             let mut opts = UpOptions::new(home);
+            opts.metrics = metrics;
             opts.connect.transport.hole_punching = !no_punch;
             opts.connect.transport.relay_via = relay_via.into();
             opts.ready_file = ready_file;

@@ -319,6 +319,7 @@ fn exit_code(e: &DeviceError) -> u8 {
         | E::Key(_)
         | E::Transport(_)
         | E::AlreadyRunning(_)
+        | E::Metrics { .. }
         | E::Io { .. } => 1,
     }
 }

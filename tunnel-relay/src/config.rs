@@ -41,6 +41,9 @@ pub struct RelayConfig {
     /// A fleet of relays sharing a registry in Redis (none: this relay alone, in memory).
     #[serde(default)]
     pub fleet: Option<FleetConfig>,
+    /// Prometheus metrics (read at start; off unless `listen` is set).
+    #[serde(default)]
+    pub metrics: tunnel_core::metrics::MetricsConfig,
 }
 
 /// `[fleet]`: relays that share a registry of which relay each device is attached to, so a
@@ -264,6 +267,9 @@ pub fn template(listen: &[SocketAddr]) -> String {
          # max_handshakes_per_source = {}\n\
          # max_handshakes = {}\n\
          # failed_connects_burst = {}         # then failed_connects_per_minute = {}\n\
+         \n\
+         # [metrics]\n\
+         # listen = \"127.0.0.1:9464\"          # Prometheus metrics at http://ADDR/metrics (read at start)\n\
          \n\
          # [fleet]                            # several relays sharing a registry (docs/RELAY.md)\n\
          # redis = \"redis://127.0.0.1:6379/\"\n\

@@ -169,6 +169,14 @@ impl Hub {
         }
     }
 
+    /// The client legs of the open channels.
+    pub(crate) fn client_conns(&self) -> Vec<quinn::Connection> {
+        self.channels
+            .read()
+            .map(|c| c.values().cloned().collect())
+            .unwrap_or_default()
+    }
+
     pub(crate) fn channel_count(&self) -> usize {
         self.channels.read().map_or(0, |c| c.len())
     }

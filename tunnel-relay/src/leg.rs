@@ -58,8 +58,14 @@ pub(crate) async fn accept_loop(relay: Arc<Relay>, endpoint: quinn::Endpoint) {
         let limits = relay.config().limits.handshakes();
         let source = incoming.remote_address().ip();
         let validated = incoming.remote_address_validated();
-        let Ok(incoming) = transport::screen(&relay.gate, incoming, validated, &limits) else {
-            continue;
+        let incoming = match transport::screen(&relay.gate, incoming, validated, &limits) {
+            Ok(incoming) => incoming,
+            Err(gate) => {
+                if gate != tunnel_core::limits::Gate::Retry {
+                    relay.metrics.handshake_failures.inc("gate_refused");
+                }
+                continue;
+            }
         };
         let slot = Slot {
             relay: relay.clone(),
@@ -73,7 +79,9 @@ pub(crate) async fn accept_loop(relay: Arc<Relay>, endpoint: quinn::Endpoint) {
     }
 }
 
-fn refuse(conn: &quinn::Connection, code: RelayCode) {
+/// Closes a leg with `code`, counted.
+fn refuse(relay: &Relay, conn: &quinn::Connection, code: RelayCode) {
+    relay.metrics.refusals.inc(code.label());
     conn.close(code.to_varint(), code.describe().as_bytes());
 }
 
@@ -83,20 +91,29 @@ async fn leg(relay: Arc<Relay>, incoming: quinn::Incoming, id: u64, slot: Slot) 
     let conn = match incoming.accept() {
         Ok(c) => match tokio::time::timeout(timeout, c).await {
             Ok(Ok(conn)) => conn,
-            Ok(Err(e)) => return debug!("handshake failed: {e}"),
-            Err(_) => return debug!("handshake timed out"),
+            Ok(Err(e)) => {
+                relay.metrics.handshake_failures.inc("tls");
+                return debug!("handshake failed: {e}");
+            }
+            Err(_) => {
+                relay.metrics.handshake_failures.inc("timeout");
+                return debug!("handshake timed out");
+            }
         },
-        Err(e) => return debug!("handshake refused: {e}"),
+        Err(e) => {
+            relay.metrics.handshake_failures.inc("refused");
+            return debug!("handshake refused: {e}");
+        }
     };
     let Some(fingerprint) = transport::peer_fingerprint(&conn) else {
-        return refuse(&conn, RelayCode::PROTOCOL);
+        return refuse(&relay, &conn, RelayCode::PROTOCOL);
     };
     tracing::Span::current().record("peer", tracing::field::display(fingerprint.fmt_short()));
     let max = usize::try_from(relay.config().limits.max_legs).unwrap_or(usize::MAX);
     if relay.legs.fetch_add(1, Ordering::Relaxed) >= max {
         relay.legs.fetch_sub(1, Ordering::Relaxed);
         info!(limit = max, "leg limit reached: refusing");
-        return refuse(&conn, RelayCode::BUSY);
+        return refuse(&relay, &conn, RelayCode::BUSY);
     }
     let _leg = LegSlot(relay.clone());
     let first = tokio::time::timeout(timeout, async {
@@ -109,7 +126,7 @@ async fn leg(relay: Arc<Relay>, incoming: quinn::Incoming, id: u64, slot: Slot) 
     .await;
     let Ok(Some((send, recv, hello))) = first else {
         debug!("no valid first frame");
-        return refuse(&conn, RelayCode::PROTOCOL);
+        return refuse(&relay, &conn, RelayCode::PROTOCOL);
     };
     // Past the first frame: the handshake slot is free again.
     drop(slot);
@@ -142,7 +159,7 @@ async fn leg(relay: Arc<Relay>, incoming: quinn::Incoming, id: u64, slot: Slot) 
             };
             serve_client(&relay, conn, fingerprint, send, request).await;
         }
-        _ => refuse(&conn, RelayCode::PROTOCOL),
+        _ => refuse(&relay, &conn, RelayCode::PROTOCOL),
     }
 }
 
@@ -152,12 +169,19 @@ async fn answer(send: &mut quinn::SendStream, event: &RelayEvent) -> bool {
         .is_ok()
 }
 
-async fn refuse_with(conn: &quinn::Connection, send: &mut quinn::SendStream, code: RelayCode) {
+async fn refuse_with(
+    relay: &Relay,
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    code: RelayCode,
+) {
+    // Counted before the peer hears of it.
+    relay.metrics.refusals.inc(code.label());
     let _ = answer(send, &RelayEvent::Refused { code }).await;
     let _ = send.finish();
     // Give the answer a moment to leave before the close discards it.
     let _ = tokio::time::timeout(Duration::from_millis(200), send.stopped()).await;
-    refuse(conn, code);
+    conn.close(code.to_varint(), code.describe().as_bytes());
 }
 
 /// What a device's `Attach` asked for.
@@ -204,7 +228,7 @@ async fn serve_device(
         } else {
             info!(device = %device_id, "refused an attach: {code}");
         }
-        return refuse_with(&conn, &mut send, code).await;
+        return refuse_with(relay, &conn, &mut send, code).await;
     }
     let Some(hub) = relay.hub_or_new(&device_id) else {
         return;
@@ -320,7 +344,7 @@ async fn read_updates(
                 hub.set_candidates(c);
             }
             Ok(Some(DeviceUpdate::Tokens(_) | DeviceUpdate::Candidates(_))) | Err(_) => {
-                refuse(&conn, RelayCode::PROTOCOL);
+                refuse(&relay, &conn, RelayCode::PROTOCOL);
                 return;
             }
             Ok(None) => return,
@@ -418,16 +442,16 @@ async fn serve_client(
     let config = relay.config();
     let limits = &config.limits;
     if channel == relay::PROBE_CHANNEL || candidates.len() > MAX_CANDIDATES {
-        return refuse_with(&conn, &mut send, RelayCode::PROTOCOL).await;
+        return refuse_with(relay, &conn, &mut send, RelayCode::PROTOCOL).await;
     }
     if !relay.may_try(source) {
         info!(device = %device_id, "connect refused: too many failures from this source");
-        return refuse_with(&conn, &mut send, RelayCode::RATE_LIMITED).await;
+        return refuse_with(relay, &conn, &mut send, RelayCode::RATE_LIMITED).await;
     }
     if config.device(device_id).is_none() {
         relay.failed(source);
         info!(device = %device_id, "connect refused: no such device");
-        return refuse_with(&conn, &mut send, RelayCode::UNKNOWN_DEVICE).await;
+        return refuse_with(relay, &conn, &mut send, RelayCode::UNKNOWN_DEVICE).await;
     }
     let Some(hub) = relay.hub(device_id).filter(|h| h.device().is_some()) else {
         match redirect(relay, device_id, token, source).await {
@@ -437,27 +461,28 @@ async fn serve_client(
                     // Let the answer reach the client before the leg closes.
                     let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
                 }
+                relay.metrics.redirects.fetch_add(1, Ordering::Relaxed);
                 conn.close(RelayCode::NORMAL.to_varint(), b"redirected");
             }
-            Err(code) => refuse_with(&conn, &mut send, code).await,
+            Err(code) => refuse_with(relay, &conn, &mut send, code).await,
         }
         return;
     };
     if !token_ok(relay, device_id, &hub.tokens(), token) {
         relay.failed(source);
         info!(device = %device_id, presented = token.is_some(), "connect refused: token rejected");
-        return refuse_with(&conn, &mut send, RelayCode::TOKEN_REJECTED).await;
+        return refuse_with(relay, &conn, &mut send, RelayCode::TOKEN_REJECTED).await;
     }
     let per_device = usize::try_from(limits.max_channels_per_device).unwrap_or(usize::MAX);
     if hub.channel_count() >= per_device
         || !relay.take_client_slot(fingerprint, limits.max_channels_per_client)
     {
         info!(device = %device_id, "connect refused: channel limit reached");
-        return refuse_with(&conn, &mut send, RelayCode::BUSY).await;
+        return refuse_with(relay, &conn, &mut send, RelayCode::BUSY).await;
     }
     if !hub.open(channel, &conn) {
         relay.give_client_slot(fingerprint);
-        return refuse_with(&conn, &mut send, RelayCode::CHANNEL_IN_USE).await;
+        return refuse_with(relay, &conn, &mut send, RelayCode::CHANNEL_IN_USE).await;
     }
     // The device hears of the client's candidates before the client hears of the device's, so
     // both start probing at about the same time.

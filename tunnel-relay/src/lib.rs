@@ -15,6 +15,7 @@
 //! | `hub` | IO | one device's meeting point: its leg, its clients' channels, token hashes, forwarding |
 //! | [`server`] | IO | [`run`]: endpoints, reload, counters, shutdown |
 //! | `leg` | IO | one leg: the handshake gate, the first frame, a device's attachment or a client's channel |
+//! | `metrics` | IO | what `[metrics] listen` exports: legs, devices, channels, forwarding, refusals, RTT |
 //! | `registry` | IO | `[fleet]`: the Redis registry (device id → relay, token hashes, TTL) behind redirects |
 //!
 //! This crate depends on `tunnel-core` only (codec, identity, transport, limits, the leg
@@ -32,6 +33,7 @@ pub mod config;
 pub mod home;
 mod hub;
 mod leg;
+mod metrics;
 mod registry;
 pub mod server;
 

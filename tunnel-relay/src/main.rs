@@ -136,6 +136,7 @@ fn exit_code(e: &RelayError) -> u8 {
         RelayError::Transport(_)
         | RelayError::TcpBind { .. }
         | RelayError::AlreadyRunning(_)
+        | RelayError::Metrics { .. }
         | RelayError::Io { .. } => 1,
     }
 }

@@ -77,6 +77,8 @@ pub struct Ready {
     pub tcp: Vec<SocketAddr>,
     /// Devices served.
     pub devices: usize,
+    /// Where the metrics are served (`[metrics] listen`, with its port if it was 0).
+    pub metrics: Option<SocketAddr>,
 }
 
 /// The relay could not start.
@@ -119,6 +121,14 @@ pub enum RelayError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// `[metrics] listen` cannot be bound.
+    #[error("cannot serve metrics on {addr} ([metrics] listen in relay.toml): {source}")]
+    Metrics {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 /// Failed connects remembered per source at most (full buckets are forgotten first).
@@ -145,6 +155,7 @@ pub(crate) struct Relay {
     pub(crate) legs: AtomicUsize,
     pub(crate) next_leg: AtomicU64,
     pub(crate) counters: Counters,
+    pub(crate) metrics: crate::metrics::RelayMetrics,
     pub(crate) shutdown: CancellationToken,
     pub(crate) tasks: TaskTracker,
     /// The fleet's registry (`[fleet]`), or none: this relay alone.
@@ -152,10 +163,41 @@ pub(crate) struct Relay {
 }
 
 impl Relay {
+    fn new(
+        config: RelayConfig,
+        jwt: Option<JwtVerifier>,
+        registry: Option<Arc<Registry>>,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            config: RwLock::new(Arc::new(config)),
+            jwt: RwLock::new(jwt.map(Arc::new)),
+            hubs: Mutex::new(HashMap::new()),
+            gate: Mutex::new(HandshakeGate::default()),
+            failures: Mutex::new(HashMap::new()),
+            per_client: Mutex::new(HashMap::new()),
+            legs: AtomicUsize::new(0),
+            next_leg: AtomicU64::new(1),
+            counters: Counters::default(),
+            metrics: crate::metrics::RelayMetrics::default(),
+            shutdown,
+            tasks: TaskTracker::new(),
+            registry,
+        }
+    }
+
     pub(crate) fn config(&self) -> Arc<RelayConfig> {
         self.config
             .read()
             .map_or_else(|p| p.into_inner().clone(), |c| c.clone())
+    }
+
+    /// Every hub now.
+    pub(crate) fn hubs_now(&self) -> Vec<Arc<Hub>> {
+        self.hubs
+            .lock()
+            .map(|h| h.values().cloned().collect())
+            .unwrap_or_default()
     }
 
     pub(crate) fn hub(&self, id: &str) -> Option<Arc<Hub>> {
@@ -275,12 +317,16 @@ pub async fn run(
         tcp,
     } = bind(&identity, &config, &listen)?;
     let tcp_bound = tcp.bound.clone();
+    let metrics_listener = tunnel_core::metrics::bind_config(&config.metrics)
+        .await
+        .map_err(|(addr, source)| RelayError::Metrics { addr, source })?;
     let ready = Ready {
         pid: std::process::id(),
         fingerprint: identity.fingerprint().to_string(),
         listen: bound.clone(),
         tcp: tcp_bound.clone(),
         devices: config.devices.len(),
+        metrics: metrics_listener.as_ref().and_then(|l| l.local_addr().ok()),
     };
     info!(
         fingerprint = %identity.fingerprint(),
@@ -290,25 +336,15 @@ pub async fn run(
         jwt = config.jwt.is_some(),
         "tunnel-relay is listening"
     );
-    let relay = Arc::new(Relay {
-        config: RwLock::new(Arc::new(config)),
-        jwt: RwLock::new(jwt.map(Arc::new)),
-        hubs: Mutex::new(HashMap::new()),
-        gate: Mutex::new(HandshakeGate::default()),
-        failures: Mutex::new(HashMap::new()),
-        per_client: Mutex::new(HashMap::new()),
-        legs: AtomicUsize::new(0),
-        next_leg: AtomicU64::new(1),
-        counters: Counters::default(),
-        shutdown: shutdown.clone(),
-        tasks: TaskTracker::new(),
-        registry,
-    });
+    let relay = Arc::new(Relay::new(config, jwt, registry, shutdown.clone()));
     if let Some(path) = &opts.ready_file {
         write_ready(path, &ready).map_err(|source| RelayError::Io {
             path: path.clone(),
             source,
         })?;
+    }
+    if let Some(listener) = metrics_listener {
+        export_metrics(&relay, listener);
     }
     on_ready(&ready);
     start_tasks(&relay, &endpoints, tcp);
@@ -321,6 +357,31 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
+}
+
+/// Serves the relay's metrics on `listener` and samples its legs every
+/// [`tunnel_core::metrics::SAMPLE_EVERY`].
+fn export_metrics(relay: &Arc<Relay>, listener: tokio::net::TcpListener) {
+    let mut registry = tunnel_core::metrics::registry("tunnel-relay");
+    tunnel_core::metrics::register_source(
+        &mut registry,
+        Arc::new(crate::metrics::Exported(Arc::downgrade(relay))),
+    );
+    relay.metrics.sampler.register(&mut registry, "relay");
+    info!(addr = ?listener.local_addr().ok(), "serving metrics at /metrics");
+    tunnel_core::metrics::serve(listener, Arc::new(registry), relay.shutdown.clone());
+    let (weak, stop) = (Arc::downgrade(relay), relay.shutdown.clone());
+    relay.tasks.spawn(async move {
+        let mut tick = tokio::time::interval(tunnel_core::metrics::SAMPLE_EVERY);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => return,
+            }
+            let Some(relay) = weak.upgrade() else { return };
+            crate::metrics::sample_legs(&relay);
+        }
+    });
 }
 
 /// The relay's long-running tasks: an accept loop per endpoint and per TCP listener, and the

@@ -35,6 +35,8 @@ pub struct OpenOptions {
     pub drain_timeout: Duration,
     /// Connection settings.
     pub connect: ConnectOptions,
+    /// Where to serve Prometheus metrics.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl OpenOptions {
@@ -48,6 +50,7 @@ impl OpenOptions {
             connect_wait: Duration::from_secs(15),
             drain_timeout: Duration::from_secs(2),
             connect: ConnectOptions::default(),
+            metrics: None,
         }
     }
 }
@@ -74,7 +77,9 @@ impl Opener {
             connect_wait: opts.connect_wait,
             drain_timeout: opts.drain_timeout,
             ready_file: opts.ready_file.map(|p| (p, ReadyStyle::Open)),
+            metrics: opts.metrics,
         })?;
+        forwarder.serve_metrics().await?;
         let plan = Plan {
             devices: vec![(device, opts.forwards)],
         };

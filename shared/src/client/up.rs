@@ -34,6 +34,8 @@ pub struct UpOptions {
     pub drain_timeout: Duration,
     /// Connection settings.
     pub connect: ConnectOptions,
+    /// Where to serve Prometheus metrics.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 impl UpOptions {
@@ -45,6 +47,7 @@ impl UpOptions {
             connect_wait: Duration::from_secs(15),
             drain_timeout: Duration::from_secs(2),
             connect: ConnectOptions::default(),
+            metrics: None,
         }
     }
 }
@@ -188,7 +191,9 @@ impl Up {
             connect_wait: opts.connect_wait,
             drain_timeout: opts.drain_timeout,
             ready_file: opts.ready_file.map(|p| (p, ReadyStyle::Up)),
+            metrics: opts.metrics,
         })?;
+        forwarder.serve_metrics().await?;
         if plan.devices.is_empty() {
             warn!(
                 path = %home.forwards_path().display(),

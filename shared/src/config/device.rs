@@ -44,6 +44,9 @@ pub struct DeviceConfig {
     /// Relays the device attaches to, so clients anywhere reach it (docs/RELAY.md).
     #[serde(default, rename = "relay")]
     pub relays: Vec<RelayRef>,
+    /// Prometheus metrics (read at start; off unless `listen` is set).
+    #[serde(default)]
+    pub metrics: crate::metrics::MetricsConfig,
     /// The services clients may tunnel to.
     #[serde(default, rename = "service")]
     pub services: Vec<ServiceConfig>,
@@ -413,6 +416,10 @@ impl DeviceConfig {
              # local_networks = []            # more local networks, e.g. [\"203.0.113.0/24\"]\n\
              # mdns = true                    # announce on the LAN as _tunnel._udp.local\n\
              # advertise = []                 # addresses for pairing strings, e.g. [\"cam.example.net:5592\"]\n",
+        );
+        out.push_str(
+            "\n[metrics]\n\
+             # listen = \"127.0.0.1:9464\"      # Prometheus metrics at http://ADDR/metrics (read at start)\n",
         );
         for svc in &self.services {
             out.push('\n');

@@ -102,6 +102,7 @@ pub fn init(home: &DeviceHome, opts: InitOptions) -> Result<InitReport, DeviceEr
         network: NetworkSettings::default(),
         jwt: None,
         relays: Vec::new(),
+        metrics: crate::metrics::MetricsConfig::default(),
         services,
     };
     cfg.validate()?;

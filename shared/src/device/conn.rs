@@ -55,6 +55,8 @@ pub(crate) struct Conn {
     pub(crate) flow: Mutex<PasswordFlow>,
     /// State-changing requests (writes of `state.json`) this connection may still make.
     writes: Mutex<TokenBucket>,
+    /// The device's path socket, for a relayed connection (to tell a punched path).
+    relayed: std::sync::OnceLock<Paths>,
 }
 
 impl Conn {
@@ -76,6 +78,19 @@ impl Conn {
             tunnels: Mutex::new(HashMap::new()),
             flow: Mutex::new(PasswordFlow::default()),
             writes: Mutex::new(TokenBucket::new(WRITES_BURST, WRITES_PER_SEC, now)),
+            relayed: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// `direct`, `relayed`, or `punched` (relayed at first, direct through NAT now).
+    pub(crate) fn path_label(&self) -> &'static str {
+        let remote = self.remote();
+        if !transport::path::is_virtual(remote) {
+            return "direct";
+        }
+        match self.relayed.get().and_then(|p| p.state(remote)) {
+            Some(transport::path::PathState::Direct(_)) => "punched",
+            _ => "relayed",
         }
     }
 
@@ -192,6 +207,9 @@ pub(crate) async fn accept_loop(
             Ok(incoming) => incoming,
             Err(gate) => {
                 live.count_refused_handshake(gate == Gate::Retry);
+                if gate != Gate::Retry {
+                    live.metrics.handshake_failures.inc("gate_refused");
+                }
                 continue;
             }
         };
@@ -220,6 +238,7 @@ async fn handshake(
     incoming: quinn::Incoming,
     relayed: Option<Arc<quinn::ServerConfig>>,
     deadline: Duration,
+    failures: &crate::metrics::Counts,
 ) -> Option<(quinn::Connection, Fingerprint, ControlServer, Hello)> {
     let accepted = match relayed {
         Some(cfg) => incoming.accept_with(cfg),
@@ -229,6 +248,7 @@ async fn handshake(
         Ok(c) => c,
         Err(e) => {
             debug!("handshake refused: {e}");
+            failures.inc("refused");
             return None;
         }
     };
@@ -236,14 +256,17 @@ async fn handshake(
         Ok(Ok(conn)) => conn,
         Ok(Err(e)) => {
             debug!("handshake failed: {e}");
+            failures.inc("tls");
             return None;
         }
         Err(_) => {
             debug!("handshake timed out");
+            failures.inc("timeout");
             return None;
         }
     };
     let Some(fingerprint) = transport::peer_fingerprint(&conn) else {
+        failures.inc("no_key");
         conn.close(CloseCode::PROTOCOL.to_varint(), b"no client key");
         return None;
     };
@@ -252,11 +275,13 @@ async fn handshake(
         Ok(Ok((control, hello))) => Some((conn, fingerprint, control, hello)),
         Ok(Err(e)) => {
             debug!("no valid hello: {e}");
+            failures.inc("no_hello");
             conn.close(CloseCode::PROTOCOL.to_varint(), b"expected hello");
             None
         }
         Err(_) => {
             debug!("hello timed out");
+            failures.inc("hello_timeout");
             conn.close(CloseCode::PROTOCOL.to_varint(), b"hello timeout");
             None
         }
@@ -273,8 +298,13 @@ async fn handle(
 ) {
     let remote = incoming.remote_address();
     let deadline = Duration::from_secs(live.config().limits.handshake_timeout_secs);
-    let Some((quic, fingerprint, mut control, hello)) =
-        handshake(incoming, relayed, deadline).await
+    let Some((quic, fingerprint, mut control, hello)) = handshake(
+        incoming,
+        relayed,
+        deadline,
+        &live.metrics.handshake_failures,
+    )
+    .await
     else {
         return;
     };
@@ -305,6 +335,12 @@ async fn handle(
         live.tasks.spawn(close_if_unpaired(conn.clone(), timeout));
     }
     live.register(id, &conn);
+    live.metrics.sampler.observe(&quic);
+    if let Some(p) = &paths
+        && transport::path::is_virtual(remote)
+    {
+        let _ = conn.relayed.set(p.clone());
+    }
     if let Some(paths) = paths
         && welcome.user.is_some()
         && transport::path::is_virtual(remote)
@@ -348,6 +384,7 @@ fn admit(
     hello: &Hello,
 ) -> Option<(Arc<Conn>, Welcome, Option<Duration>)> {
     if hello.version != proto::PROTOCOL_VERSION {
+        live.metrics.handshake_failures.inc("version");
         info!(
             client_version = hello.version,
             "incompatible client version"
@@ -380,6 +417,7 @@ fn admit(
     let who = match admitted {
         Ok(who) => who,
         Err(refusal) => {
+            count_refusal(live, refusal, hello);
             log_refusal(refusal, hello, &conn, &snap.config);
             conn.close(refusal);
             return None;
@@ -426,6 +464,24 @@ fn jwt_valid(live: &Live, token: &Secret, device_id: &str) -> bool {
             info!("refused a JWT: {e}");
             false
         }
+    }
+}
+
+/// Counts an admission refusal by reason: token refusals apart from the others.
+fn count_refusal(live: &Live, refusal: Refusal, hello: &Hello) {
+    let m = &live.metrics;
+    match refusal.code {
+        CloseCode::SCT_REJECTED => m.token_failures.inc(match &hello.sct {
+            None => "missing",
+            Some(t) if crate::jwt::looks_like_jwt(t.expose()) => "jwt_invalid",
+            Some(_) => "invalid",
+        }),
+        CloseCode::REMOTE_DISABLED => m.handshake_failures.inc("remote_disabled"),
+        CloseCode::UNKNOWN_KEY => m.handshake_failures.inc("unknown_key"),
+        _ if refusal.reason == authz::TOO_MANY_CONNECTIONS => {
+            m.handshake_failures.inc("connection_limit");
+        }
+        _ => m.handshake_failures.inc("unpaired_limit"),
     }
 }
 

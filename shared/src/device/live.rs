@@ -69,6 +69,8 @@ pub(crate) struct Live {
     state_version: tokio::sync::watch::Sender<u64>,
     /// Bumped at every change of the configuration (the relay legs follow `[[relay]]`).
     config_version: tokio::sync::watch::Sender<u64>,
+    /// What the device counts (exported with `[metrics] listen`).
+    pub(crate) metrics: super::metrics::DeviceMetrics,
 }
 
 fn read<T: Clone>(lock: &RwLock<T>) -> T {
@@ -159,6 +161,7 @@ impl Live {
             jwt: RwLock::new(None),
             state_version: tokio::sync::watch::Sender::new(0),
             config_version: tokio::sync::watch::Sender::new(0),
+            metrics: super::metrics::DeviceMetrics::default(),
         }
     }
 
@@ -234,7 +237,7 @@ impl Live {
         self.next_id.fetch_add(1, Ordering::Relaxed)
     }
 
-    fn conns(&self) -> Vec<Arc<Conn>> {
+    pub(crate) fn conns(&self) -> Vec<Arc<Conn>> {
         self.conns.lock().map_or_else(
             |p| p.into_inner().values().cloned().collect(),
             |g| g.values().cloned().collect(),

@@ -38,6 +38,7 @@ mod conn;
 mod control;
 pub mod home;
 mod live;
+mod metrics;
 mod relay;
 mod reload;
 mod resolve;
@@ -108,6 +109,8 @@ pub struct Ready {
     pub listen: Vec<SocketAddr>,
     /// Each relay of `[[relay]]` and its state (the ready file is rewritten when one changes).
     pub relays: Vec<RelayStatus>,
+    /// Where the metrics are served (`[metrics] listen`, with its port if it was 0).
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Ready {
@@ -127,6 +130,7 @@ impl Ready {
                     observed: None,
                 })
                 .collect(),
+            metrics: None,
         }
     }
 }
@@ -193,6 +197,14 @@ pub enum DeviceError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// `[metrics] listen` cannot be bound.
+    #[error("cannot serve metrics on {addr} ([metrics] listen in device.toml): {source}")]
+    Metrics {
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: std::io::Error,
+    },
 }
 
 /// Runs the device until `shutdown` is cancelled, then shuts down gracefully.
@@ -235,7 +247,11 @@ pub async fn run(
     // Relay legs are client connections from their own socket.
     let leg_endpoint = transport::client_endpoint(&config.transport)?;
 
-    let ready = Ready::new(&identity, &config, &bound);
+    let mut ready = Ready::new(&identity, &config, &bound);
+    let metrics_listener = crate::metrics::bind_config(&config.metrics)
+        .await
+        .map_err(|(addr, source)| DeviceError::Metrics { addr, source })?;
+    ready.metrics = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
     log_start(&config, &state, &iam, &identity, &bound);
     let announcer = announce(&config, &identity, &bound);
 
@@ -248,6 +264,9 @@ pub async fn run(
         shutdown.clone(),
     ));
     live.set_jwt(jwt);
+    if let Some(listener) = metrics_listener {
+        export_metrics(&live, listener);
+    }
     if let Some(path) = &opts.ready_file {
         write_ready_file(path, &ready).map_err(|source| DeviceError::Io {
             path: path.clone(),
@@ -258,16 +277,7 @@ pub async fn run(
 
     live.tasks
         .spawn(reload::watch(live.clone(), stamps, opts.reload_interval));
-    let relayed = Arc::new(relayed_server_config(&identity, &live.config())?);
-    // Relayed clients arrive at the first endpoint, whose socket also punches direct paths.
-    for (i, ep) in endpoints.iter().enumerate() {
-        live.tasks.spawn(conn::accept_loop(
-            live.clone(),
-            ep.clone(),
-            relayed.clone(),
-            (i == 0).then(|| paths.clone()),
-        ));
-    }
+    accept_all(&live, &identity, &endpoints, &paths)?;
     start_relays(
         &live,
         identity,
@@ -288,6 +298,56 @@ pub async fn run(
     }
     info!("stopped");
     Ok(())
+}
+
+/// An accept loop per endpoint. Relayed clients arrive at the first endpoint, whose socket also
+/// punches direct paths.
+fn accept_all(
+    live: &Arc<Live>,
+    identity: &Identity,
+    endpoints: &[quinn::Endpoint],
+    paths: &transport::path::Paths,
+) -> Result<(), DeviceError> {
+    let relayed = Arc::new(relayed_server_config(identity, &live.config())?);
+    for (i, ep) in endpoints.iter().enumerate() {
+        live.tasks.spawn(conn::accept_loop(
+            live.clone(),
+            ep.clone(),
+            relayed.clone(),
+            (i == 0).then(|| paths.clone()),
+        ));
+    }
+    Ok(())
+}
+
+/// Serves the device's metrics on `listener` and samples its connections' RTT and congestion
+/// window every [`crate::metrics::SAMPLE_EVERY`].
+fn export_metrics(live: &Arc<Live>, listener: tokio::net::TcpListener) {
+    let mut registry = crate::metrics::registry("tunnel-device");
+    crate::metrics::register_source(
+        &mut registry,
+        Arc::new(metrics::Exported {
+            live: Arc::downgrade(live),
+        }),
+    );
+    live.metrics.sampler.register(&mut registry, "device");
+    info!(addr = %listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "serving metrics at /metrics");
+    crate::metrics::serve(listener, Arc::new(registry), live.shutdown.clone());
+    let (weak, stop) = (Arc::downgrade(live), live.shutdown.clone());
+    live.tasks.spawn(async move {
+        let mut tick = tokio::time::interval(crate::metrics::SAMPLE_EVERY);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => return,
+            }
+            let Some(live) = weak.upgrade() else { return };
+            for conn in live.conns() {
+                live.metrics.sampler.observe(&conn.quic);
+            }
+        }
+    });
 }
 
 /// Starts the legs to the relays of `[[relay]]` (following `device.toml`), and keeps the ready

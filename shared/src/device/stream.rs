@@ -29,7 +29,7 @@ pub(crate) async fn accept_loop(live: &Arc<Live>, conn: &Arc<Conn>) {
             },
             () = live.shutdown.cancelled() => {
                 // Keep the connection until the drain ends, but take no new tunnels.
-                refuse_all(&conn.quic).await;
+                refuse_all(live, &conn.quic).await;
                 return;
             }
         };
@@ -40,14 +40,26 @@ pub(crate) async fn accept_loop(live: &Arc<Live>, conn: &Arc<Conn>) {
     }
 }
 
-async fn refuse_all(quic: &quinn::Connection) {
+async fn refuse_all(live: &Live, quic: &quinn::Connection) {
     while let Ok((mut send, mut recv)) = quic.accept_bi().await {
-        splice::reject_stream(&mut send, &mut recv, StreamCode::SHUTDOWN);
+        reject(live, &mut send, &mut recv, StreamCode::SHUTDOWN);
     }
+}
+
+/// Resets a tunnel stream with `code`, counted.
+fn reject(
+    live: &Live,
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+    code: StreamCode,
+) {
+    live.metrics.reset_sent(code);
+    splice::reject_stream(send, recv, code);
 }
 
 /// Reads the header within `deadline`; `None` (stream already reset) when there is none.
 async fn read_header(
+    live: &Live,
     send: &mut quinn::SendStream,
     recv: &mut quinn::RecvStream,
     deadline: Duration,
@@ -60,7 +72,7 @@ async fn read_header(
                 Ok(Err(e)) => debug!("bad stream header: {e}"),
                 _ => debug!("stream header timed out"),
             }
-            splice::reject_stream(send, recv, StreamCode::BAD_HEADER);
+            reject(live, send, recv, StreamCode::BAD_HEADER);
             None
         }
     }
@@ -80,16 +92,16 @@ async fn handle(
     let user = conn.user().unwrap_or_default();
     let Some(_user_slot) = live.user_stream(&user, limits.max_streams_per_user as usize) else {
         debug!(%user, "per-user tunnel limit reached: refusing a tunnel");
-        splice::reject_stream(&mut send, &mut recv, StreamCode::LIMIT_REACHED);
+        reject(&live, &mut send, &mut recv, StreamCode::LIMIT_REACHED);
         return;
     };
     let deadline = Duration::from_secs(limits.header_timeout_secs);
-    let Some(service_id) = read_header(&mut send, &mut recv, deadline).await else {
+    let Some(service_id) = read_header(&live, &mut send, &mut recv, deadline).await else {
         return;
     };
     // Its address may have moved since the connection was admitted.
     if !live.recheck(&conn) {
-        splice::reject_stream(&mut send, &mut recv, StreamCode::FORBIDDEN);
+        reject(&live, &mut send, &mut recv, StreamCode::FORBIDDEN);
         return;
     }
 
@@ -97,14 +109,14 @@ async fn handle(
     let (service, user) = match authorize(&live, &conn, &service_id) {
         Ok(ok) => ok,
         Err(code) => {
-            splice::reject_stream(&mut send, &mut recv, code);
+            reject(&live, &mut send, &mut recv, code);
             return;
         }
     };
     // Only an authorized tunnel takes one of the device-wide permits.
     let Ok(_permit) = live.streams_total.clone().try_acquire_owned() else {
         warn!("device-wide tunnel limit reached: refusing a tunnel");
-        splice::reject_stream(&mut send, &mut recv, StreamCode::LIMIT_REACHED);
+        reject(&live, &mut send, &mut recv, StreamCode::LIMIT_REACHED);
         return;
     };
 
@@ -114,12 +126,12 @@ async fn handle(
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => {
             warn!(service = %service_id, target = %target, "cannot reach the service: {e}");
-            splice::reject_stream(&mut send, &mut recv, StreamCode::TARGET_UNREACHABLE);
+            reject(&live, &mut send, &mut recv, StreamCode::TARGET_UNREACHABLE);
             return;
         }
         Err(_) => {
             warn!(service = %service_id, target = %target, "cannot reach the service: timed out after {connect_timeout:?}");
-            splice::reject_stream(&mut send, &mut recv, StreamCode::TARGET_UNREACHABLE);
+            reject(&live, &mut send, &mut recv, StreamCode::TARGET_UNREACHABLE);
             return;
         }
     };
@@ -140,7 +152,9 @@ async fn handle(
         kill.kill(StreamCode::FORBIDDEN);
     }
     debug!(%user, service = %service_id, "tunnel open");
-    let result = splice::splice(tcp, send, recv, &kill, None).await;
+    let counted = live.metrics.tunnel_opened(&service_id, &user);
+    let result = splice::splice(tcp, send, recv, &kill, Some(&counted.0.bytes)).await;
+    drop(counted);
     if let Ok(mut tunnels) = conn.tunnels.lock() {
         tunnels.remove(&n);
     }
@@ -151,7 +165,13 @@ async fn handle(
             from_service = stats.tcp_to_quic,
             "tunnel closed"
         ),
-        Err(e) => debug!(service = %service_id, "tunnel ended: {e}"),
+        Err(e) => {
+            match e.peer_code() {
+                Some(code) => live.metrics.reset_received(code),
+                None => live.metrics.reset_sent(e.local_code()),
+            }
+            debug!(service = %service_id, "tunnel ended: {e}");
+        }
     }
 }
 

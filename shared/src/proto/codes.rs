@@ -40,6 +40,28 @@ impl ErrorCode {
     pub const INVITATION_USED: Self = Self(13);
 }
 
+impl ErrorCode {
+    /// A short stable name for metrics labels (`other` for unknown codes).
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::UNKNOWN_REQUEST => "unknown_request",
+            Self::FORBIDDEN => "forbidden",
+            Self::NOT_FOUND => "not_found",
+            Self::BAD_REQUEST => "bad_request",
+            Self::INTERNAL => "internal",
+            Self::PAIRING_DISABLED => "pairing_disabled",
+            Self::ALREADY_PAIRED => "already_paired",
+            Self::WRONG_PASSWORD => "wrong_password",
+            Self::TOO_MANY_ATTEMPTS => "too_many_attempts",
+            Self::CONFLICT => "conflict",
+            Self::NOT_AUTHENTICATED => "not_authenticated",
+            Self::RATE_LIMITED => "rate_limited",
+            Self::INVITATION_USED => "invitation_used",
+            _ => "other",
+        }
+    }
+}
+
 impl fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let s = match *self {
@@ -165,6 +187,23 @@ impl StreamCode {
             Self::SHUTDOWN => "the other end is shutting down",
             Self::BAD_HEADER => "malformed stream header",
             _ => "reset with an unknown code",
+        }
+    }
+}
+
+impl StreamCode {
+    /// A short stable name for metrics labels (`other` for unknown codes).
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::CANCELLED => "cancelled",
+            Self::FORBIDDEN => "forbidden",
+            Self::NO_SUCH_SERVICE => "no_such_service",
+            Self::TARGET_UNREACHABLE => "target_unreachable",
+            Self::LIMIT_REACHED => "limit_reached",
+            Self::PEER_RESET => "peer_reset",
+            Self::SHUTDOWN => "shutdown",
+            Self::BAD_HEADER => "bad_header",
+            _ => "other",
         }
     }
 }

@@ -14,6 +14,7 @@ mod cli;
 mod fallback;
 mod fleet;
 mod hardening;
+mod metrics;
 mod negative;
 mod ops;
 mod pairing;

@@ -68,6 +68,10 @@ pub(super) struct Shared {
     pub(super) connect: ConnectOptions,
     /// Notified on every change worth rewriting the ready file for.
     pub(super) changed: Notify,
+    /// What the forwarding tasks count (exported with `--metrics`).
+    pub(super) metrics: Arc<super::metrics::ClientMetrics>,
+    /// Where the metrics are served, once they are.
+    pub(super) metrics_addr: std::sync::OnceLock<std::net::SocketAddr>,
 }
 
 /// Capped exponential backoff with jitter.
@@ -134,6 +138,7 @@ pub(super) async fn manage(
                 }
                 backoff.reset();
                 let path = connected(&session, device);
+                shared.metrics.connected(&device.name, &session.conn);
                 // Waiting local connections may go now.
                 publish(LinkState::Connected {
                     conn: session.conn.clone(),

@@ -115,6 +115,8 @@ pub(super) struct Ctx {
     /// Fired at the end of a shutdown: every tunnel of the process is reset.
     pub(super) kill: CancellationToken,
     pub(super) connect_wait: Duration,
+    /// Counts resets.
+    pub(super) metrics: Arc<super::metrics::ClientMetrics>,
 }
 
 /// Binds the listener of `spec`.
@@ -231,16 +233,22 @@ async fn handle_local(ctx: Arc<Ctx>, svc: Arc<ServiceStatus>, tcp: TcpStream) {
             received = stats.quic_to_tcp,
             "tunnel closed"
         ),
-        Err(e) => match e.peer_code() {
-            Some(
-                code @ (StreamCode::FORBIDDEN
-                | StreamCode::NO_SUCH_SERVICE
-                | StreamCode::TARGET_UNREACHABLE
-                | StreamCode::LIMIT_REACHED
-                | StreamCode::BAD_HEADER),
-            ) => warn!("the device refused the tunnel to '{}': {code}", svc.service),
-            _ => info!("tunnel ended with an error: {e}"),
-        },
+        Err(e) => {
+            match e.peer_code() {
+                Some(code) => ctx.metrics.reset(code, true),
+                None => ctx.metrics.reset(e.local_code(), false),
+            }
+            match e.peer_code() {
+                Some(
+                    code @ (StreamCode::FORBIDDEN
+                    | StreamCode::NO_SUCH_SERVICE
+                    | StreamCode::TARGET_UNREACHABLE
+                    | StreamCode::LIMIT_REACHED
+                    | StreamCode::BAD_HEADER),
+                ) => warn!("the device refused the tunnel to '{}': {code}", svc.service),
+                _ => info!("tunnel ended with an error: {e}"),
+            }
+        }
     }
 }
 

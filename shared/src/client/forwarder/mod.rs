@@ -12,6 +12,7 @@
 
 pub mod link;
 pub mod local;
+mod metrics;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -81,6 +82,8 @@ pub struct ForwarderOptions {
     pub drain_timeout: Duration,
     /// Where to write the ready JSON, and in which shape.
     pub ready_file: Option<(PathBuf, ReadyStyle)>,
+    /// Where to serve Prometheus metrics (`--metrics`).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// What `apply` changed.
@@ -159,6 +162,8 @@ impl Forwarder {
             dialer,
             connect: opts.connect.clone(),
             changed: tokio::sync::Notify::new(),
+            metrics: Arc::default(),
+            metrics_addr: std::sync::OnceLock::new(),
         });
         let (statuses, _) = watch::channel(Vec::new());
         let writer = opts.ready_file.clone().map(|(path, style)| {
@@ -183,6 +188,60 @@ impl Forwarder {
             statuses,
             writer,
         })
+    }
+
+    /// Serves the metrics (if [`ForwarderOptions::metrics`] asks for them) and samples the
+    /// connections' RTT and congestion window every [`crate::metrics::SAMPLE_EVERY`]; returns
+    /// the bound address.
+    ///
+    /// # Errors
+    /// [`ClientError::Listen`] when the address cannot be bound.
+    pub async fn serve_metrics(&self) -> Result<Option<std::net::SocketAddr>, ClientError> {
+        let Some(addr) = self.opts.metrics else {
+            return Ok(None);
+        };
+        let listener = crate::metrics::bind(addr)
+            .await
+            .map_err(|source| ClientError::Listen { addr, source })?;
+        let bound = listener
+            .local_addr()
+            .map_err(|source| ClientError::Listen { addr, source })?;
+        let _ = self.shared.metrics_addr.set(bound);
+        let mut registry = crate::metrics::registry("tunnel-client");
+        crate::metrics::register_source(
+            &mut registry,
+            Arc::new(metrics::Exported {
+                metrics: self.shared.metrics.clone(),
+                statuses: self.statuses.subscribe(),
+            }),
+        );
+        self.shared
+            .metrics
+            .sampler
+            .register(&mut registry, "client");
+        info!(addr = %bound, "serving metrics at /metrics");
+        crate::metrics::serve(listener, Arc::new(registry), self.root.clone());
+        let (statuses, stop, m) = (
+            self.statuses.subscribe(),
+            self.root.clone(),
+            self.shared.metrics.clone(),
+        );
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(crate::metrics::SAMPLE_EVERY);
+            tick.tick().await;
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = stop.cancelled() => return,
+                }
+                for s in statuses.borrow().iter() {
+                    if let LinkState::Connected { conn, .. } = &*s.link.borrow() {
+                        m.sampler.observe(conn);
+                    }
+                }
+            }
+        });
+        Ok(Some(bound))
     }
 
     /// This client's key fingerprint.
@@ -335,6 +394,7 @@ impl Forwarder {
             wake: tokio::sync::Notify::new(),
             kill: self.kill.child_token(),
             connect_wait: self.opts.connect_wait,
+            metrics: self.shared.metrics.clone(),
         });
         let stop = self.root.child_token();
         let wanted = Arc::new(Mutex::new(specs));
@@ -495,6 +555,7 @@ fn write_ready(path: &std::path::Path, style: ReadyStyle, shared: &Shared, list:
     };
     if let Some(obj) = value.as_object_mut() {
         obj.insert("pid".into(), json!(std::process::id()));
+        obj.insert("metrics".into(), json!(shared.metrics_addr.get()));
         obj.insert(
             "fingerprint".into(),
             json!(shared.identity.fingerprint().to_string()),

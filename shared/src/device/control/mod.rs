@@ -34,7 +34,22 @@ pub(crate) async fn serve(
 ) -> Result<(), FrameError> {
     loop {
         let response = match control.next_request().await? {
-            Some(Incoming::Request(req)) => handle(live, conn, req).await,
+            Some(Incoming::Request(req)) => {
+                let pairing = matches!(
+                    req,
+                    Request::PairLocalInitial { .. }
+                        | Request::PairLocalOpen { .. }
+                        | Request::PakeStart { .. }
+                        | Request::PakeConfirm { .. }
+                        | Request::PairPasswordInvite { .. }
+                        | Request::PairPasswordOpen { .. }
+                );
+                let response = handle(live, conn, req).await;
+                if let (true, Response::Error(e)) = (pairing, &response) {
+                    live.metrics.pairing_failures.inc(e.code.label());
+                }
+                response
+            }
             Some(Incoming::Unknown(e)) => {
                 debug!("undecodable request: {e}");
                 error(
