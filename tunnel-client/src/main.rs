@@ -18,7 +18,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tunnel_shared::client::forwarder::Status;
@@ -77,6 +77,19 @@ struct Cli {
 enum Command {
     /// Print this client's key fingerprint (creating the key on first use).
     Fingerprint,
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell (e.g.
+    /// `tunnel-client completions bash > /etc/bash_completion.d/tunnel-client`; the Debian package installs them).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: tunnel_cli::Shell,
+    },
+    /// Write the man pages (tunnel-client.1 and one per subcommand) into a directory.
+    Man {
+        /// Where to write them.
+        #[arg(long, default_value = ".", value_name = "DIR")]
+        dir: PathBuf,
+    },
     /// Pair with a device: with a pairing string (pinned, password-authenticated), or on the
     /// local network by address (--addr) or by discovery (--local), which trusts the key seen
     /// first unless --fingerprint pins it.
@@ -508,6 +521,16 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 
 fn dispatch(command: Command, home: ClientHome) -> Result<(), Failure> {
     match command {
+        Command::Completions { shell } => {
+            tunnel_cli::completions(Cli::command(), shell, &mut std::io::stdout());
+        }
+        Command::Man { dir } => {
+            let pages = tunnel_cli::man_pages(Cli::command(), &dir).map_err(|e| Failure {
+                code: 1,
+                message: format!("cannot write man pages to '{}': {e}", dir.display()),
+            })?;
+            println!("Wrote {} man pages to {}", pages.len(), dir.display());
+        }
         Command::Fingerprint => {
             let id = home.identity()?;
             println!("{}", id.fingerprint());

@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tunnel_shared::config::{HostPort, RelayRef, ServiceSpec, default_device_home};
 use tunnel_shared::device::admin::{self, ExplainQuery, InitOptions};
@@ -110,6 +110,19 @@ enum Command {
     },
     /// Print the device key's fingerprint.
     Fingerprint,
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell (e.g.
+    /// `tunnel-device completions bash > /etc/bash_completion.d/tunnel-device`; the Debian package installs them).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: tunnel_cli::Shell,
+    },
+    /// Write the man pages (tunnel-device.1 and one per subcommand) into a directory.
+    Man {
+        /// Where to write them.
+        #[arg(long, default_value = ".", value_name = "DIR")]
+        dir: PathBuf,
+    },
     /// Manage the services in device.toml (a running device reloads them).
     #[command(subcommand)]
     Service(ServiceCmd),
@@ -429,6 +442,16 @@ fn dispatch(command: Command, home: &DeviceHome) -> Result<ExitCode, Failure> {
                 })
                 .await
             })?;
+        }
+        Command::Completions { shell } => {
+            tunnel_cli::completions(Cli::command(), shell, &mut std::io::stdout());
+        }
+        Command::Man { dir } => {
+            let pages = tunnel_cli::man_pages(Cli::command(), &dir).map_err(|e| Failure {
+                code: 1,
+                message: format!("cannot write man pages to '{}': {e}", dir.display()),
+            })?;
+            println!("Wrote {} man pages to {}", pages.len(), dir.display());
         }
         Command::Fingerprint => println!("{}", admin::fingerprint(home)?),
         Command::Service(cmd) => service_cmd(home, cmd)?,

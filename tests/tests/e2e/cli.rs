@@ -220,3 +220,39 @@ fn every_subcommand_has_help() {
         }
     }
 }
+
+/// Completions and man pages come from each binary's own clap definition (issue 12).
+#[test]
+fn completions_and_man_pages_follow_the_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, sub) in [
+        ("tunnel-device", "rotate-token"),
+        ("tunnel-client", "stdio"),
+        ("tunnel-relay", "fingerprint"),
+    ] {
+        for shell in ["bash", "zsh", "fish"] {
+            let out = Command::new(bin(name))
+                .args(["completions", shell])
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{name} completions {shell}");
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(text.contains(sub), "{name} {shell} completions lack {sub}");
+        }
+        let out = Command::new(bin(name))
+            .args(["man", "--dir"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{name} man: {}", stderr(&out));
+        let page = std::fs::read_to_string(dir.path().join(format!("{name}.1"))).unwrap();
+        assert!(page.contains(&format!(".TH {name} 1")), "{page}");
+    }
+    let up = std::fs::read_to_string(dir.path().join("tunnel-client-up.1")).unwrap();
+    assert!(up.contains("forwards.toml"), "{up}");
+    let out = Command::new(bin("tunnel-client"))
+        .args(["completions", "tcsh"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+}

@@ -1,0 +1,90 @@
+//! `tunnel-cli`: what the command lines of `tunnel-device`, `tunnel-client` and `tunnel-relay`
+//! share. Shell completions and man pages are generated from each binary's own clap definition,
+//! so they can never disagree with `--help`.
+//!
+//! Kind: IO (writes to stdout or to files). Only the binaries depend on this crate; the
+//! libraries never see clap.
+
+#![warn(missing_docs, clippy::missing_errors_doc)]
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub use clap_complete::Shell;
+
+/// Writes the completion script of `cmd` for `shell` to `out`.
+pub fn completions(mut cmd: clap::Command, shell: Shell, out: &mut dyn Write) {
+    let name = cmd.get_name().to_string();
+    clap_complete::generate(shell, &mut cmd, name, out);
+}
+
+/// Writes the man pages of `cmd` into `dir`: `NAME.1` and `NAME-SUBCOMMAND.1` for every
+/// subcommand, recursively. Returns the files written.
+///
+/// # Errors
+/// The IO error creating the directory or writing a page.
+pub fn man_pages(cmd: clap::Command, dir: &Path) -> std::io::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir)?;
+    let name = cmd.get_name().to_string();
+    clap_mangen::generate_to(cmd, dir)?;
+    let mut written: Vec<PathBuf> = std::fs::read_dir(dir)?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| {
+            p.extension().is_some_and(|e| e == "1")
+                && p.file_stem()
+                    .and_then(|s| s.to_str())
+                    .is_some_and(|s| s == name || s.starts_with(&format!("{name}-")))
+        })
+        .collect();
+    written.sort();
+    Ok(written)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cmd() -> clap::Command {
+        clap::Command::new("tunnel-test")
+            .about("A test tool")
+            .subcommand(
+                clap::Command::new("run")
+                    .about("Run it")
+                    .arg(clap::Arg::new("listen").long("listen")),
+            )
+            .subcommand(clap::Command::new("fingerprint").about("Print the key"))
+    }
+
+    #[test]
+    fn completions_name_every_subcommand() {
+        for shell in [Shell::Bash, Shell::Zsh, Shell::Fish] {
+            let mut out = Vec::new();
+            completions(cmd(), shell, &mut out);
+            let text = String::from_utf8(out).unwrap();
+            assert!(text.contains("fingerprint"), "{shell}: {text}");
+            assert!(text.contains("listen"), "{shell}: {text}");
+        }
+    }
+
+    #[test]
+    fn man_pages_cover_every_subcommand() {
+        let dir = tempfile::tempdir().unwrap();
+        let written = man_pages(cmd(), dir.path()).unwrap();
+        let names: Vec<String> = written
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "tunnel-test-fingerprint.1",
+                "tunnel-test-run.1",
+                "tunnel-test.1"
+            ]
+        );
+        let run = std::fs::read_to_string(dir.path().join("tunnel-test-run.1")).unwrap();
+        assert!(run.contains(".TH tunnel-test-run 1"), "{run}");
+        assert!(run.contains("listen"), "{run}");
+    }
+}
