@@ -123,9 +123,10 @@ fn reload_config(live: &Live, stamp: &mut Option<FileStamp>) -> bool {
             if new.listen != old.listen
                 || new.transport != old.transport
                 || new.limits != old.limits
+                || new.metrics != old.metrics
             {
                 warn!(
-                    "device.toml changed listen, limits or transport settings: restart the device to apply them"
+                    "device.toml changed listen, limits, transport or metrics settings: restart the device to apply them"
                 );
             }
             if new.jwt != old.jwt {
