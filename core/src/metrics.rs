@@ -92,7 +92,9 @@ impl Sample {
             Kind::Counter => MetricType::Counter,
             Kind::Gauge => MetricType::Gauge,
         };
-        let mut metric = encoder.encode_descriptor(self.name, self.help, None, kind)?;
+        // Help texts end with a period, as the registry writes them for its own metrics.
+        let help = format!("{}.", self.help);
+        let mut metric = encoder.encode_descriptor(self.name, &help, None, kind)?;
         for (labels, value) in &self.rows {
             let row = metric.encode_family(labels)?;
             match self.kind {

@@ -293,6 +293,15 @@ mod tests {
         s.parse().unwrap()
     }
 
+    /// The sample shipped in `examples/config/` stays valid.
+    #[test]
+    fn shipped_sample_parses() {
+        let f = ForwardsFile::from_toml(include_str!("../../../examples/config/forwards.toml"))
+            .unwrap();
+        assert_eq!(f.devices["cam"], vec![spec("2222:ssh"), spec("0.0.0.0:8554:rtsp")]);
+        assert_eq!(f.devices["nas"], vec![spec("8080:web")]);
+    }
+
     #[test]
     fn parses_and_validates() {
         let f = ForwardsFile::from_toml(
