@@ -4,7 +4,7 @@
 //! does not know, revoked access, an incompatible version.
 //!
 //! Kind: IO. The state is published on a `watch` channel ([`LinkState`]); every change also
-//! wakes the ready-file writer ([`Shared::changed`]).
+//! wakes the ready-file writer (`Shared::changed`).
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
