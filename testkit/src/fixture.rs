@@ -511,6 +511,21 @@ impl RelayFixture {
         fs::write(&path, text).expect("relay.toml");
     }
 
+    /// Serves the device of `dev` (its id and key) and adds this running relay to its
+    /// `[[relay]]`; returns the device id.
+    pub fn attach(&self, dev: &DeviceFixture, relay: &RunningRelay) -> String {
+        let device_id = dev.device_id();
+        self.serve(&device_id, &dev.fingerprint());
+        dev.ok(&[
+            "relay",
+            "add",
+            &relay.addr.to_string(),
+            "--fingerprint",
+            &relay.fingerprint,
+        ]);
+        device_id
+    }
+
     /// Serves `device_id` with the key `fingerprint`.
     pub fn serve(&self, device_id: &str, fingerprint: &str) {
         self.ok(&["device", "add", device_id, "--fingerprint", fingerprint]);

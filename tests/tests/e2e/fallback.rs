@@ -98,15 +98,7 @@ fn a_leg_forced_onto_tcp_carries_a_checked_transfer() {
     assert_eq!(relay.tcp, Some(relay.addr), "TCP on the UDP port");
     let dev = world.device("dev", &[("up", hasher.addr)]);
     dev.append_config("[network]\nmdns = false\n[transport]\nhole_punching = false\n");
-    let device_id = dev.device_id();
-    relay_home.serve(&device_id, &dev.fingerprint());
-    dev.ok(&[
-        "relay",
-        "add",
-        &relay.addr.to_string(),
-        "--fingerprint",
-        &relay.fingerprint,
-    ]);
+    let device_id = relay_home.attach(&dev, &relay);
     let client = world.client("cli");
     dev.add_user("alice", &client.fingerprint(), "Owner");
     let mut device = dev.start();

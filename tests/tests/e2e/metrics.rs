@@ -70,15 +70,7 @@ fn relayed_traffic_moves_the_counters_of_all_three() {
         "[network]\nmdns = false\n[transport]\nhole_punching = false\n\
          [metrics]\nlisten = \"127.0.0.1:0\"\n",
     );
-    let device_id = dev.device_id();
-    relay_home.serve(&device_id, &dev.fingerprint());
-    dev.ok(&[
-        "relay",
-        "add",
-        &relay.addr.to_string(),
-        "--fingerprint",
-        &relay.fingerprint,
-    ]);
+    let device_id = relay_home.attach(&dev, &relay);
     let client = world.client("cli");
     dev.add_user("alice", &client.fingerprint(), "Owner");
     let mut device = dev.start();

@@ -34,15 +34,7 @@ impl Lab {
         let relay = relay_home.start_in(None, "127.0.0.1:0");
         let dev = world.device("dev", services);
         dev.append_config(&format!("[network]\nmdns = false\n{extra}"));
-        let device_id = dev.device_id();
-        relay_home.serve(&device_id, &dev.fingerprint());
-        dev.ok(&[
-            "relay",
-            "add",
-            &relay.addr.to_string(),
-            "--fingerprint",
-            &relay.fingerprint,
-        ]);
+        let device_id = relay_home.attach(&dev, &relay);
         let client = world.client("cli");
         dev.add_user("alice", &client.fingerprint(), "Owner");
         let mut device = dev.start();
@@ -526,15 +518,7 @@ fn jwts_are_checked_at_the_relay_and_on_the_device() {
         "[network]\nmdns = false\n{}",
         issuer.config(&jwks)
     ));
-    let device_id = dev.device_id();
-    relay_home.serve(&device_id, &dev.fingerprint());
-    dev.ok(&[
-        "relay",
-        "add",
-        &relay.addr.to_string(),
-        "--fingerprint",
-        &relay.fingerprint,
-    ]);
+    let device_id = relay_home.attach(&dev, &relay);
     let client = world.client("cli");
     dev.add_user("alice", &client.fingerprint(), "Standard");
     let mut device = dev.start();
