@@ -2,6 +2,8 @@
 //! share. Shell completions and man pages are generated from each binary's own clap definition,
 //! so they can never disagree with `--help`.
 //!
+//! Also the global logging options, [`LogArgs`].
+//!
 //! Kind: IO (writes to stdout or to files). Only the binaries depend on this crate; the
 //! libraries never see clap.
 
@@ -11,6 +13,44 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub use clap_complete::Shell;
+use tunnel_core::logging::{self, LogFormat};
+
+/// `--log-level` and `--log-format`, global options of every binary.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// Log level: error, warn, info, debug or trace (RUST_LOG overrides it).
+    /// [default: info; warn for tunnel-client stdio]
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+
+    /// Log lines on stderr as text, or as one JSON object per line (for log collectors).
+    #[arg(
+        long,
+        global = true,
+        default_value_t = LogFormat::Text,
+        env = "TUNNEL_LOG_FORMAT",
+        value_name = "text|json"
+    )]
+    pub log_format: LogFormat,
+}
+
+impl LogArgs {
+    /// Installs the logger: the level given, else `default`, for the project's crates and
+    /// `crate_name`; text lines are coloured when stderr is a terminal.
+    pub fn init<W>(&self, default: &str, crate_name: &str, writer: W)
+    where
+        W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
+    {
+        use std::io::IsTerminal;
+        logging::init(
+            self.log_level.as_deref().unwrap_or(default),
+            &[crate_name],
+            self.log_format,
+            std::io::stderr().is_terminal(),
+            writer,
+        );
+    }
+}
 
 /// Writes the completion script of `cmd` for `shell` to `out`.
 pub fn completions(mut cmd: clap::Command, shell: Shell, out: &mut dyn Write) {

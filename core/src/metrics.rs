@@ -259,6 +259,27 @@ impl ConnSampler {
         );
     }
 
+    /// Every [`SAMPLE_EVERY`] until `stop`, records a sample of each connection `conns`
+    /// returns; ends early when it returns `None` (what it reads from is gone).
+    pub async fn sample_until(
+        self,
+        stop: CancellationToken,
+        conns: impl Fn() -> Option<Vec<quinn::Connection>>,
+    ) {
+        let mut tick = tokio::time::interval(SAMPLE_EVERY);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                () = stop.cancelled() => return,
+            }
+            let Some(list) = conns() else { return };
+            for conn in &list {
+                self.observe(conn);
+            }
+        }
+    }
+
     /// Records one sample of `conn`.
     pub fn observe(&self, conn: &quinn::Connection) {
         let stats = conn.stats();

@@ -21,16 +21,15 @@ use std::time::Duration;
 use clap::{CommandFactory, Parser, Subcommand};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tunnel_shared::client::forwarder::Status;
+use tunnel_shared::client::forwarder::{ForwarderOptions, Status};
 use tunnel_shared::client::open::{ForwardSpec, OpenOptions, Opener};
 use tunnel_shared::client::pair::{self, LocalPairing, PairOutcome};
-use tunnel_shared::client::up::{self, Up, UpOptions};
+use tunnel_shared::client::up::{self, Up};
 use tunnel_shared::client::{ClientError, ClientHome, ConnectOptions, Dialer, connect_paired};
 use tunnel_shared::client::{forwards, stdio};
 use tunnel_shared::config::{HostPort, RelayRef, default_client_home};
 use tunnel_shared::discovery;
 use tunnel_shared::identity::{Fingerprint, KeyFileError};
-use tunnel_shared::logging::LogFormat;
 use tunnel_shared::pairing::{PairingMode, PairingString};
 use tunnel_shared::sdnotify;
 use tunnel_shared::secret::Secret;
@@ -50,20 +49,8 @@ struct Cli {
     #[arg(long, global = true, env = "TUNNEL_CLIENT_HOME", value_name = "DIR")]
     home: Option<PathBuf>,
 
-    /// Log level: error, warn, info, debug or trace (RUST_LOG overrides it).
-    /// [default: info; warn for stdio]
-    #[arg(long, global = true, value_name = "LEVEL")]
-    log_level: Option<String>,
-
-    /// Log lines on stderr as text, or as one JSON object per line (for log collectors).
-    #[arg(
-        long,
-        global = true,
-        default_value_t = LogFormat::Text,
-        env = "TUNNEL_LOG_FORMAT",
-        value_name = "text|json"
-    )]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: tunnel_cli::LogArgs,
 
     #[command(subcommand)]
     command: Command,
@@ -181,53 +168,15 @@ enum Command {
             required = true
         )]
         forwards: Vec<ForwardSpec>,
-        /// Write one JSON object here once listening: pid, fingerprint, device, and each
-        /// service's local address.
-        #[arg(long, value_name = "PATH")]
-        ready_file: Option<PathBuf>,
-        /// Seconds a local connection waits for the device before it is reset.
-        #[arg(long, default_value_t = 15, value_name = "SECS")]
-        connect_wait: u64,
-        /// Seconds live tunnels may continue after a shutdown signal.
-        #[arg(long, default_value_t = 2, value_name = "SECS")]
-        drain_timeout: u64,
-        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9465; port 0 picks
-        /// one, written to the ready file).
-        #[arg(long, value_name = "ADDR")]
-        metrics: Option<std::net::SocketAddr>,
-        /// Keep relayed connections on the relay: no hole punching to a direct path (to
-        /// measure or debug the relayed path).
-        #[arg(long)]
-        no_punch: bool,
-        /// How legs reach relays: auto (UDP; TLS over TCP to the same port when UDP gets no
-        /// answer within a second or cannot carry a full packet), udp, or tcp.
-        #[arg(long, value_enum, default_value_t = Via::Auto, value_name = "HOW")]
-        relay_via: Via,
+        #[command(flatten)]
+        run: ForwardingArgs,
     },
     /// Keep every forward of forwards.toml open in one process, for as long as it runs (a
     /// systemd user unit runs this). SIGHUP or `tunnel-client reload` re-reads the file and
     /// adds or removes forwards without touching the others.
     Up {
-        /// Write one JSON object here once listening (pid, fingerprint, and per device its
-        /// state, path and forwards), rewritten on every change.
-        #[arg(long, value_name = "PATH")]
-        ready_file: Option<PathBuf>,
-        /// Seconds a local connection waits for its device before it is reset.
-        #[arg(long, default_value_t = 15, value_name = "SECS")]
-        connect_wait: u64,
-        /// Seconds live tunnels may continue after a shutdown signal.
-        #[arg(long, default_value_t = 2, value_name = "SECS")]
-        drain_timeout: u64,
-        /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9465; port 0 picks
-        /// one, written to the ready file).
-        #[arg(long, value_name = "ADDR")]
-        metrics: Option<std::net::SocketAddr>,
-        /// Keep relayed connections on the relay (no hole punching).
-        #[arg(long)]
-        no_punch: bool,
-        /// How legs reach relays: auto, udp or tcp (as for open).
-        #[arg(long, value_enum, default_value_t = Via::Auto, value_name = "HOW")]
-        relay_via: Via,
+        #[command(flatten)]
+        run: ForwardingArgs,
     },
     /// Make the running `tunnel-client up` re-read forwards.toml (as SIGHUP does).
     Reload,
@@ -262,6 +211,46 @@ enum Command {
         #[command(subcommand)]
         cmd: PairingCmd,
     },
+}
+
+/// What `open` and `up` share.
+#[derive(Debug, clap::Args)]
+struct ForwardingArgs {
+    /// Write one JSON object here once listening (pid, fingerprint, and per device its state,
+    /// path and forwards), rewritten on every change.
+    #[arg(long, value_name = "PATH")]
+    ready_file: Option<PathBuf>,
+    /// Seconds a local connection waits for its device before it is reset.
+    #[arg(long, default_value_t = 15, value_name = "SECS")]
+    connect_wait: u64,
+    /// Seconds live tunnels may continue after a shutdown signal.
+    #[arg(long, default_value_t = 2, value_name = "SECS")]
+    drain_timeout: u64,
+    /// Serve Prometheus metrics at http://ADDR/metrics (e.g. 127.0.0.1:9465; port 0 picks one,
+    /// written to the ready file).
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
+    /// Keep relayed connections on the relay: no hole punching to a direct path (to measure or
+    /// debug the relayed path).
+    #[arg(long)]
+    no_punch: bool,
+    /// How legs reach relays: auto (UDP; TLS over TCP to the same port when UDP gets no answer
+    /// within a second or cannot carry a full packet), udp, or tcp.
+    #[arg(long, value_enum, default_value_t = Via::Auto, value_name = "HOW")]
+    relay_via: Via,
+}
+
+impl ForwardingArgs {
+    fn options(self, home: ClientHome) -> ForwarderOptions {
+        let mut opts = ForwarderOptions::new(home);
+        opts.connect.transport.hole_punching = !self.no_punch;
+        opts.connect.transport.relay_via = self.relay_via.into();
+        opts.ready_file = self.ready_file;
+        opts.connect_wait = Duration::from_secs(self.connect_wait);
+        opts.drain_timeout = Duration::from_secs(self.drain_timeout);
+        opts.metrics = self.metrics;
+        opts
+    }
 }
 
 /// `--relay-via`.
@@ -485,12 +474,9 @@ impl From<ClientError> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // stdio's stderr is ssh's terminal: warnings only, unless asked.
     let quiet = matches!(cli.command, Command::Stdio { .. });
-    let level = cli
-        .log_level
-        .as_deref()
-        .unwrap_or(if quiet { "warn" } else { "info" });
-    status::init_tracing(level, cli.log_format);
+    status::init_tracing(&cli.log, if quiet { "warn" } else { "info" });
     let Some(home) = cli.home.clone().or_else(default_client_home) else {
         eprintln!("error: cannot find a home directory: pass --home DIR or set TUNNEL_CLIENT_HOME");
         return ExitCode::from(2);
@@ -686,39 +672,16 @@ fn dispatch(command: Command, home: ClientHome) -> Result<(), Failure> {
         Command::Open {
             device,
             forwards,
-            ready_file,
-            connect_wait,
-            drain_timeout,
-            metrics,
-            no_punch,
-            relay_via,
+            run,
         } => {
-            let mut opts = OpenOptions::new(home, device, forwards);
-            opts.metrics = metrics;
-            opts.connect.transport.hole_punching = !no_punch;
-            opts.connect.transport.relay_via = relay_via.into();
-            opts.ready_file = ready_file;
-            opts.connect_wait = Duration::from_secs(connect_wait);
-            opts.drain_timeout = Duration::from_secs(drain_timeout);
+            let opts = OpenOptions {
+                device,
+                forwards,
+                forwarding: run.options(home),
+            };
             runtime()?.block_on(open_cmd(opts))?;
         }
-        Command::Up {
-            ready_file,
-            connect_wait,
-            drain_timeout,
-            metrics,
-            no_punch,
-            relay_via,
-        } => {
-            let mut opts = UpOptions::new(home);
-            opts.metrics = metrics;
-            opts.connect.transport.hole_punching = !no_punch;
-            opts.connect.transport.relay_via = relay_via.into();
-            opts.ready_file = ready_file;
-            opts.connect_wait = Duration::from_secs(connect_wait);
-            opts.drain_timeout = Duration::from_secs(drain_timeout);
-            runtime()?.block_on(up_cmd(opts))?;
-        }
+        Command::Up { run } => runtime()?.block_on(up_cmd(run.options(home)))?,
         Command::Reload => {
             let pid = up::reload(&home).map_err(|e| Failure {
                 code: 1,
@@ -959,7 +922,7 @@ async fn services_cmd(home: ClientHome, device: &str, json: bool) -> Result<(), 
     Ok(())
 }
 
-async fn up_cmd(opts: UpOptions) -> Result<(), ClientError> {
+async fn up_cmd(opts: ForwarderOptions) -> Result<(), ClientError> {
     let (up, applied) = Up::start(opts).await?;
     if !applied.failed.is_empty() {
         eprintln!(

@@ -6,7 +6,7 @@
 //! printed above the bars. Otherwise they log a summary line per busy forward every 30 s.
 
 use std::collections::HashMap;
-use std::io::{IsTerminal, Write};
+use std::io::Write;
 use std::sync::Arc;
 use std::sync::OnceLock;
 use std::sync::atomic::Ordering;
@@ -17,7 +17,6 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tunnel_shared::client::forwarder::{LinkState, ServiceStatus, Status};
-use tunnel_shared::logging::LogFormat;
 
 /// Set while bars are drawn; log lines then go through [`MultiProgress::suspend`].
 static BARS: OnceLock<MultiProgress> = OnceLock::new();
@@ -48,15 +47,9 @@ impl Drop for LogWriter {
     }
 }
 
-/// Logs to stderr at `level` for this program (RUST_LOG overrides), in `format`.
-pub(crate) fn init_tracing(level: &str, format: LogFormat) {
-    tunnel_shared::logging::init(
-        level,
-        &["tunnel_client"],
-        format,
-        std::io::stderr().is_terminal(),
-        || LogWriter(Vec::new()),
-    );
+/// Logs to stderr (above the bars, if any) as `log` says, at `default` unless it names a level.
+pub(crate) fn init_tracing(log: &tunnel_cli::LogArgs, default: &str) {
+    log.init(default, "tunnel_client", || LogWriter(Vec::new()));
 }
 
 /// Removes the bars (before a final error message).

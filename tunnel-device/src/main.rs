@@ -20,7 +20,6 @@ use tunnel_shared::device::admin::{self, ExplainQuery, InitOptions};
 use tunnel_shared::device::{self, DeviceError, DeviceHome, RunOptions};
 use tunnel_shared::iam::{Action, DEFAULT_IAM_TOML};
 use tunnel_shared::identity::{Fingerprint, KeyFileError};
-use tunnel_shared::logging::{self, LogFormat};
 use tunnel_shared::pairing::{PairingMode, PairingString};
 use tunnel_shared::sdnotify;
 use tunnel_shared::state::StateError;
@@ -39,19 +38,8 @@ struct Cli {
     #[arg(long, global = true, env = "TUNNEL_DEVICE_HOME", value_name = "DIR")]
     home: Option<PathBuf>,
 
-    /// Log level: error, warn, info, debug or trace (RUST_LOG overrides it).
-    #[arg(long, global = true, default_value = "info", value_name = "LEVEL")]
-    log_level: String,
-
-    /// Log lines on stderr as text, or as one JSON object per line (for log collectors).
-    #[arg(
-        long,
-        global = true,
-        default_value_t = LogFormat::Text,
-        env = "TUNNEL_LOG_FORMAT",
-        value_name = "text|json"
-    )]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: tunnel_cli::LogArgs,
 
     #[command(subcommand)]
     command: Command,
@@ -354,13 +342,7 @@ impl From<DeviceError> for Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(
-        &cli.log_level,
-        &["tunnel_device"],
-        cli.log_format,
-        std::io::stderr().is_terminal(),
-        std::io::stderr,
-    );
+    cli.log.init("info", "tunnel_device", std::io::stderr);
     let Some(home) = cli.home.clone().or_else(default_device_home) else {
         eprintln!("error: cannot find a home directory: pass --home DIR or set TUNNEL_DEVICE_HOME");
         return ExitCode::from(2);

@@ -3,7 +3,6 @@
 //! Thin binary: parse arguments, call `tunnel_relay`, map errors to exit codes (0 ok, 1 runtime
 //! failure, 2 usage or configuration error).
 
-use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,7 +10,6 @@ use std::process::ExitCode;
 use clap::{CommandFactory, Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 use tunnel_core::identity::{Fingerprint, KeyFileError};
-use tunnel_core::logging::{self, LogFormat};
 use tunnel_core::sdnotify;
 use tunnel_relay::home::{HomeError, RelayHome};
 use tunnel_relay::{RelayError, RunOptions};
@@ -33,19 +31,8 @@ struct Cli {
     #[arg(long, global = true, env = "TUNNEL_RELAY_HOME", value_name = "DIR")]
     home: Option<PathBuf>,
 
-    /// Log level: error, warn, info, debug or trace (RUST_LOG overrides it).
-    #[arg(long, global = true, default_value = "info", value_name = "LEVEL")]
-    log_level: String,
-
-    /// Log lines on stderr as text, or as one JSON object per line (for log collectors).
-    #[arg(
-        long,
-        global = true,
-        default_value_t = LogFormat::Text,
-        env = "TUNNEL_LOG_FORMAT",
-        value_name = "text|json"
-    )]
-    log_format: LogFormat,
+    #[command(flatten)]
+    log: tunnel_cli::LogArgs,
 
     #[command(subcommand)]
     command: Command,
@@ -179,13 +166,7 @@ fn default_home() -> Option<PathBuf> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    logging::init(
-        &cli.log_level,
-        &["tunnel_relay"],
-        cli.log_format,
-        std::io::stderr().is_terminal(),
-        std::io::stderr,
-    );
+    cli.log.init("info", "tunnel_relay", std::io::stderr);
     let Some(home) = cli.home.clone().or_else(default_home) else {
         eprintln!("error: cannot find a home directory: pass --home DIR or set TUNNEL_RELAY_HOME");
         return ExitCode::from(2);

@@ -5,8 +5,8 @@
 //! Kind: IO (counters updated by the leg tasks, read at scrape time). Labels are fixed code and
 //! reason names only: no device id, key or address.
 
+use std::sync::Weak;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
 
 use tunnel_core::metrics::{ConnSampler, Counts, Sample, Source};
 
@@ -87,14 +87,14 @@ impl Source for Exported {
     }
 }
 
-/// Samples the RTT and congestion window of every device leg and client channel.
-pub(crate) fn sample_legs(relay: &Arc<Relay>) {
+/// Every device leg and client channel of the relay.
+pub(crate) fn legs(relay: &Relay) -> Vec<quinn::Connection> {
+    let mut out = Vec::new();
     for hub in relay.hubs_now() {
         if let Some(d) = hub.device() {
-            relay.metrics.sampler.observe(&d.conn);
+            out.push(d.conn);
         }
-        for conn in hub.client_conns() {
-            relay.metrics.sampler.observe(&conn);
-        }
+        out.extend(hub.client_conns());
     }
+    out
 }

@@ -370,18 +370,19 @@ fn export_metrics(relay: &Arc<Relay>, listener: tokio::net::TcpListener) {
     relay.metrics.sampler.register(&mut registry, "relay");
     info!(addr = ?listener.local_addr().ok(), "serving metrics at /metrics");
     tunnel_core::metrics::serve(listener, Arc::new(registry), relay.shutdown.clone());
-    let (weak, stop) = (Arc::downgrade(relay), relay.shutdown.clone());
-    relay.tasks.spawn(async move {
-        let mut tick = tokio::time::interval(tunnel_core::metrics::SAMPLE_EVERY);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = stop.cancelled() => return,
-            }
-            let Some(relay) = weak.upgrade() else { return };
-            crate::metrics::sample_legs(&relay);
-        }
-    });
+    let weak = Arc::downgrade(relay);
+    relay
+        .tasks
+        .spawn(
+            relay
+                .metrics
+                .sampler
+                .clone()
+                .sample_until(relay.shutdown.clone(), move || {
+                    let relay = weak.upgrade()?;
+                    Some(crate::metrics::legs(&relay))
+                }),
+        );
 }
 
 /// The relay's long-running tasks: an accept loop per endpoint and per TCP listener, and the

@@ -298,7 +298,10 @@ mod tests {
     fn shipped_sample_parses() {
         let f = ForwardsFile::from_toml(include_str!("../../../examples/config/forwards.toml"))
             .unwrap();
-        assert_eq!(f.devices["cam"], vec![spec("2222:ssh"), spec("0.0.0.0:8554:rtsp")]);
+        assert_eq!(
+            f.devices["cam"],
+            vec![spec("2222:ssh"), spec("0.0.0.0:8554:rtsp")]
+        );
         assert_eq!(f.devices["nas"], vec![spec("8080:web")]);
     }
 

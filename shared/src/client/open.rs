@@ -7,50 +7,33 @@
 //! with one device and a fixed set of forwards; a fatal error (changed device key, unknown key,
 //! revoked access, incompatible version) ends the run.
 
-use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 pub use super::forwarder::{ForwardSpec, LinkState, ServiceStatus, Status};
 use super::forwarder::{Forwarder, ForwarderOptions, Plan, ReadyStyle};
-use super::{ClientError, ClientHome, ConnectOptions};
+use super::{ClientError, ClientHome};
 
 /// Options of [`Opener::bind`].
 #[derive(Debug, Clone)]
 pub struct OpenOptions {
-    /// The client home.
-    pub home: ClientHome,
     /// Name, id or fingerprint prefix of a known device.
     pub device: String,
     /// The forwards.
     pub forwards: Vec<ForwardSpec>,
-    /// Where to write the ready JSON once listening.
-    pub ready_file: Option<PathBuf>,
-    /// How long a local connection waits for the device before it is reset.
-    pub connect_wait: Duration,
-    /// How long live tunnels may continue after a shutdown signal.
-    pub drain_timeout: Duration,
-    /// Connection settings.
-    pub connect: ConnectOptions,
-    /// Where to serve Prometheus metrics.
-    pub metrics: Option<std::net::SocketAddr>,
+    /// Home, timeouts, ready file, metrics, connection settings.
+    pub forwarding: ForwarderOptions,
 }
 
 impl OpenOptions {
     /// Defaults for a device and forwards.
     pub fn new(home: ClientHome, device: impl Into<String>, forwards: Vec<ForwardSpec>) -> Self {
         Self {
-            home,
             device: device.into(),
             forwards,
-            ready_file: None,
-            connect_wait: Duration::from_secs(15),
-            drain_timeout: Duration::from_secs(2),
-            connect: ConnectOptions::default(),
-            metrics: None,
+            forwarding: ForwarderOptions::new(home),
         }
     }
 }
@@ -70,15 +53,8 @@ impl Opener {
         if opts.forwards.is_empty() {
             return Err(ClientError::NoForwards);
         }
-        let device = opts.home.find_device(&opts.device)?;
-        let mut forwarder = Forwarder::new(ForwarderOptions {
-            home: opts.home,
-            connect: opts.connect,
-            connect_wait: opts.connect_wait,
-            drain_timeout: opts.drain_timeout,
-            ready_file: opts.ready_file.map(|p| (p, ReadyStyle::Open)),
-            metrics: opts.metrics,
-        })?;
+        let device = opts.forwarding.home.find_device(&opts.device)?;
+        let mut forwarder = Forwarder::new(opts.forwarding, ReadyStyle::Open)?;
         forwarder.serve_metrics().await?;
         let plan = Plan {
             devices: vec![(device, opts.forwards)],

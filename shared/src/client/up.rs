@@ -11,46 +11,14 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use super::forwarder::{Applied, Forwarder, ForwarderOptions, Plan, ReadyStyle, Status};
-use super::{ClientError, ClientHome, ConnectOptions, ForwardsFile};
+use super::{ClientError, ClientHome, ForwardsFile};
 use crate::fsutil::{self, LockFile};
-
-/// Options of [`Up::start`].
-#[derive(Debug, Clone)]
-pub struct UpOptions {
-    /// The client home (its `forwards.toml`).
-    pub home: ClientHome,
-    /// Where to write the ready JSON (`devices` array), rewritten on every change.
-    pub ready_file: Option<PathBuf>,
-    /// How long a local connection waits for its device before it is reset.
-    pub connect_wait: Duration,
-    /// How long live tunnels may continue after a shutdown signal.
-    pub drain_timeout: Duration,
-    /// Connection settings.
-    pub connect: ConnectOptions,
-    /// Where to serve Prometheus metrics.
-    pub metrics: Option<std::net::SocketAddr>,
-}
-
-impl UpOptions {
-    /// Defaults for a home.
-    pub fn new(home: ClientHome) -> Self {
-        Self {
-            home,
-            ready_file: None,
-            connect_wait: Duration::from_secs(15),
-            drain_timeout: Duration::from_secs(2),
-            connect: ConnectOptions::default(),
-            metrics: None,
-        }
-    }
-}
 
 /// A started `up`.
 #[derive(Debug)]
@@ -160,7 +128,7 @@ impl Up {
     /// # Errors
     /// [`ClientError`]: another `up` runs for this home, the file is invalid or names an
     /// unknown device, the key or sockets fail.
-    pub async fn start(opts: UpOptions) -> Result<(Self, Applied), ClientError> {
+    pub async fn start(opts: ForwarderOptions) -> Result<(Self, Applied), ClientError> {
         let home = opts.home.clone();
         fsutil::ensure_private_dir(home.dir()).map_err(|source| ClientError::Io {
             path: home.dir().to_owned(),
@@ -185,14 +153,7 @@ impl Up {
         )
         .map_err(io(&pid_path))?;
         let plan = home.forwards_plan()?;
-        let mut forwarder = Forwarder::new(ForwarderOptions {
-            home: home.clone(),
-            connect: opts.connect,
-            connect_wait: opts.connect_wait,
-            drain_timeout: opts.drain_timeout,
-            ready_file: opts.ready_file.map(|p| (p, ReadyStyle::Up)),
-            metrics: opts.metrics,
-        })?;
+        let mut forwarder = Forwarder::new(opts, ReadyStyle::Up)?;
         forwarder.serve_metrics().await?;
         if plan.devices.is_empty() {
             warn!(

@@ -333,21 +333,16 @@ fn export_metrics(live: &Arc<Live>, listener: tokio::net::TcpListener) {
     live.metrics.sampler.register(&mut registry, "device");
     info!(addr = %listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "serving metrics at /metrics");
     crate::metrics::serve(listener, Arc::new(registry), live.shutdown.clone());
-    let (weak, stop) = (Arc::downgrade(live), live.shutdown.clone());
-    live.tasks.spawn(async move {
-        let mut tick = tokio::time::interval(crate::metrics::SAMPLE_EVERY);
-        tick.tick().await;
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                () = stop.cancelled() => return,
-            }
-            let Some(live) = weak.upgrade() else { return };
-            for conn in live.conns() {
-                live.metrics.sampler.observe(&conn.quic);
-            }
-        }
-    });
+    let weak = Arc::downgrade(live);
+    live.tasks.spawn(
+        live.metrics
+            .sampler
+            .clone()
+            .sample_until(live.shutdown.clone(), move || {
+                let live = weak.upgrade()?;
+                Some(live.conns().iter().map(|c| c.quic.clone()).collect())
+            }),
+    );
 }
 
 /// Starts the legs to the relays of `[[relay]]` (following `device.toml`), and keeps the ready

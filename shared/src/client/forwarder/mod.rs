@@ -69,7 +69,7 @@ pub enum ReadyStyle {
     Up,
 }
 
-/// Options of a [`Forwarder`].
+/// Options of a [`Forwarder`] (and of `open` and `up`, which are one each).
 #[derive(Debug, Clone)]
 pub struct ForwarderOptions {
     /// The client home.
@@ -80,10 +80,24 @@ pub struct ForwarderOptions {
     pub connect_wait: Duration,
     /// How long live tunnels may continue after a shutdown signal.
     pub drain_timeout: Duration,
-    /// Where to write the ready JSON, and in which shape.
-    pub ready_file: Option<(PathBuf, ReadyStyle)>,
+    /// Where to write the ready JSON.
+    pub ready_file: Option<PathBuf>,
     /// Where to serve Prometheus metrics (`--metrics`).
     pub metrics: Option<std::net::SocketAddr>,
+}
+
+impl ForwarderOptions {
+    /// Defaults for a home: 15 s connect wait, 2 s drain, no ready file, no metrics.
+    pub fn new(home: ClientHome) -> Self {
+        Self {
+            home,
+            connect: ConnectOptions::default(),
+            connect_wait: Duration::from_secs(15),
+            drain_timeout: Duration::from_secs(2),
+            ready_file: None,
+            metrics: None,
+        }
+    }
 }
 
 /// What `apply` changed.
@@ -132,6 +146,7 @@ type ManagerEnd = (String, u64, Result<(), ConnectError>);
 pub struct Forwarder {
     shared: Arc<Shared>,
     opts: ForwarderOptions,
+    style: ReadyStyle,
     devices: BTreeMap<String, DeviceRun>,
     managers: JoinSet<ManagerEnd>,
     generation: u64,
@@ -150,7 +165,7 @@ impl Forwarder {
     ///
     /// # Errors
     /// [`ClientError`] for the key or the sockets.
-    pub fn new(opts: ForwarderOptions) -> Result<Self, ClientError> {
+    pub fn new(opts: ForwarderOptions, style: ReadyStyle) -> Result<Self, ClientError> {
         let identity = opts.home.identity()?;
         if let Err(e) = fsutil::raise_open_file_limit() {
             warn!("cannot raise the open-file limit: {e}");
@@ -166,7 +181,7 @@ impl Forwarder {
             metrics_addr: std::sync::OnceLock::new(),
         });
         let (statuses, _) = watch::channel(Vec::new());
-        let writer = opts.ready_file.clone().map(|(path, style)| {
+        let writer = opts.ready_file.clone().map(|path| {
             let shared = shared.clone();
             let rx = statuses.subscribe();
             tokio::spawn(async move {
@@ -179,6 +194,7 @@ impl Forwarder {
         Ok(Self {
             shared,
             opts,
+            style,
             devices: BTreeMap::new(),
             managers: JoinSet::new(),
             generation: 0,
@@ -221,26 +237,22 @@ impl Forwarder {
             .register(&mut registry, "client");
         info!(addr = %bound, "serving metrics at /metrics");
         crate::metrics::serve(listener, Arc::new(registry), self.root.clone());
-        let (statuses, stop, m) = (
-            self.statuses.subscribe(),
+        let statuses = self.statuses.subscribe();
+        tokio::spawn(self.shared.metrics.sampler.clone().sample_until(
             self.root.clone(),
-            self.shared.metrics.clone(),
-        );
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(crate::metrics::SAMPLE_EVERY);
-            tick.tick().await;
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => {}
-                    () = stop.cancelled() => return,
-                }
-                for s in statuses.borrow().iter() {
-                    if let LinkState::Connected { conn, .. } = &*s.link.borrow() {
-                        m.sampler.observe(conn);
-                    }
-                }
-            }
-        });
+            move || {
+                Some(
+                    statuses
+                        .borrow()
+                        .iter()
+                        .filter_map(|s| match &*s.link.borrow() {
+                            LinkState::Connected { conn, .. } => Some(conn.clone()),
+                            _ => None,
+                        })
+                        .collect(),
+                )
+            },
+        ));
         Ok(Some(bound))
     }
 
@@ -440,8 +452,8 @@ impl Forwarder {
                 })
             })
             .collect();
-        if let Some((path, style)) = &self.opts.ready_file {
-            write_ready(path, *style, &self.shared, &list);
+        if let Some(path) = &self.opts.ready_file {
+            write_ready(path, self.style, &self.shared, &list);
         }
         self.statuses.send_replace(list);
     }
@@ -510,7 +522,7 @@ impl Forwarder {
             w.abort();
         }
         self.shared.dialer.close().await;
-        if let Some((path, _)) = &self.opts.ready_file {
+        if let Some(path) = &self.opts.ready_file {
             let _ = std::fs::remove_file(path);
         }
     }
