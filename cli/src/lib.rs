@@ -52,6 +52,45 @@ impl LogArgs {
     }
 }
 
+/// The `completions` and `man` subcommands of every binary: flatten it into the binary's
+/// command enum (`#[command(flatten)] Docs(tunnel_cli::DocsCommand)`) and hand it the binary's
+/// `Cli::command()` in [`DocsCommand::run`].
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum DocsCommand {
+    /// Print a shell completion script: bash, zsh, fish, elvish or powershell (e.g.
+    /// `completions bash` into /etc/bash_completion.d/; the Debian package installs them).
+    Completions {
+        /// The shell.
+        #[arg(value_enum)]
+        shell: Shell,
+    },
+    /// Write the man pages (one for the binary and one per subcommand) into a directory.
+    Man {
+        /// Where to write them.
+        #[arg(long, default_value = ".", value_name = "DIR")]
+        dir: PathBuf,
+    },
+}
+
+impl DocsCommand {
+    /// Runs it for `cmd`: the completion script to stdout, or the man pages into the directory
+    /// and a line on stdout saying how many.
+    ///
+    /// # Errors
+    /// What went wrong writing the man pages, for the user (the binary exits 1 with it).
+    pub fn run(self, cmd: clap::Command) -> Result<(), String> {
+        match self {
+            Self::Completions { shell } => completions(cmd, shell, &mut std::io::stdout()),
+            Self::Man { dir } => {
+                let pages = man_pages(cmd, &dir)
+                    .map_err(|e| format!("cannot write man pages to '{}': {e}", dir.display()))?;
+                println!("Wrote {} man pages to {}", pages.len(), dir.display());
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Writes the completion script of `cmd` for `shell` to `out`.
 pub fn completions(mut cmd: clap::Command, shell: Shell, out: &mut dyn Write) {
     let name = cmd.get_name().to_string();

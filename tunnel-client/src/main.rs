@@ -64,19 +64,8 @@ struct Cli {
 enum Command {
     /// Print this client's key fingerprint (creating the key on first use).
     Fingerprint,
-    /// Print a shell completion script: bash, zsh, fish, elvish or powershell (e.g.
-    /// `tunnel-client completions bash > /etc/bash_completion.d/tunnel-client`; the Debian package installs them).
-    Completions {
-        /// The shell.
-        #[arg(value_enum)]
-        shell: tunnel_cli::Shell,
-    },
-    /// Write the man pages (tunnel-client.1 and one per subcommand) into a directory.
-    Man {
-        /// Where to write them.
-        #[arg(long, default_value = ".", value_name = "DIR")]
-        dir: PathBuf,
-    },
+    #[command(flatten)]
+    Docs(tunnel_cli::DocsCommand),
     /// Pair with a device: with a pairing string (pinned, password-authenticated), or on the
     /// local network by address (--addr) or by discovery (--local), which trusts the key seen
     /// first unless --fingerprint pins it.
@@ -507,16 +496,9 @@ fn runtime() -> Result<tokio::runtime::Runtime, Failure> {
 
 fn dispatch(command: Command, home: ClientHome) -> Result<(), Failure> {
     match command {
-        Command::Completions { shell } => {
-            tunnel_cli::completions(Cli::command(), shell, &mut std::io::stdout());
-        }
-        Command::Man { dir } => {
-            let pages = tunnel_cli::man_pages(Cli::command(), &dir).map_err(|e| Failure {
-                code: 1,
-                message: format!("cannot write man pages to '{}': {e}", dir.display()),
-            })?;
-            println!("Wrote {} man pages to {}", pages.len(), dir.display());
-        }
+        Command::Docs(docs) => docs
+            .run(Cli::command())
+            .map_err(|message| Failure { code: 1, message })?,
         Command::Fingerprint => {
             let id = home.identity()?;
             println!("{}", id.fingerprint());

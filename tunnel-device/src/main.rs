@@ -98,19 +98,8 @@ enum Command {
     },
     /// Print the device key's fingerprint.
     Fingerprint,
-    /// Print a shell completion script: bash, zsh, fish, elvish or powershell (e.g.
-    /// `tunnel-device completions bash > /etc/bash_completion.d/tunnel-device`; the Debian package installs them).
-    Completions {
-        /// The shell.
-        #[arg(value_enum)]
-        shell: tunnel_cli::Shell,
-    },
-    /// Write the man pages (tunnel-device.1 and one per subcommand) into a directory.
-    Man {
-        /// Where to write them.
-        #[arg(long, default_value = ".", value_name = "DIR")]
-        dir: PathBuf,
-    },
+    #[command(flatten)]
+    Docs(tunnel_cli::DocsCommand),
     /// Manage the services in device.toml (a running device reloads them).
     #[command(subcommand)]
     Service(ServiceCmd),
@@ -425,16 +414,9 @@ fn dispatch(command: Command, home: &DeviceHome) -> Result<ExitCode, Failure> {
                 .await
             })?;
         }
-        Command::Completions { shell } => {
-            tunnel_cli::completions(Cli::command(), shell, &mut std::io::stdout());
-        }
-        Command::Man { dir } => {
-            let pages = tunnel_cli::man_pages(Cli::command(), &dir).map_err(|e| Failure {
-                code: 1,
-                message: format!("cannot write man pages to '{}': {e}", dir.display()),
-            })?;
-            println!("Wrote {} man pages to {}", pages.len(), dir.display());
-        }
+        Command::Docs(docs) => docs
+            .run(Cli::command())
+            .map_err(|message| Failure { code: 1, message })?,
         Command::Fingerprint => println!("{}", admin::fingerprint(home)?),
         Command::Service(cmd) => service_cmd(home, cmd)?,
         Command::Relay(cmd) => relay_cmd(home, cmd)?,

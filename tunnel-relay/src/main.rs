@@ -60,19 +60,8 @@ enum Command {
     },
     /// Print the relay's key fingerprint (devices and clients pin it).
     Fingerprint,
-    /// Print a shell completion script: bash, zsh, fish, elvish or powershell (e.g.
-    /// `tunnel-relay completions bash > /etc/bash_completion.d/tunnel-relay`; the Debian package installs them).
-    Completions {
-        /// The shell.
-        #[arg(value_enum)]
-        shell: tunnel_cli::Shell,
-    },
-    /// Write the man pages (tunnel-relay.1 and one per subcommand) into a directory.
-    Man {
-        /// Where to write them.
-        #[arg(long, default_value = ".", value_name = "DIR")]
-        dir: PathBuf,
-    },
+    #[command(flatten)]
+    Docs(tunnel_cli::DocsCommand),
     /// The devices this relay serves.
     #[command(subcommand)]
     Device(DeviceCmd),
@@ -218,16 +207,9 @@ fn dispatch(command: Command, home: &RelayHome) -> Result<(), Failure> {
                 .await
             })?;
         }
-        Command::Completions { shell } => {
-            tunnel_cli::completions(Cli::command(), shell, &mut std::io::stdout());
-        }
-        Command::Man { dir } => {
-            let pages = tunnel_cli::man_pages(Cli::command(), &dir).map_err(|e| Failure {
-                code: 1,
-                message: format!("cannot write man pages to '{}': {e}", dir.display()),
-            })?;
-            println!("Wrote {} man pages to {}", pages.len(), dir.display());
-        }
+        Command::Docs(docs) => docs
+            .run(Cli::command())
+            .map_err(|message| Failure { code: 1, message })?,
         Command::Fingerprint => println!("{}", home.load_key()?.fingerprint()),
         Command::Device(DeviceCmd::Add { id, fingerprint }) => {
             home.add_device(&id, &fingerprint)?;
