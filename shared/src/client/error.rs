@@ -4,7 +4,7 @@
 //! Kind: pure (types and messages).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::config::{ConfigError, HostPort, ValueError};
 use crate::identity::{Fingerprint, KeyFileError};
@@ -293,6 +293,16 @@ fn device_error_message(device: &str, code: ErrorCode, message: &str) -> String 
             format!("device '{device}' refused: {message} (your role does not allow it)")
         }
         _ => format!("device '{device}': {message} ({code})"),
+    }
+}
+
+impl ClientError {
+    /// Maps an IO error on `path` to [`ClientError::Io`]: `.map_err(ClientError::io(&path))`.
+    pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> Self + '_ {
+        move |source| Self::Io {
+            path: path.to_owned(),
+            source,
+        }
     }
 }
 

@@ -270,17 +270,10 @@ impl ClientHome {
     ) -> Result<R, ClientError> {
         let path = self.forwards_path();
         let lock_path = self.dir().join("forwards.lock");
-        fsutil::ensure_private_dir(self.dir()).map_err(|source| ClientError::Io {
-            path: self.dir().to_owned(),
-            source,
-        })?;
-        let _lock = LockFile::acquire(&lock_path).map_err(|source| ClientError::Io {
-            path: lock_path.clone(),
-            source,
-        })?;
+        self.ensure_dir()?;
+        let _lock = LockFile::acquire(&lock_path).map_err(ClientError::io(&lock_path))?;
         let (text, out) = change(&read(&path)?)?;
-        fsutil::write_atomic(&path, text.as_bytes(), 0o600)
-            .map_err(|source| ClientError::Io { path, source })?;
+        fsutil::write_atomic(&path, text.as_bytes(), 0o600).map_err(ClientError::io(&path))?;
         Ok(out)
     }
 }

@@ -103,11 +103,9 @@ impl ClientHome {
         Ok(Identity::new(key)?)
     }
 
-    fn ensure_dir(&self) -> Result<(), ClientError> {
-        fsutil::ensure_private_dir(&self.dir).map_err(|source| ClientError::Io {
-            path: self.dir.clone(),
-            source,
-        })
+    /// Creates the home (0700) if it is missing.
+    pub(crate) fn ensure_dir(&self) -> Result<(), ClientError> {
+        fsutil::ensure_private_dir(&self.dir).map_err(ClientError::io(&self.dir))
     }
 
     /// The pinned devices.
@@ -135,10 +133,8 @@ impl ClientHome {
         change: impl FnOnce(&mut KnownDevices) -> Result<R, ClientError>,
     ) -> Result<R, ClientError> {
         self.ensure_dir()?;
-        let _lock = LockFile::acquire(&self.lock_path()).map_err(|source| ClientError::Io {
-            path: self.lock_path(),
-            source,
-        })?;
+        let lock_path = self.lock_path();
+        let _lock = LockFile::acquire(&lock_path).map_err(ClientError::io(&lock_path))?;
         let mut known = self.known_devices()?;
         let out = change(&mut known)?;
         known.save(&self.known_path())?;

@@ -99,12 +99,8 @@ impl ClientHome {
         path: &str,
         addr: SocketAddr,
     ) -> Result<(), ClientError> {
-        let io = |path: &Path| {
-            let path = path.to_owned();
-            move |source| ClientError::Io { path, source }
-        };
         let lock_path = self.dir().join("seen.lock");
-        let _lock = LockFile::acquire(&lock_path).map_err(io(&lock_path))?;
+        let _lock = LockFile::acquire(&lock_path).map_err(ClientError::io(&lock_path))?;
         let file = self.seen_path();
         let mut seen = Seen::load(&file);
         let mut path = path.to_string();
@@ -131,7 +127,7 @@ impl ClientHome {
             path: file.clone(),
             source: std::io::Error::other(e),
         })?;
-        fsutil::write_atomic(&file, &json, 0o600).map_err(io(&file))
+        fsutil::write_atomic(&file, &json, 0o600).map_err(ClientError::io(&file))
     }
 }
 

@@ -130,17 +130,10 @@ impl Up {
     /// unknown device, the key or sockets fail.
     pub async fn start(opts: ForwarderOptions) -> Result<(Self, Applied), ClientError> {
         let home = opts.home.clone();
-        fsutil::ensure_private_dir(home.dir()).map_err(|source| ClientError::Io {
-            path: home.dir().to_owned(),
-            source,
-        })?;
+        home.ensure_dir()?;
         let lock_path = home.up_lock_path();
-        let io = |path: &PathBuf| {
-            let path = path.clone();
-            move |source| ClientError::Io { path, source }
-        };
         let lock = LockFile::try_acquire(&lock_path)
-            .map_err(io(&lock_path))?
+            .map_err(ClientError::io(&lock_path))?
             .ok_or_else(|| ClientError::AlreadyUp {
                 pid: std::fs::read_to_string(home.up_pid_path())
                     .map_or_else(|_| "?".into(), |p| p.trim().to_string()),
@@ -151,7 +144,7 @@ impl Up {
             format!("{}\n", std::process::id()).as_bytes(),
             0o644,
         )
-        .map_err(io(&pid_path))?;
+        .map_err(ClientError::io(&pid_path))?;
         let plan = home.forwards_plan()?;
         let mut forwarder = Forwarder::new(opts, ReadyStyle::Up)?;
         forwarder.serve_metrics().await?;
