@@ -240,20 +240,15 @@ impl Default for ConnSampler {
 }
 
 impl ConnSampler {
-    /// Registers both histograms as `NAME_rtt_seconds` and `NAME_cwnd_bytes`.
-    pub fn register(&self, registry: &mut Registry, what: &'static str) {
-        let (rtt_name, cwnd_name) = match what {
-            "device" => ("device_rtt_seconds", "device_cwnd_bytes"),
-            "client" => ("client_rtt_seconds", "client_cwnd_bytes"),
-            _ => ("relay_leg_rtt_seconds", "relay_leg_cwnd_bytes"),
-        };
+    /// Registers both histograms as `PREFIX_rtt_seconds` and `PREFIX_cwnd_bytes`.
+    pub fn register(&self, registry: &mut Registry, prefix: &str) {
         registry.register(
-            rtt_name,
+            format!("{prefix}_rtt_seconds"),
             "Round-trip time of live QUIC connections, sampled",
             self.rtt.clone(),
         );
         registry.register(
-            cwnd_name,
+            format!("{prefix}_cwnd_bytes"),
             "Congestion window of live QUIC connections, sampled (bytes)",
             self.cwnd.clone(),
         );

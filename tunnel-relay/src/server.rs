@@ -367,7 +367,7 @@ fn export_metrics(relay: &Arc<Relay>, listener: tokio::net::TcpListener) {
         &mut registry,
         Arc::new(crate::metrics::Exported(Arc::downgrade(relay))),
     );
-    relay.metrics.sampler.register(&mut registry, "relay");
+    relay.metrics.sampler.register(&mut registry, "relay_leg");
     info!(addr = ?listener.local_addr().ok(), "serving metrics at /metrics");
     tunnel_core::metrics::serve(listener, Arc::new(registry), relay.shutdown.clone());
     let weak = Arc::downgrade(relay);
