@@ -4,9 +4,12 @@
 //! Kind: pure, but for [`JwtVerifier::load`] (reads the JWKS file). Time is an input.
 //!
 //! A JWT is accepted when it is signed with ES256 (P-256) or RS256 by a key of the configured
-//! JWKS, its `iss` and `aud` are the configured ones, `exp` is in the future and `nbf` (if any)
-//! in the past (with [`JwtConfig::leeway_secs`] of clock skew), and its device claim (a string
-//! or a list of strings; [`JwtConfig::devices_claim`]) names the device. Like a token, a valid
+//! JWKS, its header names no critical extension (`crit`: this verifier implements none, and RFC
+//! 7515 §4.1.11 requires refusing them), its `iss` and `aud` are the configured ones, `exp` is in
+//! the future but no more than [`JwtConfig::max_lifetime_secs`] away (nor, with `iat`, that long
+//! after it was issued), `nbf` (if any) in the past (with [`JwtConfig::leeway_secs`] of clock
+//! skew), and its device claim (a string or a list of strings; [`JwtConfig::devices_claim`])
+//! names the device. Like a token, a valid
 //! JWT only lets a connection proceed: the client's key still decides its role on the device.
 //! Any other algorithm (`none`, HMAC, …) is refused.
 
@@ -37,6 +40,14 @@ pub struct JwtConfig {
     /// Clock skew allowed on `exp` and `nbf`, seconds.
     #[serde(default = "default_leeway")]
     pub leeway_secs: u64,
+    /// The longest a token may be valid for, seconds: one whose `exp` is further away (or, with
+    /// `iat`, further from its issue) is refused, since a JWT is a bearer credential until then.
+    #[serde(default = "default_max_lifetime")]
+    pub max_lifetime_secs: u64,
+}
+
+fn default_max_lifetime() -> u64 {
+    24 * 3600
 }
 
 fn default_claim() -> String {
@@ -73,6 +84,12 @@ pub enum JwtError {
     /// Expired, or not valid yet.
     #[error("expired or not yet valid")]
     Time,
+    /// Valid for longer than `max_lifetime_secs`.
+    #[error("valid for longer than max_lifetime_secs allows")]
+    Lifetime,
+    /// The header names critical extensions (`crit`), which this verifier does not implement.
+    #[error("the token requires extensions this verifier does not implement (crit: {0})")]
+    Critical(String),
     /// The device claim does not name this device.
     #[error("not valid for device '{0}'")]
     Device(String),
@@ -83,6 +100,8 @@ pub enum JwtError {
 pub struct JwtClaims {
     /// `sub`, if any.
     pub subject: Option<String>,
+    /// `exp` (seconds since the Unix epoch): the token is a credential until then.
+    pub expires: u64,
 }
 
 struct Key {
@@ -118,6 +137,8 @@ struct Claims {
     exp: u64,
     #[serde(default)]
     nbf: Option<u64>,
+    #[serde(default)]
+    iat: Option<u64>,
     #[serde(default)]
     sub: Option<String>,
     #[serde(flatten)]
@@ -173,6 +194,11 @@ impl JwtVerifier {
         })
     }
 
+    /// The issuer whose tokens it accepts.
+    pub fn issuer(&self) -> &str {
+        &self.config.issuer
+    }
+
     /// Checks `token` for `device_id` at `now` (seconds since the Unix epoch).
     ///
     /// # Errors
@@ -182,6 +208,9 @@ impl JwtVerifier {
             return Err(JwtError::Malformed);
         }
         let header = jsonwebtoken::decode_header(token).map_err(|_| JwtError::Malformed)?;
+        if let Some(crit) = critical_extensions(token)? {
+            return Err(JwtError::Critical(crit));
+        }
         if !matches!(header.alg, Algorithm::ES256 | Algorithm::RS256) {
             return Err(JwtError::Algorithm(format!("{:?}", header.alg)));
         }
@@ -225,6 +254,14 @@ impl JwtVerifier {
         if claims.exp.saturating_add(leeway) <= now {
             return Err(JwtError::Time);
         }
+        let max = self.config.max_lifetime_secs;
+        if claims.exp > now.saturating_add(max).saturating_add(leeway)
+            || claims
+                .iat
+                .is_some_and(|iat| claims.exp.saturating_sub(iat) > max)
+        {
+            return Err(JwtError::Lifetime);
+        }
         if claims
             .nbf
             .is_some_and(|nbf| nbf > now.saturating_add(leeway))
@@ -245,8 +282,25 @@ impl JwtVerifier {
         }
         Ok(JwtClaims {
             subject: claims.sub,
+            expires: claims.exp,
         })
     }
+}
+
+/// The `crit` header parameter of `token`, if it has one (any value: this verifier implements no
+/// extension, so every one is unknown).
+fn critical_extensions(token: &str) -> Result<Option<String>, JwtError> {
+    use base64::Engine as _;
+    let head = token.split('.').next().unwrap_or_default();
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(head)
+        .map_err(|_| JwtError::Malformed)?;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes).map_err(|_| JwtError::Malformed)?;
+    Ok(header.get("crit").map(|c| {
+        let text = c.to_string();
+        text.chars().take(64).collect()
+    }))
 }
 
 #[cfg(test)]
@@ -280,10 +334,12 @@ mod tests {
             audience: "tunnel".into(),
             devices_claim: default_claim(),
             leeway_secs: 60,
+            max_lifetime_secs: default_max_lifetime(),
         }
     }
 
     struct Provider {
+        key: SecretKey,
         ec: EncodingKey,
         rsa: EncodingKey,
         jwks: String,
@@ -311,6 +367,7 @@ mod tests {
             {"kty": "oct", "kid": "hmac", "k": b64(b"shared secret")}
         ]});
         Provider {
+            key,
             ec: EncodingKey::from_ec_der(&der),
             rsa: EncodingKey::from_rsa_der(&rsa_der),
             jwks: jwks.to_string(),
@@ -345,7 +402,8 @@ mod tests {
             assert_eq!(
                 v.verify(&token, "cam-2", NOW),
                 Ok(JwtClaims {
-                    subject: Some("alice".into())
+                    subject: Some("alice".into()),
+                    expires: NOW + 300,
                 })
             );
             assert_eq!(
@@ -412,6 +470,56 @@ mod tests {
         assert!(
             v.verify(std::str::from_utf8(&t).unwrap(), "cam", NOW)
                 .is_err()
+        );
+    }
+
+    /// Issue 18: a `crit` header naming an unknown extension was accepted (RFC 7515 requires
+    /// refusal), and so was a token valid until 2^64 - 1.
+    #[test]
+    fn critical_extensions_and_endless_tokens_are_refused() {
+        let p = provider();
+        let v = JwtVerifier::from_jwks(&config(), &p.jwks).unwrap();
+        let body = b64(claims(serde_json::json!(["cam"])).to_string().as_bytes());
+        let signed = |header: serde_json::Value| {
+            let input = format!("{}.{body}", b64(header.to_string().as_bytes()));
+            format!("{input}.{}", b64(&p.key.sign(input.as_bytes())))
+        };
+        let plain = signed(serde_json::json!({"alg": "ES256", "kid": "ec1"}));
+        assert!(
+            v.verify(&plain, "cam", NOW).is_ok(),
+            "the hand-made token is valid"
+        );
+        let crit = signed(serde_json::json!(
+            {"alg": "ES256", "kid": "ec1", "crit": ["urn:x-ext"], "urn:x-ext": true}
+        ));
+        assert!(matches!(
+            v.verify(&crit, "cam", NOW),
+            Err(JwtError::Critical(c)) if c.contains("urn:x-ext")
+        ));
+        let good = claims(serde_json::json!(["cam"]));
+        let with = |k: &str, val: serde_json::Value| {
+            let mut c = good.clone();
+            c[k] = val;
+            sign(Algorithm::ES256, "ec1", &p.ec, &c)
+        };
+        assert_eq!(
+            v.verify(&with("exp", u64::MAX.into()), "cam", NOW),
+            Err(JwtError::Lifetime)
+        );
+        assert_eq!(
+            v.verify(&with("exp", (NOW + 86_400 + 120).into()), "cam", NOW),
+            Err(JwtError::Lifetime)
+        );
+        let mut old = good.clone();
+        old["iat"] = (NOW - 100_000).into();
+        assert_eq!(
+            v.verify(&sign(Algorithm::ES256, "ec1", &p.ec, &old), "cam", NOW),
+            Err(JwtError::Lifetime)
+        );
+        old["iat"] = (NOW - 100).into();
+        assert!(
+            v.verify(&sign(Algorithm::ES256, "ec1", &p.ec, &old), "cam", NOW)
+                .is_ok()
         );
     }
 
