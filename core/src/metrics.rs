@@ -8,8 +8,9 @@
 //! or fixed code names (services, user names, device names, reasons), never a secret, a
 //! fingerprint or a name a peer sent.
 
+use std::collections::HashMap;
 use std::fmt::Debug;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -317,10 +318,14 @@ pub async fn bind_config(
 
 /// Connections served at once; more are closed at once.
 const MAX_SCRAPERS: usize = 16;
+/// Connections served at once from one source (an IPv4 address or an IPv6 /64), so one host
+/// holding idle connections cannot keep every scraper out (issue 18: 16 idle connections renewed
+/// every 4.9 s blocked all scrapes).
+const MAX_SCRAPERS_PER_SOURCE: usize = 4;
 /// A request head larger than this is refused.
 const MAX_HEAD: usize = 8 * 1024;
-/// A scraper gets this long to send its request.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// A scraper gets this long to send its request (Prometheus sends it at once).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Serves `GET /metrics` on `listener` until `shutdown`.
 pub fn serve(
@@ -329,9 +334,10 @@ pub fn serve(
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let slots = Arc::new(Semaphore::new(MAX_SCRAPERS));
+    let per_source: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     tokio::spawn(async move {
         loop {
-            let (stream, _) = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 r = listener.accept() => match r {
                     Ok(x) => x,
                     Err(e) => {
@@ -342,18 +348,56 @@ pub fn serve(
                 },
                 () = shutdown.cancelled() => return,
             };
+            let Some(source) = SourceSlot::take(&per_source, peer.ip()) else {
+                continue;
+            };
             let Ok(slot) = slots.clone().try_acquire_owned() else {
                 continue;
             };
             let registry = registry.clone();
             tokio::spawn(async move {
-                let _slot = slot;
+                let _slots = (slot, source);
                 if let Err(e) = answer(stream, &registry).await {
                     tracing::debug!("metrics request failed: {e}");
                 }
             });
         }
     })
+}
+
+/// One of a source's [`MAX_SCRAPERS_PER_SOURCE`] connections, given back when dropped.
+struct SourceSlot {
+    map: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
+    key: IpAddr,
+}
+
+impl SourceSlot {
+    fn take(map: &Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<Self> {
+        let key = crate::limits::source_key(ip);
+        let mut m = map.lock().ok()?;
+        let n = m.entry(key).or_insert(0);
+        if *n >= MAX_SCRAPERS_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(Self {
+            map: map.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.map.lock()
+            && let Some(n) = m.get_mut(&self.key)
+        {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
+    }
 }
 
 /// The registry in the Prometheus text format.
@@ -486,6 +530,36 @@ mod tests {
         // A head that never ends, or is too large, gets nothing.
         let out = get(addr, &"X".repeat(MAX_HEAD + 10)).await;
         assert!(out.is_empty());
+        stop.cancel();
+        task.await.unwrap();
+    }
+
+    /// Issue 18: 16 idle connections from one host, renewed before the head deadline, kept every
+    /// scraper out.
+    #[tokio::test]
+    async fn one_host_holding_idle_connections_does_not_block_scrapes() {
+        let mut r = registry("tunnel-test");
+        register_source(&mut r, Arc::new(Fixed));
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = CancellationToken::new();
+        let task = serve(listener, Arc::new(r), stop.clone());
+        let mut idle = Vec::new();
+        for _ in 0..MAX_SCRAPERS {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let sock = tokio::net::TcpSocket::new_v4().unwrap();
+        sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        let mut s = sock.connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").await.unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out).await;
+        assert!(
+            out.starts_with("HTTP/1.1 200 OK"),
+            "scrape refused: {out:?}"
+        );
+        drop(idle);
         stop.cancel();
         task.await.unwrap();
     }
