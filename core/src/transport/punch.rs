@@ -79,10 +79,14 @@ pub struct Probe {
     pub tx: u64,
 }
 
-/// The key of one connection's probes (exported from its TLS session). Zeroed on drop, never
-/// printed.
+/// The keys of one connection's probes (exported from its TLS session), one per direction: an
+/// end seals with its own and opens with the peer's, so a probe reflected back to the end that
+/// sent it never verifies. Zeroed on drop, never printed.
 #[derive(Clone)]
-pub struct PunchKey([u8; 32]);
+pub struct PunchKey {
+    send: [u8; 32],
+    recv: [u8; 32],
+}
 
 impl fmt::Debug for PunchKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -92,33 +96,43 @@ impl fmt::Debug for PunchKey {
 
 impl Drop for PunchKey {
     fn drop(&mut self) {
-        self.0.zeroize();
+        self.send.zeroize();
+        self.recv.zeroize();
     }
 }
 
 impl PunchKey {
-    /// The key of `conn` (the same at both ends of it); `None` before the handshake completed.
-    pub fn of(conn: &quinn::Connection) -> Option<Self> {
-        let mut k = [0u8; 32];
+    /// The keys of `conn` for the end on `side` (the device is the server); `None` before the
+    /// handshake completed.
+    pub fn of(conn: &quinn::Connection, side: quinn::Side) -> Option<Self> {
+        let mut k = [0u8; 64];
         conn.export_keying_material(&mut k, EXPORTER_LABEL, b"")
             .ok()?;
-        Some(Self(k))
+        let (mut to_server, mut to_client) = ([0u8; 32], [0u8; 32]);
+        to_server.copy_from_slice(&k[..32]);
+        to_client.copy_from_slice(&k[32..]);
+        k.zeroize();
+        Some(match side {
+            quinn::Side::Client => Self::from_bytes(to_server, to_client),
+            quinn::Side::Server => Self::from_bytes(to_client, to_server),
+        })
     }
 
-    /// A key from raw bytes (tests).
-    pub fn from_bytes(bytes: [u8; 32]) -> Self {
-        Self(bytes)
+    /// Keys from raw bytes: what this end seals with, and what it opens the peer's probes with
+    /// (tests).
+    pub fn from_bytes(send: [u8; 32], recv: [u8; 32]) -> Self {
+        Self { send, recv }
     }
 
-    fn mac(&self, body: &[u8]) -> Hmac<Sha256> {
+    fn mac(key: &[u8; 32], body: &[u8]) -> Hmac<Sha256> {
         // HMAC takes keys of any length: this cannot fail.
-        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.0)
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key)
             .unwrap_or_else(|_| unreachable!("HMAC accepts every key length"));
         m.update(body);
         m
     }
 
-    /// The probe `p`, authenticated.
+    /// The probe `p`, authenticated with this end's key.
     pub fn seal(&self, p: &Probe) -> [u8; PROBE_LEN] {
         let mut out = [0u8; PROBE_LEN];
         out[..8].copy_from_slice(&MAGIC);
@@ -128,15 +142,15 @@ impl PunchKey {
         };
         out[9..17].copy_from_slice(&p.channel.to_be_bytes());
         out[17..25].copy_from_slice(&p.tx.to_be_bytes());
-        let tag = self.mac(&out[..25]).finalize().into_bytes();
+        let tag = Self::mac(&self.send, &out[..25]).finalize().into_bytes();
         out[25..].copy_from_slice(&tag[..MAC_LEN]);
         out
     }
 
-    /// The probe in `packet` if its MAC is this key's (compared in constant time).
+    /// The probe in `packet` if the peer sealed it (compared in constant time).
     pub fn open(&self, packet: &[u8]) -> Option<Probe> {
         let p = peek(packet)?;
-        self.mac(&packet[..25])
+        Self::mac(&self.recv, &packet[..25])
             .verify_truncated_left(&packet[25..])
             .ok()?;
         Some(p)
@@ -158,14 +172,30 @@ pub fn peek(packet: &[u8]) -> Option<Probe> {
     Some(Probe { kind, channel, tx })
 }
 
-/// Whether `addr` may be probed: a unicast address with a port, not a virtual one.
+/// Whether `addr` may be probed at all: a unicast address with a port, not a virtual one.
+/// Where the peer's candidates are concerned, [`acceptable_candidate`] says more.
 pub fn usable_candidate(addr: SocketAddr) -> bool {
     let ip = addr.ip().to_canonical();
     addr.port() != 0
         && !ip.is_unspecified()
         && !ip.is_multicast()
         && !super::path::is_virtual(addr)
+        // A subnet's directed broadcast cannot be told from a host without its netmask; the
+        // kernel refuses to send to one on a local subnet (no SO_BROADCAST on this socket).
         && !matches!(ip, std::net::IpAddr::V4(v4) if v4.is_broadcast())
+}
+
+/// Whether a candidate the *peer* named may be probed from a socket whose relay leg goes to
+/// `relay`: [`usable_candidate`], not one of `forbidden` (the device's own services: a peer must
+/// not make the device send to them), and loopback only when the relay is on loopback too (all
+/// three on one host; otherwise a loopback candidate can only aim the probes at this host's own
+/// services).
+pub fn acceptable_candidate(addr: SocketAddr, relay: SocketAddr, forbidden: &[SocketAddr]) -> bool {
+    let canon = |a: SocketAddr| SocketAddr::new(a.ip().to_canonical(), a.port());
+    let addr = canon(addr);
+    usable_candidate(addr)
+        && (!addr.ip().is_loopback() || relay.ip().to_canonical().is_loopback())
+        && !forbidden.iter().any(|f| canon(*f) == addr)
 }
 
 /// This end's candidates for a peer that meets it through the relay at `relay`: the reflexive
@@ -183,11 +213,17 @@ pub async fn own_candidates(paths: &Paths, relay: SocketAddr) -> Vec<SocketAddr>
     v
 }
 
-/// Runs hole punching for the relayed connection `conn` (at virtual address `vaddr`) until it
-/// closes: attempts with backoff while relayed, keepalives while direct, and falls back to the
-/// relay when the direct path dies. `peer` names the other end in logs.
-pub async fn drive(paths: Paths, vaddr: SocketAddr, conn: quinn::Connection, peer: String) {
-    let Some(key) = PunchKey::of(&conn) else {
+/// Runs hole punching for the relayed connection `conn` (at virtual address `vaddr`, this end on
+/// `side`) until it closes: attempts with backoff while relayed, keepalives while direct, and
+/// falls back to the relay when the direct path dies. `peer` names the other end in logs.
+pub async fn drive(
+    paths: Paths,
+    vaddr: SocketAddr,
+    conn: quinn::Connection,
+    side: quinn::Side,
+    peer: String,
+) {
+    let Some(key) = PunchKey::of(&conn, side) else {
         return;
     };
     if !paths.arm(vaddr, key) {
@@ -261,24 +297,29 @@ mod tests {
 
     #[test]
     fn probes_open_only_under_their_key_and_every_bit_counts() {
-        let k = PunchKey::from_bytes([3; 32]);
+        let (a, b) = ([3; 32], [5; 32]);
+        let me = PunchKey::from_bytes(a, b);
+        let peer = PunchKey::from_bytes(b, a);
         let p = Probe {
             kind: Kind::Ping,
             channel: 0x0102_0304_0506_0708,
             tx: 99,
         };
-        let sealed = k.seal(&p);
+        let sealed = peer.seal(&p);
         assert!(is_probe(&sealed));
         assert_eq!(peek(&sealed), Some(p));
-        assert_eq!(k.open(&sealed), Some(p));
-        assert_eq!(PunchKey::from_bytes([4; 32]).open(&sealed), None);
+        assert_eq!(me.open(&sealed), Some(p));
+        assert_eq!(PunchKey::from_bytes(a, [4; 32]).open(&sealed), None);
+        // A probe reflected back to its sender does not verify there.
+        assert_eq!(peer.open(&sealed), None);
+        assert_eq!(me.open(&me.seal(&p)), None);
         for i in 8..PROBE_LEN {
             let mut bad = sealed;
             bad[i] ^= 0x01;
-            assert_eq!(k.open(&bad), None, "byte {i}");
+            assert_eq!(me.open(&bad), None, "byte {i}");
         }
-        assert_eq!(k.open(&sealed[..PROBE_LEN - 1]), None);
-        assert!(!format!("{k:?}").contains('3'));
+        assert_eq!(me.open(&sealed[..PROBE_LEN - 1]), None);
+        assert!(!format!("{me:?}").contains('3'));
     }
 
     #[test]
@@ -297,5 +338,32 @@ mod tests {
         ] {
             assert!(!usable_candidate(bad.parse().unwrap()), "{bad}");
         }
+    }
+
+    /// Issue 18, defect 8: a peer's candidates (its loopback, the device's own services, other
+    /// hosts) were all probed.
+    #[test]
+    fn a_peer_cannot_aim_probes_at_loopback_or_the_devices_services() {
+        let remote_relay: SocketAddr = "203.0.113.7:5593".parse().unwrap();
+        let local_relay: SocketAddr = "127.0.0.1:5593".parse().unwrap();
+        let services: Vec<SocketAddr> = vec![
+            "192.168.1.20:554".parse().unwrap(),
+            "127.0.0.1:22".parse().unwrap(),
+        ];
+        let ok = |a: &str, relay| acceptable_candidate(a.parse().unwrap(), relay, &services);
+        assert!(ok("198.51.100.4:40000", remote_relay));
+        assert!(ok("192.168.1.30:40000", remote_relay), "a LAN peer");
+        assert!(!ok("127.0.0.1:40000", remote_relay));
+        assert!(!ok("[::1]:40000", remote_relay));
+        assert!(!ok("[::ffff:127.0.0.1]:40000", remote_relay));
+        assert!(!ok("192.168.1.20:554", remote_relay), "a service");
+        assert!(
+            !ok("[::ffff:192.168.1.20]:554", remote_relay),
+            "a service, mapped"
+        );
+        assert!(!ok("224.0.0.251:5353", remote_relay));
+        // All on one host (tests, a bench): loopback is where the peer is, but never a service.
+        assert!(ok("127.0.0.1:40000", local_relay));
+        assert!(!ok("127.0.0.1:22", local_relay));
     }
 }
