@@ -12,6 +12,12 @@
 //! relay has one per leg; a client or device has one, to its relay). Sending never blocks: a
 //! packet for a stream whose queue holds [`MAX_QUEUED`] bytes is dropped like UDP loss, so the
 //! leg's congestion controller, not an unbounded buffer, absorbs a slow TCP path.
+//!
+//! On the relay, TLS costs nothing to a stranger, so the [`LegAcceptor`] bounds what one source
+//! can hold (issue 18: 300 idle connections took every TLS slot, 8,192 TLS streams that never
+//! carried QUIC were never reaped): TLS handshakes in flight per source and in all, each within
+//! a deadline; a stream must carry a QUIC connection ([`StreamSocket::claim`]) within the same
+//! deadline or it is dropped; and the relay drops a stream when its leg ends.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -44,6 +50,9 @@ const MAX_SEGMENTS: usize = 16;
 struct Peer {
     tx: mpsc::UnboundedSender<Bytes>,
     queued: Arc<AtomicUsize>,
+    /// Whether a QUIC connection runs on the stream (the relay says so once its handshake is
+    /// done); unclaimed streams are counted per source and reaped.
+    claimed: bool,
 }
 
 /// The socket: streams by peer address, and what they received.
@@ -102,6 +111,7 @@ impl StreamSocket {
                 Peer {
                     tx,
                     queued: queued.clone(),
+                    claimed: false,
                 },
             );
         }
@@ -132,6 +142,33 @@ impl StreamSocket {
         if let Ok(mut p) = self.peers.write() {
             p.remove(&peer);
         }
+    }
+
+    /// Records that the stream of `peer` carries a QUIC connection (its handshake is done);
+    /// `false` when there is no such stream.
+    pub fn claim(&self, peer: SocketAddr) -> bool {
+        self.peers
+            .write()
+            .ok()
+            .and_then(|mut p| p.get_mut(&peer).map(|e| e.claimed = true))
+            .is_some()
+    }
+
+    /// Whether the stream of `peer` carries a QUIC connection.
+    pub fn is_claimed(&self, peer: SocketAddr) -> bool {
+        self.peers
+            .read()
+            .is_ok_and(|p| p.get(&peer).is_some_and(|e| e.claimed))
+    }
+
+    /// Streams from `source` (an IPv4 address or IPv6 /64) that carry no QUIC connection yet.
+    pub fn unclaimed_from(&self, source: std::net::IpAddr) -> usize {
+        let key = crate::limits::source_key(source);
+        self.peers.read().map_or(0, |p| {
+            p.iter()
+                .filter(|(a, e)| !e.claimed && crate::limits::source_key(a.ip()) == key)
+                .count()
+        })
     }
 
     fn enqueue(&self, transmit: &Transmit<'_>) {
@@ -207,11 +244,18 @@ async fn write_frames<W: AsyncWrite + Unpin>(
 /// TLS handshakes of TCP legs in flight at most; connections beyond are closed at once.
 pub const MAX_TLS_HANDSHAKES: usize = 256;
 
+/// TLS handshakes in flight from one source (an IPv4 address or IPv6 /64) at most.
+pub const MAX_TLS_HANDSHAKES_PER_SOURCE: usize = 8;
+
+/// Streams from one source that carry no QUIC connection yet, at most.
+pub const MAX_UNCLAIMED_PER_SOURCE: usize = 16;
+
 /// The server side of TCP legs: TLS 1.3 with the relay's key, then the stream joins a
 /// [`StreamSocket`] behind its TCP peer's address.
 pub struct LegAcceptor {
     tls: tokio_rustls::TlsAcceptor,
     handshakes: Arc<tokio::sync::Semaphore>,
+    per_source: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
 }
 
 impl fmt::Debug for LegAcceptor {
@@ -219,6 +263,35 @@ impl fmt::Debug for LegAcceptor {
         f.debug_struct("LegAcceptor")
             .field("handshakes_free", &self.handshakes.available_permits())
             .finish_non_exhaustive()
+    }
+}
+
+/// Why [`LegAcceptor::accept`] closed a TCP connection at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpRefusal {
+    /// [`MAX_TLS_HANDSHAKES`] are in flight.
+    Full,
+    /// [`MAX_TLS_HANDSHAKES_PER_SOURCE`] from this source are in flight, or it holds
+    /// [`MAX_UNCLAIMED_PER_SOURCE`] streams that carry nothing yet.
+    Source,
+}
+
+/// One of a source's TLS handshakes in flight, given back when dropped.
+struct SourceSlot {
+    map: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+    key: std::net::IpAddr,
+}
+
+impl Drop for SourceSlot {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.map.lock()
+            && let Some(n) = m.get_mut(&self.key)
+        {
+            *n -= 1;
+            if *n == 0 {
+                m.remove(&self.key);
+            }
+        }
     }
 }
 
@@ -232,39 +305,72 @@ impl LegAcceptor {
         Ok(Self {
             tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_TLS_HANDSHAKES)),
+            per_source: Arc::default(),
+        })
+    }
+
+    fn source_slot(&self, peer: SocketAddr) -> Option<SourceSlot> {
+        let key = crate::limits::source_key(peer.ip());
+        let mut m = self.per_source.lock().ok()?;
+        let n = m.entry(key).or_insert(0);
+        if *n >= MAX_TLS_HANDSHAKES_PER_SOURCE {
+            return None;
+        }
+        *n += 1;
+        Some(SourceSlot {
+            map: self.per_source.clone(),
+            key,
         })
     }
 
     /// Runs the TLS handshake of `tcp` (from `peer`) on its own task, within `timeout`, and adds
-    /// the stream to `socket`. `false` (and `tcp` closed) when [`MAX_TLS_HANDSHAKES`] are in
-    /// flight.
+    /// the stream to `socket`; a stream that carries no QUIC connection `timeout` later (nobody
+    /// [claimed](StreamSocket::claim) it) is dropped. Refused (and `tcp` closed) at once when
+    /// the source or the acceptor is at a cap.
+    ///
+    /// # Errors
+    /// [`TcpRefusal`]: which cap.
     pub fn accept(
         &self,
         socket: &Arc<StreamSocket>,
         tcp: tokio::net::TcpStream,
         peer: SocketAddr,
         timeout: std::time::Duration,
-    ) -> bool {
+    ) -> Result<(), TcpRefusal> {
+        if socket.unclaimed_from(peer.ip()) >= MAX_UNCLAIMED_PER_SOURCE {
+            return Err(TcpRefusal::Source);
+        }
+        let source = self.source_slot(peer).ok_or(TcpRefusal::Source)?;
         let Ok(permit) = self.handshakes.clone().try_acquire_owned() else {
-            return false;
+            return Err(TcpRefusal::Full);
         };
         let _ = tcp.set_nodelay(true);
         let tls = self.tls.clone();
         let socket = Arc::downgrade(socket);
         tokio::spawn(async move {
             let handshake = tokio::time::timeout(timeout, tls.accept(tcp)).await;
-            drop(permit);
+            drop((permit, source));
             match handshake {
                 Ok(Ok(stream)) => {
-                    if let Some(s) = socket.upgrade() {
-                        drop(s.add(peer, stream));
+                    let Some(s) = socket.upgrade() else {
+                        return;
+                    };
+                    drop(s.add(peer, stream));
+                    drop(s);
+                    // It must carry QUIC within the deadline, or it goes.
+                    tokio::time::sleep(timeout).await;
+                    if let Some(s) = socket.upgrade()
+                        && !s.is_claimed(peer)
+                    {
+                        tracing::debug!(%peer, "TCP leg: no QUIC connection on the stream in time; closed");
+                        s.remove(peer);
                     }
                 }
                 Ok(Err(e)) => tracing::debug!(%peer, "TCP leg: TLS handshake failed: {e}"),
                 Err(_) => tracing::debug!(%peer, "TCP leg: TLS handshake timed out"),
             }
         });
-        true
+        Ok(())
     }
 }
 
