@@ -92,6 +92,20 @@ impl SecretKey {
         }
         out
     }
+
+    /// An ECDSA P-256 / SHA-256 signature of `msg` (64 bytes, `r ‖ s`), as [`PublicKey::verifies`]
+    /// checks it. Empty only if the key cannot be used by the crypto provider, which a key of
+    /// this type always can.
+    pub fn sign(&self, msg: &[u8]) -> Vec<u8> {
+        use ring::signature::{ECDSA_P256_SHA256_FIXED_SIGNING, EcdsaKeyPair};
+        let rng = ring::rand::SystemRandom::new();
+        let der = self.to_pkcs8_der();
+        EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_FIXED_SIGNING, &der, &rng)
+            .ok()
+            .and_then(|kp| kp.sign(&rng, msg).ok())
+            .map(|s| s.as_ref().to_vec())
+            .unwrap_or_default()
+    }
 }
 
 impl fmt::Debug for SecretKey {
@@ -133,6 +147,22 @@ impl PublicKey {
     /// SHA-256 of the DER `SubjectPublicKeyInfo`.
     pub fn fingerprint(&self) -> Fingerprint {
         Fingerprint::of_spki(&self.spki)
+    }
+
+    /// Whether `sig` is this key's [`SecretKey::sign`] signature of `msg`. Any malformed input
+    /// is simply "no".
+    pub fn verifies(&self, msg: &[u8], sig: &[u8]) -> bool {
+        use p256::elliptic_curve::sec1::ToEncodedPoint;
+        let Ok(key) = p256::PublicKey::from_public_key_der(&self.spki) else {
+            return false;
+        };
+        let point = key.to_encoded_point(false);
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_FIXED,
+            point.as_bytes(),
+        )
+        .verify(msg, sig)
+        .is_ok()
     }
 }
 
@@ -373,6 +403,21 @@ pub fn load_or_create_key(path: &Path) -> Result<(SecretKey, bool), KeyFileError
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn signatures_verify_only_under_their_key_and_message() {
+        let key = SecretKey::generate();
+        let sig = key.sign(b"entry");
+        assert_eq!(sig.len(), 64);
+        assert!(key.public_key().verifies(b"entry", &sig));
+        assert!(!key.public_key().verifies(b"entrY", &sig));
+        assert!(!SecretKey::generate().public_key().verifies(b"entry", &sig));
+        let mut bad = sig.clone();
+        bad[10] ^= 1;
+        assert!(!key.public_key().verifies(b"entry", &bad));
+        assert!(!key.public_key().verifies(b"entry", &sig[..63]));
+        assert!(!key.public_key().verifies(b"entry", &[]));
+    }
 
     #[test]
     fn fingerprint_is_sha256_of_spki_in_lower_hex() {

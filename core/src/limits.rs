@@ -16,6 +16,7 @@
 //!   flood cannot fill it.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
@@ -112,6 +113,9 @@ pub struct HandshakeLimits {
     pub per_source: usize,
     /// Handshakes in flight in total.
     pub total: usize,
+    /// Of `total`, the slots only privileged sources may take (an owner's credential, so that
+    /// other credential holders cannot fill the gate); 0 for gates without privileged sources.
+    pub reserved: usize,
 }
 
 /// What to do with a new handshake.
@@ -125,53 +129,75 @@ pub enum Gate {
     Ignore,
 }
 
-/// Handshakes in flight, per source and in total.
-#[derive(Debug, Default)]
-pub struct HandshakeGate {
-    per_source: HashMap<IpAddr, usize>,
+/// Handshakes in flight, per source and in total. A source is whatever the caller counts by:
+/// [`source_key`] of the address for direct handshakes, the credential a relay admitted the
+/// channel with for relayed ones (a channel's virtual address would make every channel its own
+/// source).
+#[derive(Debug)]
+pub struct HandshakeGate<K = IpAddr> {
+    per_source: HashMap<K, usize>,
     total: usize,
+    /// Of `total`, those of sources that are not privileged.
+    unprivileged: usize,
 }
 
-impl HandshakeGate {
+impl<K> Default for HandshakeGate<K> {
+    fn default() -> Self {
+        Self {
+            per_source: HashMap::new(),
+            total: 0,
+            unprivileged: 0,
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone> HandshakeGate<K> {
     /// Decides on a new handshake from `source`; `validated` when its address is proven (it
-    /// came back with our Retry token). `can_retry` is false when a Retry was already used.
+    /// came back with our Retry token), `privileged` when it may use the reserved slots.
+    /// `can_retry` is false when a Retry was already used.
     pub fn decide(
         &self,
-        source: IpAddr,
+        source: &K,
         validated: bool,
+        privileged: bool,
         can_retry: bool,
         limits: &HandshakeLimits,
     ) -> Gate {
         if !validated && self.total >= limits.retry_threshold {
             return if can_retry { Gate::Retry } else { Gate::Ignore };
         }
-        let from_source = self
-            .per_source
-            .get(&source_key(source))
-            .copied()
-            .unwrap_or(0);
-        if self.total >= limits.total || from_source >= limits.per_source {
+        let from_source = self.per_source.get(source).copied().unwrap_or(0);
+        let open = limits.total.saturating_sub(limits.reserved);
+        if self.total >= limits.total
+            || from_source >= limits.per_source
+            || (!privileged && self.unprivileged >= open)
+        {
             return Gate::Ignore;
         }
         Gate::Accept
     }
 
     /// Counts a handshake from `source` as in flight.
-    pub fn begin(&mut self, source: IpAddr) {
-        *self.per_source.entry(source_key(source)).or_insert(0) += 1;
+    pub fn begin(&mut self, source: K, privileged: bool) {
+        *self.per_source.entry(source).or_insert(0) += 1;
         self.total += 1;
+        if !privileged {
+            self.unprivileged += 1;
+        }
     }
 
-    /// A handshake from `source` ended (done, failed or timed out).
-    pub fn end(&mut self, source: IpAddr) {
-        let key = source_key(source);
-        if let Some(n) = self.per_source.get_mut(&key) {
+    /// A handshake from `source` ended (done, failed or timed out); `privileged` as it began.
+    pub fn end(&mut self, source: &K, privileged: bool) {
+        if let Some(n) = self.per_source.get_mut(source) {
             *n -= 1;
             if *n == 0 {
-                self.per_source.remove(&key);
+                self.per_source.remove(source);
             }
         }
         self.total = self.total.saturating_sub(1);
+        if !privileged {
+            self.unprivileged = self.unprivileged.saturating_sub(1);
+        }
     }
 
     /// Handshakes in flight.
@@ -188,6 +214,7 @@ mod tests {
         retry_threshold: 4,
         per_source: 3,
         total: 6,
+        reserved: 0,
     };
 
     fn ip(s: &str) -> IpAddr {
@@ -208,32 +235,61 @@ mod tests {
         let owner = ip("198.51.100.7");
         // Below the threshold everyone starts at once, up to the per-source cap.
         for _ in 0..3 {
-            assert_eq!(g.decide(flood, false, true, &LIMITS), Gate::Accept);
-            g.begin(flood);
+            assert_eq!(g.decide(&flood, false, false, true, &LIMITS), Gate::Accept);
+            g.begin(flood, false);
         }
-        assert_eq!(g.decide(flood, false, true, &LIMITS), Gate::Ignore);
-        assert_eq!(g.decide(owner, false, true, &LIMITS), Gate::Accept);
-        g.begin(owner);
+        assert_eq!(g.decide(&flood, false, false, true, &LIMITS), Gate::Ignore);
+        assert_eq!(g.decide(&owner, false, false, true, &LIMITS), Gate::Accept);
+        g.begin(owner, false);
         // Past the threshold, unproven sources are asked to prove their address...
-        assert_eq!(g.decide(owner, false, true, &LIMITS), Gate::Retry);
-        assert_eq!(g.decide(owner, false, false, &LIMITS), Gate::Ignore);
+        assert_eq!(g.decide(&owner, false, false, true, &LIMITS), Gate::Retry);
+        assert_eq!(g.decide(&owner, false, false, false, &LIMITS), Gate::Ignore);
         // ...and proven ones still come in, within the caps.
-        assert_eq!(g.decide(owner, true, false, &LIMITS), Gate::Accept);
-        assert_eq!(g.decide(flood, true, false, &LIMITS), Gate::Ignore);
-        g.begin(owner);
-        g.begin(owner);
+        assert_eq!(g.decide(&owner, true, false, false, &LIMITS), Gate::Accept);
+        assert_eq!(g.decide(&flood, true, false, false, &LIMITS), Gate::Ignore);
+        g.begin(owner, false);
+        g.begin(owner, false);
         assert_eq!(g.in_flight(), 6);
         assert_eq!(
-            g.decide(ip("192.0.2.1"), true, false, &LIMITS),
+            g.decide(&ip("192.0.2.1"), true, false, false, &LIMITS),
             Gate::Ignore
         );
         // Slots come back as handshakes end.
         for _ in 0..3 {
-            g.end(flood);
+            g.end(&flood, false);
         }
         assert_eq!(g.in_flight(), 3);
-        assert_eq!(g.decide(flood, false, true, &LIMITS), Gate::Accept);
+        assert_eq!(g.decide(&flood, false, false, true, &LIMITS), Gate::Accept);
         assert!(!g.per_source.contains_key(&flood));
+    }
+
+    /// Issue 18, defect 1: relayed handshakes of many credentials filled the one gate, so an
+    /// owner could not start one. The reserved slots are the owner's.
+    #[test]
+    fn reserved_slots_are_kept_for_privileged_sources() {
+        let limits = HandshakeLimits {
+            retry_threshold: 100,
+            per_source: 2,
+            total: 6,
+            reserved: 2,
+        };
+        let mut g: HandshakeGate<u32> = HandshakeGate::default();
+        // Guests 1 and 2 take 2 each; guest 3 gets nothing: 4 = total - reserved.
+        for guest in [1, 1, 2, 2] {
+            assert_eq!(g.decide(&guest, true, false, true, &limits), Gate::Accept);
+            g.begin(guest, false);
+        }
+        assert_eq!(g.decide(&3, true, false, true, &limits), Gate::Ignore);
+        // The owner still gets in, up to its own per-source cap.
+        assert_eq!(g.decide(&9, true, true, true, &limits), Gate::Accept);
+        g.begin(9, true);
+        assert_eq!(g.decide(&9, true, true, true, &limits), Gate::Accept);
+        g.begin(9, true);
+        assert_eq!(g.decide(&8, true, true, true, &limits), Gate::Ignore);
+        g.end(&9, true);
+        assert_eq!(g.decide(&3, true, false, true, &limits), Gate::Ignore);
+        g.end(&1, false);
+        assert_eq!(g.decide(&3, true, false, true, &limits), Gate::Accept);
     }
 
     #[test]

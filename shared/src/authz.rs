@@ -10,7 +10,8 @@
 //! remote access switch → server-connect token (remote only, before any IAM work: a user's token,
 //! or the open-pairing token for a key on no user) → the key's user (a key on no user is
 //! *unpaired* and is admitted only while some pairing mode is usable for it, and only below the
-//! cap on unpaired connections) → the cap on established connections.
+//! cap on unpaired connections) → the cap on established connections (its last
+//! `owner_reserved_connections` for owners only) → the cap per user.
 //!
 //! Locality is a fact of the connection *now*: the device recomputes it from the current source
 //! address for every request, every stream and every re-enforcement, so a connection that moves
@@ -86,6 +87,8 @@ pub struct Verdict {
 
 /// The close reason of the established-connection cap.
 pub const TOO_MANY_CONNECTIONS: &str = "too many connections";
+/// The close reason of the cap per user.
+pub const TOO_MANY_OF_USER: &str = "too many connections of this user";
 /// The close reason of the cap on connections of keys on no user.
 pub const TOO_MANY_UNPAIRED: &str = "too many unpaired connections";
 
@@ -96,6 +99,17 @@ pub struct Refusal {
     pub code: CloseCode,
     /// The close reason (peer-visible, so it names no detail).
     pub reason: &'static str,
+}
+
+/// The connections past `Hello` a new one is admitted among ([`Policy::admit`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Load {
+    /// All of them.
+    pub established: usize,
+    /// Those of keys on no user.
+    pub unpaired: usize,
+    /// Those of the new connection's user (any of its keys).
+    pub of_user: usize,
 }
 
 /// Why a pairing request is refused before any pairing work.
@@ -197,25 +211,30 @@ impl<'a> Policy<'a> {
         }
     }
 
-    /// Decides whether a new connection may proceed past `Hello`. `established` is how many
-    /// connections are past `Hello` already, `unpaired_conns` how many of them belong to keys on
-    /// no user.
+    /// Whether `who` is an owner: a user with the role the first user gets (`Owner`). Owners'
+    /// connections may use the connection slots held in reserve, and their tokens the relays'
+    /// reserved channels and the device's reserved relayed handshakes.
+    pub fn is_owner(&self, who: &Who<'_>) -> bool {
+        who.user.is_some() && who.role == self.iam.initial_role
+    }
+
+    /// Decides whether a new connection may proceed past `Hello`, given the connections already
+    /// past it (`load`).
     ///
     /// # Errors
     /// The [`Refusal`] to close the connection with.
-    pub fn admit(
-        &self,
-        conn: &ConnFacts<'_>,
-        established: usize,
-        unpaired_conns: usize,
-    ) -> Result<Who<'a>, Refusal> {
+    pub fn admit(&self, conn: &ConnFacts<'_>, load: Load) -> Result<Who<'a>, Refusal> {
         let who = self.who(conn.fingerprint);
         self.gate(conn, &who)?;
-        if established >= self.config.limits.max_connections as usize {
-            return Err(Refusal {
-                code: CloseCode::BUSY,
-                reason: TOO_MANY_CONNECTIONS,
-            });
+        let limits = &self.config.limits;
+        let max = limits.max_connections as usize;
+        let open_to_all = max.saturating_sub(limits.owner_reserve() as usize);
+        let busy = Refusal {
+            code: CloseCode::BUSY,
+            reason: TOO_MANY_CONNECTIONS,
+        };
+        if load.established >= max || (!self.is_owner(&who) && load.established >= open_to_all) {
+            return Err(busy);
         }
         if who.user.is_none() {
             if self.usable_modes(conn).is_empty() {
@@ -224,12 +243,17 @@ impl<'a> Policy<'a> {
                     reason: "unknown client key",
                 });
             }
-            if unpaired_conns >= self.config.limits.max_unpaired_connections as usize {
+            if load.unpaired >= limits.max_unpaired_connections as usize {
                 return Err(Refusal {
                     code: CloseCode::BUSY,
                     reason: TOO_MANY_UNPAIRED,
                 });
             }
+        } else if load.of_user >= limits.max_connections_per_user as usize {
+            return Err(Refusal {
+                code: CloseCode::BUSY,
+                reason: TOO_MANY_OF_USER,
+            });
         }
         Ok(who)
     }
@@ -315,6 +339,16 @@ impl<'a> Policy<'a> {
             (true, Some(s)) => Ok(s),
         };
         (outcome, verdict)
+    }
+
+    /// Whether `conn` may tunnel to at least one service now (`Tunnel:Connect`, as it is now:
+    /// locality included). Hole punching is for such connections only: a direct path helps
+    /// nobody else, and the device's addresses are not for others.
+    pub fn may_tunnel(&self, conn: &ConnFacts<'_>) -> bool {
+        self.config
+            .services
+            .iter()
+            .any(|s| self.tunnel(conn, &s.id).0.is_ok())
     }
 
     /// Pairing modes `conn` could use now: enabled, local where required, allowed by IAM, local
@@ -532,19 +566,29 @@ mod tests {
             ),
         ];
         for (i, (fp, local, tok, want)) in cases.iter().enumerate() {
-            let got = w.policy().admit(&facts(fp, *local, *tok), 0, 0).err();
+            let got = w
+                .policy()
+                .admit(&facts(fp, *local, *tok), Load::default())
+                .err();
             assert_eq!(got.map(|r| r.code), *want, "case {i}");
         }
         w.state.pairing.local_open = true;
         let stranger = facts(&k.stranger, true, None);
-        assert!(w.policy().admit(&stranger, 0, 0).is_ok());
-        let busy = w.policy().admit(&stranger, 0, 16);
+        let load = |established, unpaired, of_user| Load {
+            established,
+            unpaired,
+            of_user,
+        };
+        assert!(w.policy().admit(&stranger, Load::default()).is_ok());
+        let busy = w.policy().admit(&stranger, load(0, 16, 0));
         assert_eq!(busy.err().map(|r| r.code), Some(CloseCode::BUSY));
-        let full = w.policy().admit(&facts(&k.owner, true, None), 256, 0);
+        let full = w
+            .policy()
+            .admit(&facts(&k.owner, true, None), load(256, 0, 0));
         assert_eq!(full.err().map(|r| r.code), Some(CloseCode::BUSY));
         assert!(
             w.policy()
-                .admit(&facts(&k.stranger, false, Some(&g_tok)), 0, 0)
+                .admit(&facts(&k.stranger, false, Some(&g_tok)), Load::default())
                 .is_err(),
             "local open is not usable remotely"
         );
@@ -553,17 +597,54 @@ mod tests {
         let open = w.state.pairing.open_sct.clone();
         let r = w
             .policy()
-            .admit(&facts(&k.stranger, false, Some(&open)), 0, 0);
+            .admit(&facts(&k.stranger, false, Some(&open)), Load::default());
         assert!(r.is_ok());
         let r = w
             .policy()
-            .admit(&facts(&k.standard, false, Some(&open)), 0, 0);
+            .admit(&facts(&k.standard, false, Some(&open)), Load::default());
         assert_eq!(r.err().map(|r| r.code), Some(CloseCode::SCT_REJECTED));
         w.config.network.remote_access = false;
         let r = w
             .policy()
-            .admit(&facts(&k.owner, false, Some(&g_tok)), 0, 0);
+            .admit(&facts(&k.owner, false, Some(&g_tok)), Load::default());
         assert_eq!(r.err().map(|r| r.code), Some(CloseCode::REMOTE_DISABLED));
+    }
+
+    /// Issue 18, defect 5: one Guest key held all 256 connections past hello, and the owner was
+    /// refused "connection limit": no cap per user, no reserve for owners.
+    #[test]
+    fn one_user_cannot_take_every_connection_and_owners_keep_a_reserve() {
+        let (w, k) = world();
+        let p = w.policy();
+        let l = &w.config.limits;
+        let (max, reserve, per_user) = (
+            l.max_connections as usize,
+            l.owner_reserve() as usize,
+            l.max_connections_per_user as usize,
+        );
+        let load = |established, of_user| Load {
+            established,
+            unpaired: 0,
+            of_user,
+        };
+        let guest = facts(&k.guest, true, None);
+        let owner = facts(&k.owner, true, None);
+        let code = |r: Result<Who<'_>, Refusal>| r.err().map(|r| (r.code, r.reason));
+        assert!(p.admit(&guest, load(0, per_user - 1)).is_ok());
+        assert_eq!(
+            code(p.admit(&guest, load(per_user, per_user))),
+            Some((CloseCode::BUSY, TOO_MANY_OF_USER))
+        );
+        // Other users fill the device up to the reserve: a guest is refused, an owner is not.
+        assert_eq!(
+            code(p.admit(&guest, load(max - reserve, 0))),
+            Some((CloseCode::BUSY, TOO_MANY_CONNECTIONS))
+        );
+        assert!(p.admit(&owner, load(max - reserve, 0)).is_ok());
+        assert!(p.admit(&owner, load(max - 1, 0)).is_ok());
+        assert!(p.admit(&owner, load(max, 0)).is_err());
+        assert!(p.is_owner(&p.who(&k.owner)) && !p.is_owner(&p.who(&k.standard)));
+        assert!(!p.is_owner(&p.who(&k.stranger)));
     }
 
     #[test]
@@ -588,6 +669,20 @@ mod tests {
             assert_eq!(got.map(|_| ()), want, "case {i}");
             assert_eq!(verdict.action, Action::TunnelConnect);
         }
+    }
+
+    /// Issue 18, defect 8: the device punched for any relayed user, a Guest (who may not
+    /// tunnel remotely) included.
+    #[test]
+    fn only_users_who_may_tunnel_may_punch() {
+        let (w, k) = world();
+        let p = w.policy();
+        let tok = w.token("g");
+        assert!(p.may_tunnel(&facts(&k.owner, false, Some(&tok))));
+        assert!(p.may_tunnel(&facts(&k.standard, false, Some(&tok))));
+        assert!(p.may_tunnel(&facts(&k.guest, true, None)));
+        assert!(!p.may_tunnel(&facts(&k.guest, false, Some(&tok))));
+        assert!(!p.may_tunnel(&facts(&k.stranger, false, Some(&tok))));
     }
 
     #[test]

@@ -127,13 +127,14 @@ impl Sanitize for Response {
             Self::Settings(Settings {
                 open_pairing_role, ..
             }) => open_pairing_role.sanitize(),
-            // Relays are parsed values (`HOST:PORT` with a checked host, a hex fingerprint):
-            // nothing printable is left to escape.
+            // Relays are parsed values (`HOST:PORT` with a checked host, a hex fingerprint),
+            // candidates socket addresses: nothing printable is left to escape.
             Self::Ok
             | Self::PakeReply { .. }
             | Self::PakeConfirmed { .. }
             | Self::Token(_)
-            | Self::Relays(_) => {}
+            | Self::Relays(_)
+            | Self::Punch { .. } => {}
         }
     }
 }

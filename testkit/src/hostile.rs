@@ -121,3 +121,122 @@ pub async fn escape_device() -> (SocketAddr, String) {
     });
     (addr, fp)
 }
+
+/// A leg to a relay as a hostile client makes it: a fresh throwaway key, its own endpoint on
+/// `from` (e.g. `127.0.0.2`, so its failures count against another source than the test's).
+#[derive(Debug)]
+pub struct RelayLeg {
+    /// The leg.
+    pub conn: quinn::Connection,
+    /// Its control stream.
+    pub send: quinn::SendStream,
+    /// Its control stream, the relay's side.
+    pub recv: quinn::RecvStream,
+    /// The channel asked for (connects only).
+    pub channel: u64,
+    /// The endpoint (kept with the leg).
+    pub endpoint: quinn::Endpoint,
+}
+
+/// Dials the relay at `relay` (pinned as `relay_fp`) from `from` with a fresh key and sends the
+/// first frame `hello` makes for the leg; returns the leg and the relay's answer (`None`: the
+/// leg closed without one).
+pub async fn relay_leg(
+    from: &str,
+    relay: SocketAddr,
+    relay_fp: tunnel_shared::identity::Fingerprint,
+    hello: impl FnOnce(&quinn::Connection) -> tunnel_shared::relay::LegHello,
+) -> (RelayLeg, Option<tunnel_shared::relay::RelayEvent>) {
+    use tunnel_shared::framed::{read_frame, write_frame};
+    use tunnel_shared::relay;
+    let settings = TransportSettings::default();
+    let endpoint =
+        transport::client_endpoint_on(format!("{from}:0").parse().unwrap(), &settings).unwrap();
+    let id = Identity::new(SecretKey::generate()).unwrap();
+    let (mut cfg, _) =
+        transport::client_config(&id, relay::ALPN, Some(relay_fp), &settings).unwrap();
+    cfg.transport_config(Arc::new(transport::leg_transport_config(&settings, 0)));
+    let conn = endpoint
+        .connect_with(cfg, relay, transport::SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let first = hello(&conn);
+    let channel = match &first {
+        relay::LegHello::Connect { channel, .. } => *channel,
+        relay::LegHello::Attach { .. } => 0,
+    };
+    write_frame(&mut send, &first, relay::MAX_FRAME)
+        .await
+        .unwrap();
+    let answer = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        read_frame::<relay::RelayEvent>(&mut recv, relay::MAX_FRAME),
+    )
+    .await
+    .ok()
+    .and_then(|r| r.ok().flatten());
+    (
+        RelayLeg {
+            conn,
+            send,
+            recv,
+            channel,
+            endpoint,
+        },
+        answer,
+    )
+}
+
+/// The `Connect` of a client for `device_id` on a random channel, proving `token` on the leg.
+pub fn connect_hello(
+    device_id: &str,
+    token: Option<&tunnel_shared::secret::Secret>,
+) -> impl FnOnce(&quinn::Connection) -> tunnel_shared::relay::LegHello + use<> {
+    let device_id = device_id.to_string();
+    let token = token.cloned();
+    move |conn| {
+        use tunnel_shared::relay;
+        let channel = rand::random::<u64>() >> 1;
+        let binding = transport::leg::binding(conn, &device_id, channel).unwrap();
+        relay::LegHello::Connect {
+            version: relay::PROTOCOL_VERSION,
+            device_id,
+            channel,
+            proof: relay::Proof::for_token(token.as_ref(), &binding),
+        }
+    }
+}
+
+/// The relay's refusal in `answer`, or the leg's close code.
+pub fn refusal(
+    leg: &RelayLeg,
+    answer: Option<&tunnel_shared::relay::RelayEvent>,
+) -> Option<tunnel_shared::relay::RelayCode> {
+    use tunnel_shared::relay::{RelayCode, RelayEvent};
+    match answer {
+        Some(RelayEvent::Refused { code }) => Some(*code),
+        Some(_) => None,
+        None => match leg.conn.close_reason() {
+            Some(quinn::ConnectionError::ApplicationClosed(c)) => {
+                Some(RelayCode::from_varint(c.error_code))
+            }
+            _ => None,
+        },
+    }
+}
+
+/// Sends `packets` (inner QUIC packets, e.g. [`initial_packets`]) into the leg's channel as the
+/// relay's datagrams; returns how many the leg took.
+pub fn flood_channel(leg: &RelayLeg, packets: &[Vec<u8>]) -> usize {
+    let tag = tunnel_shared::relay::tag(leg.channel);
+    packets
+        .iter()
+        .filter(|p| {
+            let mut d = tag.to_vec();
+            d.extend_from_slice(p);
+            leg.conn.send_datagram(d.into()).is_ok()
+        })
+        .count()
+}

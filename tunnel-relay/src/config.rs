@@ -98,6 +98,12 @@ pub struct RelayLimits {
     pub max_legs: u32,
     /// Client channels to one device at once.
     pub max_channels_per_device: u32,
+    /// Of `max_channels_per_device`, the channels only the device's owners' tokens may take (so
+    /// other token holders cannot fill the device's channels; at most half is held back).
+    pub owner_reserved_channels: u32,
+    /// Channels one token (or JWT subject) may hold to a device at once, whatever keys it comes
+    /// with (owners' tokens: only the device's cap). Keys are free; tokens are not.
+    pub max_channels_per_token: u32,
     /// Channels one client key may hold at once (over all devices).
     pub max_channels_per_client: u32,
     /// Seconds a new leg has to finish its handshake and first frame.
@@ -119,6 +125,8 @@ impl Default for RelayLimits {
         Self {
             max_legs: 8192,
             max_channels_per_device: 256,
+            owner_reserved_channels: 32,
+            max_channels_per_token: 16,
             max_channels_per_client: 64,
             handshake_timeout_secs: 10,
             retry_threshold: 64,
@@ -138,6 +146,7 @@ impl RelayLimits {
             retry_threshold: n(self.retry_threshold),
             per_source: n(self.max_handshakes_per_source),
             total: n(self.max_handshakes),
+            reserved: 0,
         }
     }
 }
@@ -191,6 +200,7 @@ impl RelayConfig {
         if [
             l.max_legs,
             l.max_channels_per_device,
+            l.max_channels_per_token,
             l.max_channels_per_client,
             l.max_handshakes,
             l.max_handshakes_per_source,
@@ -261,6 +271,8 @@ pub fn template(listen: &[SocketAddr]) -> String {
          [limits]\n\
          # max_legs = {}                    # device and client connections at once\n\
          # max_channels_per_device = {}      # clients of one device at once\n\
+         # owner_reserved_channels = {}       # of those, kept for the device's owners\n\
+         # max_channels_per_token = {}        # channels of one token (one user) at once\n\
          # max_channels_per_client = {}       # channels of one client key at once\n\
          # handshake_timeout_secs = {}\n\
          # retry_threshold = {}               # handshakes in flight before QUIC Retry\n\
@@ -280,10 +292,13 @@ pub fn template(listen: &[SocketAddr]) -> String {
          # jwks = \"jwks.json\"                 # relative to this file\n\
          # issuer = \"https://id.example.com\"\n\
          # audience = \"tunnel\"\n\
-         # devices_claim = \"tunnel_devices\"   # the claim listing the device ids a JWT is good for\n",
+         # devices_claim = \"tunnel_devices\"   # the claim listing the device ids a JWT is good for\n\
+         # max_lifetime_secs = 86400          # refuse JWTs valid for longer\n",
         listen.join(", "),
         l.max_legs,
         l.max_channels_per_device,
+        l.owner_reserved_channels,
+        l.max_channels_per_token,
         l.max_channels_per_client,
         l.handshake_timeout_secs,
         l.retry_threshold,

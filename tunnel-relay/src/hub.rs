@@ -1,5 +1,6 @@
-//! One device's meeting point on the relay: its current leg, its clients' channels and the hashes
-//! of the tokens that may reach it; and the forwarding between them.
+//! One device's meeting point on the relay: its current leg, its clients' channels (each with the
+//! credential that opened it) and the hashes of the tokens that may reach it; and the forwarding
+//! between them.
 //!
 //! Kind: IO (sends datagrams on QUIC connections).
 //!
@@ -7,15 +8,21 @@
 //! refreshes it when the hub's generation number moves (a channel opened or closed, the device
 //! re-attached). A datagram that the receiving leg has no room for is dropped and counted, never
 //! queued without bound (the inner connection's congestion control sees it as loss).
+//!
+//! A client's channel carries one end-to-end connection, whose handshake is a handful of QUIC
+//! long-header packets; after it, only short headers. So the relay lets each channel send the
+//! device [`HANDSHAKE_BURST`] long-header datagrams, then [`HANDSHAKE_PER_SEC`]: a token holder
+//! cannot pour ClientHellos into the device through its channels (issue 18: ten channels of one
+//! Guest locked the owner out).
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 
 use bytes::Bytes;
 use tokio::sync::mpsc;
-use tunnel_core::relay::{RelayEvent, TokenHash};
+use tunnel_core::limits::TokenBucket;
+use tunnel_core::relay::{Credential, KeyId, RelayEvent, TokenEntry, TokenHash};
 
 /// The device's current leg.
 #[derive(Clone)]
@@ -37,6 +44,8 @@ pub(crate) struct Counters {
     pub(crate) bytes: AtomicU64,
     /// Datagrams dropped (no room on the receiving leg, no such channel, bad tag).
     pub(crate) dropped: AtomicU64,
+    /// Of those, long-header (handshake) datagrams of a client over its channel's budget.
+    pub(crate) dropped_handshakes: AtomicU64,
 }
 
 impl Counters {
@@ -51,14 +60,96 @@ impl Counters {
     }
 }
 
+/// A client's open channel: its leg and what admitted it.
+#[derive(Clone)]
+pub(crate) struct ChannelInfo {
+    /// The client's leg.
+    pub(crate) conn: quinn::Connection,
+    /// The credential (token hash, or JWT subject) that admitted it.
+    pub(crate) credential: Credential,
+    /// Whether that credential is an owner's.
+    pub(crate) owner: bool,
+    /// Whether it was a JWT (not affected by the device's token updates; it ends at `exp`).
+    pub(crate) jwt: bool,
+}
+
+/// The caps a new channel is checked against ([`Hub::open`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct ChannelCaps {
+    /// Channels to the device in all.
+    pub(crate) per_device: usize,
+    /// Of those, the ones only owners' credentials may take.
+    pub(crate) owner_reserved: usize,
+    /// Channels one (non-owner) credential may hold.
+    pub(crate) per_credential: usize,
+}
+
+/// Why [`Hub::open`] refused a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OpenRefusal {
+    /// The channel id is taken.
+    InUse,
+    /// A cap is reached.
+    Busy,
+}
+
+/// The tokens a device accepts, as it uploaded them, indexed by the [`KeyId`] proofs name.
+#[derive(Default)]
+pub(crate) struct Tokens {
+    /// As uploaded (for the registry).
+    pub(crate) entries: Vec<TokenEntry>,
+    by_key: HashMap<KeyId, Vec<TokenEntry>>,
+}
+
+/// The [`Tokens`] of `entries` (e.g. a registry entry's).
+pub(crate) fn tokens_of(entries: Vec<TokenEntry>) -> Tokens {
+    Tokens::new(entries)
+}
+
+impl Tokens {
+    fn new(entries: Vec<TokenEntry>) -> Self {
+        let mut by_key: HashMap<KeyId, Vec<TokenEntry>> = HashMap::new();
+        for e in &entries {
+            by_key.entry(e.hash.key_id()).or_default().push(*e);
+        }
+        Self { entries, by_key }
+    }
+
+    /// The token a MAC proof made with `key` over `binding` proves, if any (every candidate
+    /// of that key id is checked in constant time).
+    pub(crate) fn verify(
+        &self,
+        key: KeyId,
+        binding: &[u8; 32],
+        mac: &[u8; 32],
+    ) -> Option<TokenEntry> {
+        let mut found = None;
+        for e in self.by_key.get(&key).into_iter().flatten() {
+            if e.hash.verifies(binding, mac) {
+                found = Some(*e);
+            }
+        }
+        found
+    }
+
+    fn contains(&self, hash: &TokenHash) -> bool {
+        self.by_key
+            .get(&hash.key_id())
+            .is_some_and(|v| v.iter().any(|e| e.hash == *hash))
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
 /// A device's hub.
 pub(crate) struct Hub {
     pub(crate) id: String,
     generation: AtomicU64,
     device: RwLock<Option<DeviceLeg>>,
-    channels: RwLock<HashMap<u64, quinn::Connection>>,
-    tokens: RwLock<Arc<Vec<TokenHash>>>,
-    candidates: RwLock<Vec<SocketAddr>>,
+    channels: RwLock<HashMap<u64, ChannelInfo>>,
+    tokens: RwLock<Arc<Tokens>>,
 }
 
 impl Hub {
@@ -68,8 +159,7 @@ impl Hub {
             generation: AtomicU64::new(0),
             device: RwLock::new(None),
             channels: RwLock::new(HashMap::new()),
-            tokens: RwLock::new(Arc::new(Vec::new())),
-            candidates: RwLock::new(Vec::new()),
+            tokens: RwLock::new(Arc::new(Tokens::default())),
         }
     }
 
@@ -81,21 +171,21 @@ impl Hub {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// Makes `leg` the device's leg; returns the one it replaces.
+    /// Makes `leg` the device's leg, with its tokens; returns the leg it replaces and the
+    /// channels the new tokens no longer admit.
     pub(crate) fn attach(
         &self,
         leg: DeviceLeg,
-        tokens: Vec<TokenHash>,
-        candidates: Vec<SocketAddr>,
-    ) -> Option<DeviceLeg> {
-        self.set_tokens(tokens);
-        self.set_candidates(candidates);
+        tokens: Vec<TokenEntry>,
+    ) -> (Option<DeviceLeg>, Vec<quinn::Connection>) {
+        let revoked = self.set_tokens(tokens);
         let old = self.device.write().ok().and_then(|mut d| d.replace(leg));
         self.bump();
-        old
+        (old, revoked)
     }
 
-    /// Forgets leg `id` if it is still the device's leg.
+    /// Forgets leg `id` if it is still the device's leg (its tokens stay known: a client's proof
+    /// can still be checked while the device is away).
     pub(crate) fn detach(&self, id: u64) {
         if let Ok(mut d) = self.device.write()
             && d.as_ref().is_some_and(|l| l.id == id)
@@ -109,53 +199,71 @@ impl Hub {
         self.device.read().ok().and_then(|d| d.clone())
     }
 
-    pub(crate) fn set_tokens(&self, tokens: Vec<TokenHash>) {
+    /// Replaces the device's tokens; returns the client legs of the channels a token no longer
+    /// in the set opened (the caller closes them).
+    pub(crate) fn set_tokens(&self, tokens: Vec<TokenEntry>) -> Vec<quinn::Connection> {
+        let tokens = Tokens::new(tokens);
+        let revoked = self
+            .channels
+            .read()
+            .map(|c| {
+                c.values()
+                    .filter(|ch| !ch.jwt && !tokens.contains(&TokenHash(ch.credential.0)))
+                    .map(|ch| ch.conn.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
         if let Ok(mut t) = self.tokens.write() {
             *t = Arc::new(tokens);
         }
+        revoked
     }
 
-    /// The device's candidate addresses (what it announced; the relay does not check them).
-    pub(crate) fn set_candidates(&self, candidates: Vec<SocketAddr>) {
-        if let Ok(mut c) = self.candidates.write() {
-            *c = candidates;
-        }
-    }
-
-    pub(crate) fn candidates(&self) -> Vec<SocketAddr> {
-        self.candidates
-            .read()
-            .map(|c| c.clone())
-            .unwrap_or_default()
-    }
-
-    /// Tells the device that `channel` opened, with the client's candidates.
-    pub(crate) fn opened(&self, channel: u64, peer: Vec<SocketAddr>) {
+    /// Tells the device that `channel` opened with `credential`.
+    pub(crate) fn opened(&self, channel: u64, credential: Credential) {
         if let Some(d) = self.device() {
-            let _ = d
-                .events
-                .try_send(RelayEvent::ChannelOpened { channel, peer });
+            let _ = d.events.try_send(RelayEvent::ChannelOpened {
+                channel,
+                credential,
+            });
         }
     }
 
-    pub(crate) fn tokens(&self) -> Arc<Vec<TokenHash>> {
+    pub(crate) fn tokens(&self) -> Arc<Tokens> {
         self.tokens
             .read()
-            .map_or_else(|_| Arc::new(Vec::new()), |t| t.clone())
+            .map_or_else(|_| Arc::new(Tokens::default()), |t| t.clone())
     }
 
-    /// Opens `channel` to `client`; `false` when the id is taken.
-    pub(crate) fn open(&self, channel: u64, client: &quinn::Connection) -> bool {
+    /// Opens `channel` for `info` within `caps`: the device's cap (the last
+    /// `owner_reserved` slots for owners only), and for a non-owner credential its own cap.
+    pub(crate) fn open(
+        &self,
+        channel: u64,
+        info: ChannelInfo,
+        caps: ChannelCaps,
+    ) -> Result<(), OpenRefusal> {
         let Ok(mut c) = self.channels.write() else {
-            return false;
+            return Err(OpenRefusal::Busy);
         };
         if c.contains_key(&channel) {
-            return false;
+            return Err(OpenRefusal::InUse);
         }
-        c.insert(channel, client.clone());
+        let others = c.values().filter(|ch| !ch.owner).count();
+        let same = c
+            .values()
+            .filter(|ch| ch.credential == info.credential)
+            .count();
+        let open_to_all = caps.per_device.saturating_sub(caps.owner_reserved);
+        if c.len() >= caps.per_device
+            || (!info.owner && (others >= open_to_all || same >= caps.per_credential))
+        {
+            return Err(OpenRefusal::Busy);
+        }
+        c.insert(channel, info);
         drop(c);
         self.bump();
-        true
+        Ok(())
     }
 
     /// Closes `channel` and tells the device.
@@ -173,7 +281,7 @@ impl Hub {
     pub(crate) fn client_conns(&self) -> Vec<quinn::Connection> {
         self.channels
             .read()
-            .map(|c| c.values().cloned().collect())
+            .map(|c| c.values().map(|ch| ch.conn.clone()).collect())
             .unwrap_or_default()
     }
 
@@ -191,10 +299,8 @@ impl Hub {
         if let Some(d) = self.device() {
             d.conn.close(code, reason);
         }
-        if let Ok(c) = self.channels.read() {
-            for conn in c.values() {
-                conn.close(code, reason);
-            }
+        for conn in self.client_conns() {
+            conn.close(code, reason);
         }
     }
 }
@@ -242,7 +348,11 @@ impl DeviceRoutes {
         }
         let g = hub.generation();
         if g != self.generation {
-            self.channels = hub.channels.read().map(|c| c.clone()).unwrap_or_default();
+            self.channels = hub
+                .channels
+                .read()
+                .map(|c| c.iter().map(|(k, v)| (*k, v.conn.clone())).collect())
+                .unwrap_or_default();
             self.generation = g;
         }
         match tunnel_core::relay::split_tag(&datagram).and_then(|(ch, _)| self.channels.get(&ch)) {
@@ -252,36 +362,61 @@ impl DeviceRoutes {
     }
 }
 
+/// Long-header (handshake) datagrams a client's channel may send the device at once, and then
+/// per second: a handshake takes a handful; a flood of ClientHellos is cut to a trickle.
+pub(crate) const HANDSHAKE_BURST: f64 = 32.0;
+/// See [`HANDSHAKE_BURST`].
+pub(crate) const HANDSHAKE_PER_SEC: f64 = 1.0;
+
+/// Whether `inner` (a relayed packet, tag removed) starts with a QUIC long header: Initial,
+/// 0-RTT, Handshake or Retry, i.e. part of a handshake.
+fn is_long_header(inner: &[u8]) -> bool {
+    inner.first().is_some_and(|b| b & 0x80 != 0)
+}
+
 /// What a client leg's task forwards to: the device's current leg.
 pub(crate) struct ClientRoute {
     channel: u64,
     generation: u64,
     device: Option<quinn::Connection>,
+    handshakes: TokenBucket,
 }
 
 impl ClientRoute {
-    pub(crate) fn new(channel: u64) -> Self {
+    pub(crate) fn new(channel: u64, now: std::time::Instant) -> Self {
         Self {
             channel,
             generation: u64::MAX,
             device: None,
+            handshakes: TokenBucket::new(HANDSHAKE_BURST, HANDSHAKE_PER_SEC, now),
         }
     }
 
     /// Forwards a datagram the client sent to the device, if it carries the client's own
-    /// channel tag (a client cannot inject into another client's channel).
+    /// channel tag (a client cannot inject into another client's channel) and, for a handshake
+    /// packet, the channel's budget allows it.
     pub(crate) fn forward(
         &mut self,
         hub: &Hub,
         from: &quinn::Connection,
         datagram: Bytes,
         counters: &Counters,
+        now: std::time::Instant,
     ) {
         if is_probe(&datagram) {
             return send(from, datagram, counters);
         }
-        if tunnel_core::relay::split_tag(&datagram).map(|(ch, _)| ch) != Some(self.channel) {
+        let Some((channel, inner)) = tunnel_core::relay::split_tag(&datagram) else {
             counters.drop_one();
+            return;
+        };
+        if channel != self.channel {
+            counters.drop_one();
+            return;
+        }
+        if is_long_header(inner) && !self.handshakes.try_take(now) {
+            counters.drop_one();
+            counters.dropped_handshakes.fetch_add(1, Ordering::Relaxed);
             return;
         }
         let g = hub.generation();
@@ -294,5 +429,18 @@ impl ClientRoute {
             None => counters.drop_one(),
             Some(d) => send(d, datagram, counters),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn long_headers_are_told_from_short_ones() {
+        assert!(is_long_header(&[0xc0, 0, 0, 0, 1]));
+        assert!(is_long_header(&[0xe0]));
+        assert!(!is_long_header(&[0x40, 1, 2]));
+        assert!(!is_long_header(&[]));
     }
 }

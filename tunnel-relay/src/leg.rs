@@ -3,25 +3,36 @@
 //! [`crate::server`] docs give.
 //!
 //! Kind: IO.
+//!
+//! A stranger learns nothing from a refusal it could not have caused: every refusal before a
+//! valid credential counts against its source (and is refused `RATE_LIMITED` once the source's
+//! budget is spent); an attach for an id the relay does not serve and one with the wrong key get
+//! the same answer; a connect without a valid token is told `TOKEN_REJECTED` or
+//! `DEVICE_OFFLINE` whether the device is attached or not (only a client that proved a token
+//! learns that its device is offline).
 
+use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc;
 use tracing::{Instrument, debug, info, info_span, warn};
 use tunnel_core::identity::Fingerprint;
 use tunnel_core::jwt;
+use tunnel_core::limits::source_key;
 use tunnel_core::relay::{
-    self, DeviceUpdate, LegHello, MAX_CANDIDATES, MAX_FRAME, MAX_TOKENS, RelayCode, RelayEvent,
-    TokenHash,
+    self, Credential, DeviceUpdate, LegHello, MAX_FRAME, MAX_TOKENS, Proof, RelayCode, RelayEvent,
+    TokenEntry,
 };
-use tunnel_core::transport;
+use tunnel_core::transport::{self, tcp::StreamSocket};
 
 use crate::config::RelayConfig;
-use crate::hub::{ClientRoute, DeviceLeg, DeviceRoutes, Hub};
-use crate::server::{Relay, unix_now};
+use crate::hub::{
+    ChannelCaps, ChannelInfo, ClientRoute, DeviceLeg, DeviceRoutes, Hub, OpenRefusal, Tokens,
+};
+use crate::server::{Relay, now, unix_now};
 
 /// A handshake slot, given back when dropped.
 struct Slot {
@@ -32,7 +43,7 @@ struct Slot {
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Ok(mut g) = self.relay.gate.lock() {
-            g.end(self.source);
+            g.end(&self.source, false);
         }
     }
 }
@@ -46,7 +57,26 @@ impl Drop for LegSlot {
     }
 }
 
-pub(crate) async fn accept_loop(relay: Arc<Relay>, endpoint: quinn::Endpoint) {
+/// A TCP leg's stream, claimed for the leg's QUIC connection and dropped with it (so a stream
+/// outlives neither its deadline nor its leg).
+struct Claimed {
+    socket: Arc<StreamSocket>,
+    peer: SocketAddr,
+}
+
+impl Drop for Claimed {
+    fn drop(&mut self) {
+        self.socket.remove(self.peer);
+    }
+}
+
+/// Accepts legs on `endpoint` until shutdown. `tcp` is the stream socket under the endpoint when
+/// it serves TCP legs.
+pub(crate) async fn accept_loop(
+    relay: Arc<Relay>,
+    endpoint: quinn::Endpoint,
+    tcp: Option<Arc<StreamSocket>>,
+) {
     loop {
         let incoming = tokio::select! {
             i = endpoint.accept() => match i {
@@ -56,17 +86,18 @@ pub(crate) async fn accept_loop(relay: Arc<Relay>, endpoint: quinn::Endpoint) {
             () = relay.shutdown.cancelled() => return,
         };
         let limits = relay.config().limits.handshakes();
-        let source = incoming.remote_address().ip();
+        let source = source_key(incoming.remote_address().ip());
         let validated = incoming.remote_address_validated();
-        let incoming = match transport::screen(&relay.gate, incoming, validated, &limits) {
-            Ok(incoming) => incoming,
-            Err(gate) => {
-                if gate != tunnel_core::limits::Gate::Retry {
-                    relay.metrics.handshake_failures.inc("gate_refused");
+        let incoming =
+            match transport::screen(&relay.gate, incoming, source, validated, false, &limits) {
+                Ok(incoming) => incoming,
+                Err(gate) => {
+                    if gate != tunnel_core::limits::Gate::Retry {
+                        relay.metrics.handshake_failures.inc("gate_refused");
+                    }
+                    continue;
                 }
-                continue;
-            }
-        };
+            };
         let slot = Slot {
             relay: relay.clone(),
             source,
@@ -75,7 +106,7 @@ pub(crate) async fn accept_loop(relay: Arc<Relay>, endpoint: quinn::Endpoint) {
         let span = info_span!("leg", id, remote = %incoming.remote_address(), peer = tracing::field::Empty);
         relay
             .tasks
-            .spawn(leg(relay.clone(), incoming, id, slot).instrument(span));
+            .spawn(leg(relay.clone(), incoming, id, slot, tcp.clone()).instrument(span));
     }
 }
 
@@ -86,7 +117,13 @@ fn refuse(relay: &Relay, conn: &quinn::Connection, code: RelayCode) {
 }
 
 /// One leg: handshake, first frame, then a device's or a client's session.
-async fn leg(relay: Arc<Relay>, incoming: quinn::Incoming, id: u64, slot: Slot) {
+async fn leg(
+    relay: Arc<Relay>,
+    incoming: quinn::Incoming,
+    id: u64,
+    slot: Slot,
+    tcp: Option<Arc<StreamSocket>>,
+) {
     let timeout = Duration::from_secs(relay.config().limits.handshake_timeout_secs);
     let conn = match incoming.accept() {
         Ok(c) => match tokio::time::timeout(timeout, c).await {
@@ -105,6 +142,12 @@ async fn leg(relay: Arc<Relay>, incoming: quinn::Incoming, id: u64, slot: Slot) 
             return debug!("handshake refused: {e}");
         }
     };
+    // Over TCP: the stream carries this leg now, and goes with it.
+    let _claimed = tcp.map(|socket| {
+        let peer = conn.remote_address();
+        socket.claim(peer);
+        Claimed { socket, peer }
+    });
     let Some(fingerprint) = transport::peer_fingerprint(&conn) else {
         return refuse(&relay, &conn, RelayCode::PROTOCOL);
     };
@@ -126,41 +169,44 @@ async fn leg(relay: Arc<Relay>, incoming: quinn::Incoming, id: u64, slot: Slot) 
     .await;
     let Ok(Some((send, recv, hello))) = first else {
         debug!("no valid first frame");
+        relay.failed(conn.remote_address().ip());
         return refuse(&relay, &conn, RelayCode::PROTOCOL);
     };
     // Past the first frame: the handshake slot is free again.
     drop(slot);
+    let streams = Control { send, recv };
     match hello {
         LegHello::Attach {
             version,
             device_id,
             tokens,
-            candidates,
         } if version == relay::PROTOCOL_VERSION => {
-            let attach = AttachRequest {
-                device_id,
-                tokens,
-                candidates,
-            };
-            serve_device(&relay, conn, fingerprint, id, send, recv, attach).await;
+            serve_device(&relay, conn, fingerprint, id, streams, device_id, tokens).await;
         }
         LegHello::Connect {
             version,
             device_id,
             channel,
-            token,
-            candidates,
+            proof,
         } if version == relay::PROTOCOL_VERSION => {
             let request = ConnectRequest {
                 device_id,
                 channel,
-                token,
-                candidates,
+                proof,
             };
-            serve_client(&relay, conn, fingerprint, send, request).await;
+            serve_client(&relay, conn, fingerprint, streams, request).await;
         }
-        _ => refuse(&relay, &conn, RelayCode::PROTOCOL),
+        _ => {
+            relay.failed(conn.remote_address().ip());
+            refuse(&relay, &conn, RelayCode::PROTOCOL);
+        }
     }
+}
+
+/// A leg's control stream.
+struct Control {
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
 }
 
 async fn answer(send: &mut quinn::SendStream, event: &RelayEvent) -> bool {
@@ -184,19 +230,22 @@ async fn refuse_with(
     conn.close(code.to_varint(), code.describe().as_bytes());
 }
 
-/// What a device's `Attach` asked for.
-struct AttachRequest {
-    device_id: String,
-    tokens: Vec<TokenHash>,
-    candidates: Vec<SocketAddr>,
+/// [`refuse_with`] for a party that proved nothing: the refusal counts against its source.
+async fn refuse_stranger(
+    relay: &Relay,
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    code: RelayCode,
+) {
+    relay.failed(conn.remote_address().ip());
+    refuse_with(relay, conn, send, code).await;
 }
 
 /// What a client's `Connect` asked for.
 struct ConnectRequest {
     device_id: String,
     channel: u64,
-    token: Option<tunnel_core::secret::Secret>,
-    candidates: Vec<SocketAddr>,
+    proof: Proof,
 }
 
 async fn serve_device(
@@ -204,31 +253,23 @@ async fn serve_device(
     conn: quinn::Connection,
     fingerprint: Fingerprint,
     leg_id: u64,
-    mut send: quinn::SendStream,
-    recv: quinn::RecvStream,
-    attach: AttachRequest,
+    control: Control,
+    device_id: String,
+    tokens: Vec<TokenEntry>,
 ) {
-    let AttachRequest {
-        device_id,
-        tokens,
-        candidates,
-    } = attach;
-    if let Some(code) = attach_refusal(
-        &relay.config(),
-        &device_id,
-        fingerprint,
-        &tokens,
-        &candidates,
-    ) {
-        if code == RelayCode::WRONG_KEY {
-            warn!(
-                device = %device_id,
-                "refused an attach: this key is not the one relay.toml has for the device id"
-            );
+    let Control { mut send, recv } = control;
+    let source = conn.remote_address().ip();
+    if !relay.may_try(source) {
+        debug!(device = %device_id, "attach refused: too many failures from this source");
+        return refuse_stranger(relay, &conn, &mut send, RelayCode::RATE_LIMITED).await;
+    }
+    if let Some(code) = attach_refusal(&relay.config(), &device_id, fingerprint, &tokens) {
+        if code == RelayCode::UNKNOWN_DEVICE {
+            relay.warn_attach(&device_id, fingerprint);
         } else {
             info!(device = %device_id, "refused an attach: {code}");
         }
-        return refuse_with(relay, &conn, &mut send, code).await;
+        return refuse_stranger(relay, &conn, &mut send, code).await;
     }
     let Some(hub) = relay.hub_or_new(&device_id) else {
         return;
@@ -239,9 +280,11 @@ async fn serve_device(
         conn: conn.clone(),
         events,
     };
-    if let Some(old) = hub.attach(leg, tokens, candidates) {
+    let (old, revoked) = hub.attach(leg, tokens);
+    if let Some(old) = old {
         old.conn.close(RelayCode::REPLACED.to_varint(), b"replaced");
     }
+    close_revoked(relay, &hub, &revoked);
     if !answer(
         &mut send,
         &RelayEvent::Attached {
@@ -288,26 +331,37 @@ async fn serve_device(
     info!(device = %device_id, reason = %close_reason(&conn), "device detached");
 }
 
-/// Why an attach is refused: an id `relay.toml` does not serve, a key that is not the one it
-/// names for the id, too many token hashes or candidates.
+/// Why an attach is refused: an id `relay.toml` does not serve *with this key* (one answer for
+/// both, so an attach is no way to learn which ids the relay serves), or too many tokens.
 fn attach_refusal(
     config: &RelayConfig,
     device_id: &str,
     fingerprint: Fingerprint,
-    tokens: &[TokenHash],
-    candidates: &[SocketAddr],
+    tokens: &[TokenEntry],
 ) -> Option<RelayCode> {
     match config.device(device_id) {
-        None => Some(RelayCode::UNKNOWN_DEVICE),
-        Some(d) if d.fingerprint != fingerprint => Some(RelayCode::WRONG_KEY),
-        Some(_) if tokens.len() > MAX_TOKENS || candidates.len() > MAX_CANDIDATES => {
-            Some(RelayCode::PROTOCOL)
+        Some(d) if d.fingerprint == fingerprint => {
+            (tokens.len() > MAX_TOKENS).then_some(RelayCode::PROTOCOL)
         }
-        Some(_) => None,
+        _ => Some(RelayCode::UNKNOWN_DEVICE),
     }
 }
 
-/// The device's later frames on its control stream: token updates, applied at once.
+/// Closes the client legs of channels whose token the device no longer accepts.
+fn close_revoked(relay: &Relay, hub: &Hub, revoked: &[quinn::Connection]) {
+    if revoked.is_empty() {
+        return;
+    }
+    info!(
+        device = %hub.id,
+        channels = revoked.len(),
+        "the device no longer accepts the token of some channels: closing them"
+    );
+    for conn in revoked {
+        refuse(relay, conn, RelayCode::TOKEN_REJECTED);
+    }
+}
+
 /// Tells the fleet's registry (if any) that `hub`'s device is attached here, with its tokens;
 /// on its own task, so a slow registry never holds up a leg.
 fn announce(relay: &Arc<Relay>, hub: &Arc<Hub>) {
@@ -316,7 +370,7 @@ fn announce(relay: &Arc<Relay>, hub: &Arc<Hub>) {
     };
     let hub = hub.clone();
     relay.tasks.spawn(async move {
-        if let Err(e) = r.announce(&hub.id, &hub.tokens()).await {
+        if let Err(e) = r.announce(&hub.id, &hub.tokens().entries).await {
             warn!(
                 device = %hub.id,
                 "cannot record the device in the fleet's registry ({e}); it is served here, but \
@@ -326,6 +380,8 @@ fn announce(relay: &Arc<Relay>, hub: &Arc<Hub>) {
     });
 }
 
+/// The device's later frames on its control stream: token updates, applied at once (channels
+/// a removed token opened are closed).
 async fn read_updates(
     relay: Arc<Relay>,
     hub: Arc<Hub>,
@@ -336,14 +392,11 @@ async fn read_updates(
         match tunnel_core::framed::read_frame::<DeviceUpdate>(&mut recv, MAX_FRAME).await {
             Ok(Some(DeviceUpdate::Tokens(t))) if t.len() <= MAX_TOKENS => {
                 debug!(tokens = t.len(), "tokens updated");
-                hub.set_tokens(t);
+                let revoked = hub.set_tokens(t);
+                close_revoked(&relay, &hub, &revoked);
                 announce(&relay, &hub);
             }
-            Ok(Some(DeviceUpdate::Candidates(c))) if c.len() <= MAX_CANDIDATES => {
-                debug!(candidates = ?c, "candidates updated");
-                hub.set_candidates(c);
-            }
-            Ok(Some(DeviceUpdate::Tokens(_) | DeviceUpdate::Candidates(_))) | Err(_) => {
+            Ok(Some(DeviceUpdate::Tokens(_))) | Err(_) => {
                 refuse(&relay, &conn, RelayCode::PROTOCOL);
                 return;
             }
@@ -357,51 +410,71 @@ fn close_reason(conn: &quinn::Connection) -> String {
         .map_or_else(|| "-".to_string(), |r| r.to_string())
 }
 
-/// Whether `token` may reach `device_id`: its hash is one of `tokens` (what the device
-/// uploaded), or it is a JWT valid for the device.
-fn token_ok(
-    relay: &Relay,
-    device_id: &str,
-    tokens: &[TokenHash],
-    token: Option<&tunnel_core::secret::Secret>,
-) -> bool {
-    let Some(token) = token else {
-        return false;
-    };
-    if jwt::looks_like_jwt(token.expose()) {
-        let verifier = relay.jwt.read().ok().and_then(|j| j.clone());
-        return match verifier {
-            Some(v) => match v.verify(token.expose(), device_id, unix_now()) {
-                Ok(_) => true,
-                Err(e) => {
-                    info!(device = %device_id, "JWT refused: {e}");
-                    false
-                }
-            },
-            None => false,
-        };
-    }
-    TokenHash::of(token).is_in(tokens.iter())
+/// What admitted a client's channel.
+#[derive(Debug, Clone, Copy)]
+struct Admitted {
+    credential: Credential,
+    owner: bool,
+    /// For a JWT: when it expires (unix seconds); the channel ends then.
+    jwt_expires: Option<u64>,
 }
 
-/// A client asks for a device not attached here: with a fleet, the registry says where it is;
-/// the token is checked against the hashes there before the client learns anything, then the
-/// client is sent to that relay. `Err` is the refusal.
+/// Checks `proof` for `device_id` on the leg of `binding`: a MAC against `tokens` (the hashes the
+/// device uploaded; none known, nothing passes), or a JWT valid for the device.
+fn check_proof(
+    relay: &Relay,
+    device_id: &str,
+    tokens: Option<&Tokens>,
+    proof: &Proof,
+    binding: &[u8; 32],
+) -> Option<Admitted> {
+    match proof {
+        Proof::None => None,
+        Proof::Mac { key, mac } => tokens?.verify(*key, binding, mac).map(|e| Admitted {
+            credential: Credential::token(&e.hash),
+            owner: e.owner,
+            jwt_expires: None,
+        }),
+        Proof::Jwt(token) if jwt::looks_like_jwt(token.expose()) => {
+            let verifier = relay.jwt.read().ok().and_then(|j| j.clone())?;
+            match verifier.verify(token.expose(), device_id, unix_now()) {
+                Ok(claims) => Some(Admitted {
+                    credential: Credential::jwt(
+                        verifier.issuer(),
+                        claims.subject.as_deref(),
+                        token,
+                    ),
+                    owner: false,
+                    jwt_expires: Some(claims.expires),
+                }),
+                Err(e) => {
+                    info!(device = %device_id, "JWT refused: {e}");
+                    None
+                }
+            }
+        }
+        Proof::Jwt(_) => None,
+    }
+}
+
+/// A client asks for a device not attached here: with a fleet, the registry says where it is
+/// (its entry signed by the relay it names); the proof is checked against the tokens there
+/// before the client learns anything, then the client is sent to that relay. `Err` is the
+/// refusal and whether it counts against the source.
 async fn redirect(
     relay: &Relay,
     device_id: &str,
-    token: Option<&tunnel_core::secret::Secret>,
-    source: IpAddr,
-) -> Result<RelayEvent, RelayCode> {
+    proof: &Proof,
+    binding: &[u8; 32],
+) -> Result<RelayEvent, (RelayCode, bool)> {
     let Some(registry) = &relay.registry else {
-        info!(device = %device_id, "connect refused: the device is not attached");
-        return Err(RelayCode::DEVICE_OFFLINE);
+        return Err((RelayCode::DEVICE_OFFLINE, true));
     };
     let entry = match registry.lookup(device_id).await {
         Ok(Some(e)) if e.relay != registry.me() => e,
         Ok(_) => {
             info!(device = %device_id, "connect refused: the device is not attached here or elsewhere in the fleet");
-            return Err(RelayCode::DEVICE_OFFLINE);
+            return Err((RelayCode::DEVICE_OFFLINE, true));
         }
         Err(e) => {
             warn!(
@@ -409,13 +482,13 @@ async fn redirect(
                 "connect refused: the device is not attached here, and the fleet's registry \
                  cannot be asked where it is: {e}"
             );
-            return Err(RelayCode::REGISTRY_UNAVAILABLE);
+            return Err((RelayCode::REGISTRY_UNAVAILABLE, false));
         }
     };
-    if !token_ok(relay, device_id, &entry.tokens, token) {
-        relay.failed(source);
+    let tokens = crate::hub::tokens_of(entry.tokens);
+    if check_proof(relay, device_id, Some(&tokens), proof, binding).is_none() {
         info!(device = %device_id, "connect refused: token rejected (checked against the registry)");
-        return Err(RelayCode::TOKEN_REJECTED);
+        return Err((RelayCode::TOKEN_REJECTED, true));
     }
     info!(device = %device_id, to = %entry.addr, "client redirected to the relay the device is attached to");
     Ok(RelayEvent::Redirect {
@@ -428,88 +501,258 @@ async fn serve_client(
     relay: &Arc<Relay>,
     conn: quinn::Connection,
     fingerprint: Fingerprint,
-    mut send: quinn::SendStream,
+    control: Control,
     request: ConnectRequest,
 ) {
+    let Control { mut send, recv } = control;
     let ConnectRequest {
         device_id,
         channel,
-        token,
-        candidates,
+        proof,
     } = request;
-    let (device_id, token) = (device_id.as_str(), token.as_ref());
+    let device_id = device_id.as_str();
     let source = conn.remote_address().ip();
     let config = relay.config();
     let limits = &config.limits;
-    if channel == relay::PROBE_CHANNEL || candidates.len() > MAX_CANDIDATES {
-        return refuse_with(relay, &conn, &mut send, RelayCode::PROTOCOL).await;
-    }
     if !relay.may_try(source) {
         info!(device = %device_id, "connect refused: too many failures from this source");
-        return refuse_with(relay, &conn, &mut send, RelayCode::RATE_LIMITED).await;
+        return refuse_stranger(relay, &conn, &mut send, RelayCode::RATE_LIMITED).await;
     }
-    if config.device(device_id).is_none() {
-        relay.failed(source);
-        info!(device = %device_id, "connect refused: no such device");
-        return refuse_with(relay, &conn, &mut send, RelayCode::UNKNOWN_DEVICE).await;
-    }
-    let Some(hub) = relay.hub(device_id).filter(|h| h.device().is_some()) else {
-        match redirect(relay, device_id, token, source).await {
-            Ok(to) => {
-                if answer(&mut send, &to).await {
-                    let _ = send.finish();
-                    // Let the answer reach the client before the leg closes.
-                    let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
-                }
-                relay.metrics.redirects.fetch_add(1, Ordering::Relaxed);
-                conn.close(RelayCode::NORMAL.to_varint(), b"redirected");
-            }
-            Err(code) => refuse_with(relay, &conn, &mut send, code).await,
-        }
-        return;
+    let binding = transport::leg::binding(&conn, device_id, channel);
+    let (Some(binding), false) = (binding, channel == relay::PROBE_CHANNEL) else {
+        return refuse_stranger(relay, &conn, &mut send, RelayCode::PROTOCOL).await;
     };
-    if !token_ok(relay, device_id, &hub.tokens(), token) {
-        relay.failed(source);
-        info!(device = %device_id, presented = token.is_some(), "connect refused: token rejected");
-        return refuse_with(relay, &conn, &mut send, RelayCode::TOKEN_REJECTED).await;
-    }
-    let per_device = usize::try_from(limits.max_channels_per_device).unwrap_or(usize::MAX);
-    if hub.channel_count() >= per_device
-        || !relay.take_client_slot(fingerprint, limits.max_channels_per_client)
-    {
-        info!(device = %device_id, "connect refused: channel limit reached");
+    let hub = config.device(device_id).and_then(|_| relay.hub(device_id));
+    let tokens = hub.as_ref().map(|h| h.tokens()).filter(|t| !t.is_empty());
+    let admitted = check_proof(relay, device_id, tokens.as_deref(), &proof, &binding);
+    let attached = hub.filter(|h| h.device().is_some());
+    let (Some(hub), Some(admitted)) = (attached, admitted) else {
+        let known = tokens.is_some();
+        let here = Here {
+            served: config.device(device_id).is_some(),
+            tokens_known: known,
+            admitted,
+        };
+        return elsewhere(relay, &conn, &mut send, device_id, here, &proof, &binding).await;
+    };
+    let caps = ChannelCaps {
+        per_device: usize::try_from(limits.max_channels_per_device).unwrap_or(usize::MAX),
+        owner_reserved: usize::try_from(
+            limits
+                .owner_reserved_channels
+                .min(limits.max_channels_per_device / 2),
+        )
+        .unwrap_or(0),
+        per_credential: usize::try_from(limits.max_channels_per_token).unwrap_or(usize::MAX),
+    };
+    if !relay.take_client_slot(fingerprint, limits.max_channels_per_client) {
+        info!(device = %device_id, "connect refused: this key holds too many channels");
         return refuse_with(relay, &conn, &mut send, RelayCode::BUSY).await;
     }
-    if !hub.open(channel, &conn) {
+    let info = ChannelInfo {
+        conn: conn.clone(),
+        credential: admitted.credential,
+        owner: admitted.owner,
+        jwt: admitted.jwt_expires.is_some(),
+    };
+    if let Err(why) = hub.open(channel, info, caps) {
         relay.give_client_slot(fingerprint);
-        return refuse_with(relay, &conn, &mut send, RelayCode::CHANNEL_IN_USE).await;
+        let code = match why {
+            OpenRefusal::InUse => RelayCode::CHANNEL_IN_USE,
+            OpenRefusal::Busy => {
+                info!(device = %device_id, owner = admitted.owner, "connect refused: channel limit reached");
+                RelayCode::BUSY
+            }
+        };
+        return refuse_with(relay, &conn, &mut send, code).await;
     }
-    // The device hears of the client's candidates before the client hears of the device's, so
-    // both start probing at about the same time.
-    hub.opened(channel, candidates);
+    // The device hears which credential opened the channel before the client may send a packet.
+    hub.opened(channel, admitted.credential);
     if answer(
         &mut send,
         &RelayEvent::Connected {
             observed: conn.remote_address(),
-            peer: hub.candidates(),
         },
     )
     .await
     {
         info!(device = %device_id, channel, "client connected");
-        let mut route = ClientRoute::new(channel);
-        loop {
-            tokio::select! {
-                d = conn.read_datagram() => match d {
-                    Ok(d) => route.forward(&hub, &conn, d, &relay.counters),
-                    Err(_) => break,
-                },
-                () = relay.shutdown.cancelled() => break,
-            }
-        }
+        carry(relay, &hub, &conn, channel, recv, admitted.jwt_expires).await;
     }
     hub.close(channel);
     relay.give_client_slot(fingerprint);
     relay.forget_if_idle(&hub);
     info!(device = %device_id, channel, reason = %close_reason(&conn), "client disconnected");
+}
+
+/// What the relay knows here of a device a client asked for, when it cannot open the channel.
+struct Here {
+    /// `relay.toml` serves it.
+    served: bool,
+    /// Its token hashes are known (it attached since the relay started).
+    tokens_known: bool,
+    /// The client's proof, if it was valid.
+    admitted: Option<Admitted>,
+}
+
+/// A connect this relay cannot serve: a wrong token (or an id not served) is refused
+/// `TOKEN_REJECTED`, counted; a device attached elsewhere in the fleet gets the client
+/// redirected; otherwise the device is offline (counted unless the client proved a token).
+async fn elsewhere(
+    relay: &Relay,
+    conn: &quinn::Connection,
+    send: &mut quinn::SendStream,
+    device_id: &str,
+    here: Here,
+    proof: &Proof,
+    binding: &[u8; 32],
+) {
+    if here.tokens_known && here.admitted.is_none() {
+        info!(device = %device_id, "connect refused: token rejected");
+        return refuse_stranger(relay, conn, send, RelayCode::TOKEN_REJECTED).await;
+    }
+    if !here.served {
+        // No token is valid for a device this relay does not serve: the same answer as a
+        // wrong token, so a stranger cannot tell which ids are served.
+        info!(device = %device_id, "connect refused: no such device");
+        return refuse_stranger(relay, conn, send, RelayCode::TOKEN_REJECTED).await;
+    }
+    match redirect(relay, device_id, proof, binding).await {
+        Ok(to) => {
+            if answer(send, &to).await {
+                let _ = send.finish();
+                // Let the answer reach the client before the leg closes.
+                let _ = tokio::time::timeout(Duration::from_secs(2), conn.closed()).await;
+            }
+            relay.metrics.redirects.fetch_add(1, Ordering::Relaxed);
+            conn.close(RelayCode::NORMAL.to_varint(), b"redirected");
+        }
+        Err((code, true)) if here.admitted.is_none() => {
+            refuse_stranger(relay, conn, send, code).await;
+        }
+        Err((code, _)) => refuse_with(relay, conn, send, code).await,
+    }
+}
+
+/// A client's channel until its leg ends: its datagrams to the device, its control stream
+/// watched (nothing more may come on it: whatever does closes the leg, so a client cannot make
+/// the relay buffer it), and a JWT's expiry.
+async fn carry(
+    relay: &Relay,
+    hub: &Hub,
+    conn: &quinn::Connection,
+    channel: u64,
+    mut recv: quinn::RecvStream,
+    jwt_expires: Option<u64>,
+) {
+    let mut route = ClientRoute::new(channel, now());
+    let expiry = jwt_expires.map(|exp| {
+        let left = Duration::from_secs(exp.saturating_sub(unix_now()));
+        tokio::time::Instant::now() + left
+    });
+    let mut watching = true;
+    let mut scratch = [0u8; 64];
+    loop {
+        tokio::select! {
+            d = conn.read_datagram() => match d {
+                Ok(d) => route.forward(hub, conn, d, &relay.counters, now()),
+                Err(_) => return,
+            },
+            r = recv.read(&mut scratch), if watching => match r {
+                Ok(Some(_)) => {
+                    debug!("a frame after Connect: closing the leg");
+                    return refuse(relay, conn, RelayCode::PROTOCOL);
+                }
+                // Finished or reset: nothing more can come.
+                Ok(None) | Err(_) => watching = false,
+            },
+            () = sleep_until(expiry), if expiry.is_some() => {
+                info!("the client's JWT expired: closing its channel");
+                return refuse(relay, conn, RelayCode::TOKEN_REJECTED);
+            }
+            () = relay.shutdown.cancelled() => return,
+        }
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Attach refusals warned about recently (one warning per id, reason and minute).
+#[derive(Debug, Default)]
+pub(crate) struct AttachWarnings(Mutex<HashMap<String, Instant>>);
+
+impl AttachWarnings {
+    /// Whether to warn about `what` (an id and a reason) now (else log at debug).
+    pub(crate) fn due(&self, what: &str, at: Instant) -> bool {
+        let Ok(mut m) = self.0.lock() else {
+            return false;
+        };
+        if m.len() >= 1024 {
+            m.retain(|_, t| at.saturating_duration_since(*t) < Duration::from_secs(60));
+            if m.len() >= 1024 {
+                m.clear();
+            }
+        }
+        match m.get(what) {
+            Some(t) if at.saturating_duration_since(*t) < Duration::from_secs(60) => false,
+            _ => {
+                m.insert(what.to_string(), at);
+                true
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tunnel_core::relay::TokenHash;
+
+    #[test]
+    fn an_attach_tells_a_stranger_nothing() {
+        let fp = |b| Fingerprint::from_bytes([b; 32]);
+        let config = RelayConfig::from_toml(&format!(
+            "[[device]]\nid = \"cam\"\nfingerprint = \"{}\"\n",
+            fp(1)
+        ))
+        .unwrap();
+        let none: [TokenEntry; 0] = [];
+        assert_eq!(attach_refusal(&config, "cam", fp(1), &none), None);
+        assert_eq!(
+            attach_refusal(&config, "cam", fp(2), &none),
+            Some(RelayCode::UNKNOWN_DEVICE),
+            "a wrong key"
+        );
+        assert_eq!(
+            attach_refusal(&config, "other", fp(2), &none),
+            Some(RelayCode::UNKNOWN_DEVICE),
+            "an id not served"
+        );
+        let many = vec![
+            TokenEntry {
+                hash: TokenHash([0; 32]),
+                owner: false
+            };
+            MAX_TOKENS + 1
+        ];
+        assert_eq!(
+            attach_refusal(&config, "cam", fp(1), &many),
+            Some(RelayCode::PROTOCOL)
+        );
+    }
+
+    #[test]
+    fn attach_warnings_come_once_a_minute_per_id() {
+        let w = AttachWarnings::default();
+        let t = Instant::now();
+        assert!(w.due("cam", t));
+        assert!(!w.due("cam", t + Duration::from_secs(30)));
+        assert!(w.due("cam2", t));
+        assert!(w.due("cam", t + Duration::from_secs(61)));
+    }
 }

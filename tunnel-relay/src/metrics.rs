@@ -69,6 +69,11 @@ impl Source for Exported {
             )
             .row(Vec::new(), load(&c.dropped)),
             Sample::counter(
+                "relay_dropped_handshake_datagrams",
+                "Of those, clients' handshake (long-header) datagrams over their channel's budget",
+            )
+            .row(Vec::new(), load(&c.dropped_handshakes)),
+            Sample::counter(
                 "relay_redirects",
                 "Clients redirected to the relay of the fleet that has their device",
             )

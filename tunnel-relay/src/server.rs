@@ -30,7 +30,7 @@ use tunnel_core::identity::Fingerprint;
 use tunnel_core::jwt::{JwtError, JwtVerifier};
 use tunnel_core::limits::{HandshakeGate, TokenBucket, source_key};
 use tunnel_core::relay::{self, RelayCode};
-use tunnel_core::transport::tcp::{LegAcceptor, StreamSocket};
+use tunnel_core::transport::tcp::{LegAcceptor, StreamSocket, TcpRefusal};
 use tunnel_core::transport::{self, Identity, TransportError};
 
 use crate::config::RelayConfig;
@@ -160,6 +160,8 @@ pub(crate) struct Relay {
     pub(crate) tasks: TaskTracker,
     /// The fleet's registry (`[fleet]`), or none: this relay alone.
     pub(crate) registry: Option<Arc<Registry>>,
+    /// Ids whose refused attaches were warned about lately.
+    attach_warnings: crate::leg::AttachWarnings,
 }
 
 impl Relay {
@@ -183,6 +185,31 @@ impl Relay {
             shutdown,
             tasks: TaskTracker::new(),
             registry,
+            attach_warnings: crate::leg::AttachWarnings::default(),
+        }
+    }
+
+    /// Logs a refused attach of `device_id` by `key`: a warning once a minute per id (someone
+    /// may be squatting it, or the device's key changed), debug otherwise.
+    pub(crate) fn warn_attach(&self, device_id: &str, key: Fingerprint) {
+        let served = self.config().device(device_id).is_some();
+        let what = if served { "wrong key" } else { "not served" };
+        if self
+            .attach_warnings
+            .due(&format!("{device_id} ({what})"), now())
+        {
+            if served {
+                warn!(
+                    device = %device_id,
+                    key = %key.fmt_short(),
+                    "refused an attach: this key is not the one relay.toml has for the device id \
+                     (further refusals of this id are logged at debug for a minute)"
+                );
+            } else {
+                info!(device = %device_id, "refused an attach: relay.toml does not serve this id");
+            }
+        } else {
+            debug!(device = %device_id, key = %key.fmt_short(), served, "refused an attach");
         }
     }
 
@@ -213,9 +240,13 @@ impl Relay {
         )
     }
 
+    /// Forgets `hub` when nothing uses it and its device is not served (a served device's hub
+    /// keeps its tokens while the device is away, so a client's proof is checked before it
+    /// learns whether the device is attached).
     pub(crate) fn forget_if_idle(&self, hub: &Hub) {
         if let Ok(mut hubs) = self.hubs.lock()
             && hub.is_idle()
+            && self.config().device(&hub.id).is_none()
         {
             hubs.remove(&hub.id);
         }
@@ -302,7 +333,7 @@ pub async fn run(
     let registry = config
         .fleet
         .as_ref()
-        .map(|f| Registry::new(f, identity.fingerprint()).map(Arc::new))
+        .map(|f| Registry::new(f, identity.secret_key()).map(Arc::new))
         .transpose()
         .map_err(RelayError::Fleet)?;
     let _ = fsutil::raise_open_file_limit();
@@ -316,6 +347,7 @@ pub async fn run(
         udp: bound,
         tcp,
     } = bind(&identity, &config, &listen)?;
+    let quic: Vec<quinn::Endpoint> = endpoints.iter().map(|(ep, _)| ep.clone()).collect();
     let tcp_bound = tcp.bound.clone();
     let metrics_listener = tunnel_core::metrics::bind_config(&config.metrics)
         .await
@@ -350,7 +382,7 @@ pub async fn run(
     start_tasks(&relay, &endpoints, tcp);
     watch(&relay, &home, stamp, opts.reload_interval).await;
     info!("shutting down");
-    stop(&relay, &endpoints).await;
+    stop(&relay, &quic).await;
     log_counters(&relay);
     if let Some(path) = &opts.ready_file {
         let _ = std::fs::remove_file(path);
@@ -387,9 +419,11 @@ fn export_metrics(relay: &Arc<Relay>, listener: tokio::net::TcpListener) {
 
 /// The relay's long-running tasks: an accept loop per endpoint and per TCP listener, and the
 /// registry's refresh.
-fn start_tasks(relay: &Arc<Relay>, endpoints: &[quinn::Endpoint], tcp: TcpLegs) {
-    for ep in endpoints {
-        relay.tasks.spawn(accept_loop(relay.clone(), ep.clone()));
+fn start_tasks(relay: &Arc<Relay>, endpoints: &[Served], tcp: TcpLegs) {
+    for (ep, socket) in endpoints {
+        relay
+            .tasks
+            .spawn(accept_loop(relay.clone(), ep.clone(), socket.clone()));
     }
     tcp.spawn(relay);
     if let Some(r) = &relay.registry {
@@ -421,7 +455,7 @@ async fn refresh_registry(relay: Arc<Relay>, registry: Arc<Registry>) {
             .unwrap_or_default();
         let mut result = Ok(());
         for hub in hubs {
-            result = registry.announce(&hub.id, &hub.tokens()).await;
+            result = registry.announce(&hub.id, &hub.tokens().entries).await;
             if result.is_err() {
                 break;
             }
@@ -477,10 +511,13 @@ async fn watch(relay: &Relay, home: &RelayHome, mut stamp: Option<FileStamp>, ev
     }
 }
 
+/// A QUIC endpoint the relay serves, with the stream socket under it when it carries TCP legs.
+type Served = (quinn::Endpoint, Option<Arc<StreamSocket>>);
+
 /// What [`bind`] made: the QUIC endpoints (UDP, and one over TCP streams per TCP listener), and
 /// the TCP listeners with the sockets their streams join.
 struct Bound {
-    endpoints: Vec<quinn::Endpoint>,
+    endpoints: Vec<Served>,
     udp: Vec<SocketAddr>,
     tcp: TcpLegs,
 }
@@ -552,7 +589,7 @@ fn bind(
                 })
             })?;
             if !config.tcp {
-                out.endpoints.push(ep);
+                out.endpoints.push((ep, None));
                 out.udp.push(local);
                 break;
             }
@@ -563,8 +600,8 @@ fn bind(
                         identity.secret_key(),
                         server.clone(),
                     )?;
-                    out.endpoints.push(ep);
-                    out.endpoints.push(tcp_ep);
+                    out.endpoints.push((ep, None));
+                    out.endpoints.push((tcp_ep, Some(socket.clone())));
                     out.udp.push(local);
                     out.tcp.bound.push(local);
                     out.tcp.listeners.push((listener, socket));
@@ -618,8 +655,16 @@ async fn tcp_accept_loop(
             continue;
         }
         let timeout = Duration::from_secs(config.limits.handshake_timeout_secs);
-        if !acceptor.accept(&socket, tcp, peer, timeout) {
-            debug!(%peer, "too many TLS handshakes in flight: TCP leg closed");
+        match acceptor.accept(&socket, tcp, peer, timeout) {
+            Ok(()) => {}
+            Err(TcpRefusal::Full) => {
+                relay.metrics.handshake_failures.inc("tcp_full");
+                debug!(%peer, "too many TLS handshakes in flight: TCP leg closed");
+            }
+            Err(TcpRefusal::Source) => {
+                relay.metrics.handshake_failures.inc("tcp_source_cap");
+                debug!(%peer, "this source holds too many TCP legs that carry nothing yet: closed");
+            }
         }
     }
 }

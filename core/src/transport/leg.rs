@@ -210,6 +210,21 @@ pub async fn connect(
     }
 }
 
+/// The leg's channel binding for `device_id` and `channel` ([`relay::CONNECT_EXPORTER_LABEL`]):
+/// both ends of `conn` derive the same 32 bytes, nobody else can. A client's token proof is made
+/// over it ([`relay::Proof::for_token`]), so it is worthless on any other leg; `None` before the
+/// handshake is done.
+pub fn binding(conn: &quinn::Connection, device_id: &str, channel: u64) -> Option<[u8; 32]> {
+    let mut out = [0u8; 32];
+    conn.export_keying_material(
+        &mut out,
+        relay::CONNECT_EXPORTER_LABEL,
+        &relay::binding_context(device_id, channel),
+    )
+    .ok()?;
+    Some(out)
+}
+
 /// Proves that the leg's path carries datagrams that hold an inner packet (≥ 1200 bytes) and
 /// its tag: a probe of exactly that size must come back from the relay (which echoes
 /// [`relay::PROBE_CHANNEL`] on attached and connected legs). The leg starts at the size of a

@@ -153,6 +153,12 @@ pub fn leg_transport_config(
     // leg is useful at once on any path that can relay at all, without waiting for discovery
     // (which takes seconds on paths below 1452). A smaller path loses these packets, black-hole
     // detection drops to 1200, and the client says the path is too small.
+    // Streams carry only the control frames (the largest, a device's token list, is a few
+    // hundred KiB and is read as it arrives): small windows keep what a peer can make the relay
+    // buffer small (issue 18: 8 MiB per leg let a token holder hold the relay's memory).
+    t.stream_receive_window(VarInt::from_u32(LEG_STREAM_WINDOW))
+        .receive_window(VarInt::from_u32(2 * LEG_STREAM_WINDOW))
+        .send_window(2 * u64::from(LEG_STREAM_WINDOW));
     t.datagram_receive_buffer_size(Some(2 * 1024 * 1024))
         .datagram_send_buffer_size(2 * 1024 * 1024)
         .initial_mtu(LEG_INITIAL_MTU)
@@ -160,6 +166,9 @@ pub fn leg_transport_config(
         .mtu_discovery_config(Some(mtu));
     t
 }
+
+/// The receive window of a leg's control stream (and half of the leg's connection window).
+pub const LEG_STREAM_WINDOW: u32 = 64 * 1024;
 
 /// The UDP payload a leg starts with: an IPv4 path MTU of 1280 (1280 − 20 − 8).
 pub const LEG_INITIAL_MTU: u16 = 1252;
@@ -456,24 +465,26 @@ pub fn client_endpoint_with_paths(
 }
 
 /// Screens a new connection with the handshake gate before any handshake work: answers a QUIC
-/// Retry or drops the packet itself (`Err` with which), or counts the handshake as begun and
-/// hands the connection back (the caller ends it with [`HandshakeGate::end`]). `validated` is
-/// whether the source is proven (by a Retry token, or because it is a relayed channel).
+/// Retry or drops the packet itself (`Err` with which), or counts the handshake as begun for
+/// `source` and hands the connection back (the caller ends it with [`HandshakeGate::end`]).
+/// `validated` is whether the source address is proven (by a Retry token); `privileged` whether
+/// it may use the gate's reserved slots.
 ///
 /// # Errors
 /// [`Gate::Retry`] or [`Gate::Ignore`]: the connection was answered or dropped; go on with the
 /// next.
-pub fn screen(
-    gate: &Mutex<HandshakeGate>,
+pub fn screen<K: std::hash::Hash + Eq + Clone>(
+    gate: &Mutex<HandshakeGate<K>>,
     incoming: quinn::Incoming,
+    source: K,
     validated: bool,
+    privileged: bool,
     limits: &HandshakeLimits,
 ) -> Result<quinn::Incoming, Gate> {
-    let source = incoming.remote_address().ip();
     let decision = gate.lock().map_or(Gate::Ignore, |mut g| {
-        let d = g.decide(source, validated, incoming.may_retry(), limits);
+        let d = g.decide(&source, validated, privileged, incoming.may_retry(), limits);
         if d == Gate::Accept {
-            g.begin(source);
+            g.begin(source, privileged);
         }
         d
     });

@@ -221,12 +221,13 @@ async fn dial_relayed(
     relay: &RelayRef,
     opts: &ConnectOptions,
 ) -> Result<Session, ConnectError> {
-    let req = relayed::Request {
+    let req = relayed::Ask {
         device: target.name,
         device_id: target.device_id.unwrap_or_default(),
         token: target.sct,
         identity,
         settings: &opts.transport,
+        relays: target.relays,
     };
     let channel = tokio::time::timeout(opts.timeout, relayed::open(dialer, &req, relay))
         .await
@@ -253,7 +254,7 @@ async fn dial_relayed(
         relay: channel.relay.addr.to_string(),
     };
     if opts.transport.hole_punching {
-        channel.punch(&session.conn, target.name);
+        channel.punch(session.control.clone(), &session.conn, target.name);
     }
     session.channel = Some(Arc::new(channel));
     Ok(session)

@@ -1,6 +1,13 @@
-//! Reaching a device through a relay: the client's leg, its `Connect` (device id and token,
-//! checked by the relay before anything is forwarded), and the channel that carries the
-//! end-to-end connection behind a virtual address of the client's endpoint.
+//! Reaching a device through a relay: the client's leg, its `Connect` (device id and a proof of
+//! its token, bound to this leg: the relay never sees the token), checked by the relay before
+//! anything is forwarded, and the channel that carries the end-to-end connection behind a
+//! virtual address of the client's endpoint.
+//!
+//! A relay may redirect the client to another relay of its fleet; the client follows only to a
+//! relay it knows for the device (one the device itself named, over the end-to-end channel, or
+//! one pinned by hand), at most [`relay::MAX_REDIRECTS`] times. Hole-punching candidates are
+//! swapped with the device over the end-to-end connection ([`Channel::punch`]), never through
+//! the relay.
 //!
 //! Kind: IO.
 //!
@@ -20,12 +27,14 @@ use tracing::{debug, info, warn};
 use super::ConnectError;
 use crate::config::{RelayRef, TransportSettings};
 use crate::framed::{read_frame, write_frame};
-use crate::relay::{self, LegHello, RelayCode, RelayEvent};
+use crate::proto::{Request, Response};
+use crate::relay::{self, LegHello, Proof, RelayCode, RelayEvent};
 use crate::secret::Secret;
 use crate::transport::leg::{self, LegDial, LegPath};
 use crate::transport::path::{PathState, Paths, RouteKey};
 use crate::transport::punch;
 use crate::transport::{self, Identity, RelayVia, TransportError};
+use crate::wire::ControlClient;
 
 /// The client's sockets: one endpoint for its connections to devices (direct, or relayed
 /// behind virtual addresses) and one for its legs to relays.
@@ -67,12 +76,14 @@ impl Dialer {
 }
 
 /// What a relayed connection needs to ask for its channel.
-pub(crate) struct Request<'a> {
+pub(crate) struct Ask<'a> {
     pub(crate) device: &'a str,
     pub(crate) device_id: &'a str,
     pub(crate) token: Option<&'a Secret>,
     pub(crate) identity: &'a Identity,
     pub(crate) settings: &'a TransportSettings,
+    /// The relays known for the device: the only ones a redirect may lead to.
+    pub(crate) relays: &'a [RelayRef],
 }
 
 /// An open channel: the virtual address to connect to, kept alive (and re-dialled) until
@@ -89,6 +100,8 @@ pub struct Channel {
     pump: JoinHandle<()>,
     punch: std::sync::Mutex<Option<JoinHandle<()>>>,
     over_tcp: Arc<AtomicBool>,
+    /// This end's candidates (found through the relay, told only to the device).
+    candidates: Vec<SocketAddr>,
 }
 
 impl Drop for Channel {
@@ -105,14 +118,42 @@ impl Drop for Channel {
 
 impl Channel {
     /// Starts hole punching for `conn`, the end-to-end connection in this channel, named
-    /// `device` in logs; it runs until the connection or the channel ends.
-    pub(crate) fn punch(&self, conn: &quinn::Connection, device: &str) {
-        let task = tokio::spawn(punch::drive(
+    /// `device` in logs: it asks the device for a direct path on `control` (`Request::Punch`,
+    /// this end's candidates for the device's), then probes until the connection or the channel
+    /// ends. A device that refuses (the user may not tunnel, punching is off there) or does not
+    /// know the request leaves the connection relayed.
+    pub(crate) fn punch(
+        &self,
+        control: Arc<tokio::sync::Mutex<ControlClient>>,
+        conn: &quinn::Connection,
+        device: &str,
+    ) {
+        let (paths, addr, key, conn, device) = (
             self.paths.clone(),
             self.addr,
+            self.key,
             conn.clone(),
             device.to_string(),
-        ));
+        );
+        let ours = Request::Punch {
+            candidates: self.candidates.clone(),
+        };
+        let task = tokio::spawn(async move {
+            let answer = control.lock().await.call(&ours).await;
+            let theirs = match answer {
+                Ok(Some(Response::Punch { candidates })) => candidates,
+                Ok(other) => {
+                    debug!(%device, answer = ?other, "the device offers no direct path");
+                    return;
+                }
+                Err(e) => {
+                    debug!(%device, "asking for a direct path failed: {e}");
+                    return;
+                }
+            };
+            paths.set_candidates(key, &theirs);
+            punch::drive(paths, addr, conn, quinn::Side::Client, device).await;
+        });
         if let Ok(mut p) = self.punch.lock()
             && let Some(old) = p.replace(task)
         {
@@ -132,10 +173,10 @@ impl Channel {
 }
 
 /// Dials `relay`, asks it for a channel to the device, and waits until the leg can carry inner
-/// packets.
+/// packets; follows redirects to relays known for the device.
 async fn dial(
     dialer: &Dialer,
-    req: &Request<'_>,
+    req: &Ask<'_>,
     relay: &RelayRef,
     channel: u64,
 ) -> Result<Leg, ConnectError> {
@@ -144,6 +185,20 @@ async fn dial(
         match dial_one(dialer, req, &at, channel).await? {
             Ok(leg) => return Ok(leg),
             Err(next) => {
+                if !req.relays.iter().any(|r| r.fingerprint == next.fingerprint) {
+                    return Err(ConnectError::Unreachable {
+                        device: req.device.to_string(),
+                        reason: format!(
+                            "relay {} redirected to relay {} (key {}), which is not one of this \
+                             device's relays; nothing was sent there. Connect once through a \
+                             relay this client knows (the device then tells it all of its \
+                             relays), or pair again with a pairing string that names it",
+                            at.addr,
+                            next.addr,
+                            next.fingerprint.fmt_short()
+                        ),
+                    });
+                }
                 info!(from = %at.addr, to = %next.addr, "the relay sent this client to another relay of its fleet");
                 at = next;
             }
@@ -162,7 +217,7 @@ async fn dial(
 /// One relay: its leg and its answer, `Ok(Err(next))` when it redirects to another relay.
 async fn dial_one(
     dialer: &Dialer,
-    req: &Request<'_>,
+    req: &Ask<'_>,
     relay: &RelayRef,
     channel: u64,
 ) -> Result<Result<Leg, RelayRef>, ConnectError> {
@@ -204,8 +259,8 @@ async fn dial_one(
             Some(mtu) => failed(format!("{mtu}; and over TCP: {e}")),
             None => failed(e.to_string()),
         })?;
-        let (send, recv, peer) = match ask(&conn, req, &name, channel, candidates).await? {
-            Answer::Connected(send, recv, peer) => (send, recv, peer),
+        let (send, recv) = match ask(&conn, req, &name, channel).await? {
+            Answer::Connected(send, recv) => (send, recv),
             Answer::Redirect(next) => return Ok(Err(next)),
         };
         match leg::wait_for_mtu(&conn).await {
@@ -214,7 +269,7 @@ async fn dial_one(
                 return Ok(Ok(Leg {
                     conn,
                     _control: (send, recv),
-                    peer,
+                    candidates,
                     path,
                     at: relay.clone(),
                 }));
@@ -229,13 +284,13 @@ async fn dial_one(
         }
     }
 }
-/// A leg with its channel open: the connection, its control stream, and the device's candidate
-/// addresses the relay passed on.
+/// A leg with its channel open: the connection, its control stream, and this end's candidate
+/// addresses as found through it.
 struct Leg {
     conn: quinn::Connection,
     /// The control stream, held open for the channel's life.
     _control: (quinn::SendStream, quinn::RecvStream),
-    peer: Vec<SocketAddr>,
+    candidates: Vec<SocketAddr>,
     /// What the leg rides on.
     path: LegPath,
     /// The relay it reached (another than the one asked when that one redirected).
@@ -244,19 +299,19 @@ struct Leg {
 
 /// What a relay said to `Connect`.
 enum Answer {
-    /// The channel is open: the control stream, and the device's candidates.
-    Connected(quinn::SendStream, quinn::RecvStream, Vec<SocketAddr>),
+    /// The channel is open: the control stream.
+    Connected(quinn::SendStream, quinn::RecvStream),
     /// The device is attached to this other relay of the fleet.
     Redirect(RelayRef),
 }
 
-/// Sends `Connect` on the leg and reads the relay's answer.
+/// Sends `Connect` (with a proof of the token, never the token) on the leg and reads the
+/// relay's answer.
 async fn ask(
     conn: &quinn::Connection,
-    req: &Request<'_>,
+    req: &Ask<'_>,
     name: &str,
     channel: u64,
-    candidates: Vec<SocketAddr>,
 ) -> Result<Answer, ConnectError> {
     let failed = |reason: String| ConnectError::Unreachable {
         device: req.device.to_string(),
@@ -267,19 +322,20 @@ async fn ask(
         relay: name.to_string(),
         code,
     };
+    let binding = leg::binding(conn, req.device_id, channel)
+        .ok_or_else(|| failed("cannot derive the leg's channel binding".into()))?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| failed(e.to_string()))?;
     let hello = LegHello::Connect {
         version: relay::PROTOCOL_VERSION,
         device_id: req.device_id.to_string(),
         channel,
-        token: req.token.cloned(),
-        candidates,
+        proof: Proof::for_token(req.token, &binding),
     };
     write_frame(&mut send, &hello, relay::MAX_FRAME)
         .await
         .map_err(|e| failed(e.to_string()))?;
     match read_frame::<RelayEvent>(&mut recv, relay::MAX_FRAME).await {
-        Ok(Some(RelayEvent::Connected { peer, .. })) => Ok(Answer::Connected(send, recv, peer)),
+        Ok(Some(RelayEvent::Connected { .. })) => Ok(Answer::Connected(send, recv)),
         Ok(Some(RelayEvent::Redirect { addr, fingerprint })) => match addr.parse() {
             Ok(addr) => Ok(Answer::Redirect(RelayRef { addr, fingerprint })),
             Err(e) => Err(failed(format!("the relay redirected to '{addr}': {e}"))),
@@ -301,7 +357,7 @@ async fn ask(
 /// [`ConnectError::RelayRefused`] with the relay's code, or [`ConnectError::Unreachable`].
 pub(crate) async fn open(
     dialer: &Dialer,
-    req: &Request<'_>,
+    req: &Ask<'_>,
     relay: &RelayRef,
 ) -> Result<Channel, ConnectError> {
     // Any id but the probe's.
@@ -318,7 +374,6 @@ pub(crate) async fn open(
             device: req.device.to_string(),
             reason: "too many relayed channels in this process".into(),
         })?;
-    dialer.paths.set_candidates(key, &leg.peer);
     let leg_datagram = leg.conn.max_datagram_size().unwrap_or(0);
     debug!(relay = %relay.addr, channel, %addr, leg_datagram, over = %leg.path, "relayed channel open");
     let redial = Redial {
@@ -336,9 +391,11 @@ pub(crate) async fn open(
         ),
         settings: req.settings.clone(),
         relay: relay.clone(),
+        relays: req.relays.to_vec(),
     };
     let over_tcp = Arc::new(AtomicBool::new(leg.path == LegPath::Tcp));
     let at = leg.at.clone();
+    let candidates = leg.candidates.clone();
     let pump = tokio::spawn(pump(
         dialer.paths.clone(),
         key,
@@ -355,6 +412,7 @@ pub(crate) async fn open(
         paths: dialer.paths.clone(),
         pump,
         punch: std::sync::Mutex::new(None),
+        candidates,
     })
 }
 
@@ -367,6 +425,7 @@ struct Redial {
     identity: Arc<Identity>,
     settings: TransportSettings,
     relay: RelayRef,
+    relays: Vec<RelayRef>,
 }
 
 /// Carries the relay's datagrams for `key` to quinn; when the leg drops, dials again with the
@@ -394,12 +453,13 @@ async fn pump(
         let mut backoff = Duration::from_millis(100);
         leg = loop {
             tokio::time::sleep(backoff).await;
-            let req = Request {
+            let req = Ask {
                 device: &redial.device,
                 device_id: &redial.device_id,
                 token: redial.token.as_ref(),
                 identity: &redial.identity,
                 settings: &redial.settings,
+                relays: &redial.relays,
             };
             match dial(&redial.dialer, &req, &redial.relay, key.channel).await {
                 Ok(l) => break l,
@@ -416,7 +476,6 @@ async fn pump(
         if paths.bind(key, &leg.conn).is_none() {
             return;
         }
-        paths.set_candidates(key, &leg.peer);
         info!(relay = %redial.relay.addr, "relay leg back; the connection continues");
     }
 }

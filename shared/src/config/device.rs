@@ -62,6 +62,11 @@ fn default_listen() -> Vec<SocketAddr> {
 pub struct Limits {
     /// Concurrent client connections past `Hello`; more are refused with "busy".
     pub max_connections: u32,
+    /// Of `max_connections`, the ones only owners (users with the `Owner` role) may take, so
+    /// that other users cannot lock them out (at most half of `max_connections` is held back).
+    pub owner_reserved_connections: u32,
+    /// Concurrent connections of one user (over all its keys); more are refused with "busy".
+    pub max_connections_per_user: u32,
     /// Concurrent tunnelled TCP connections per client connection; more wait for a slot.
     pub max_streams_per_connection: u32,
     /// Concurrent tunnel streams of one user over all its connections (headers not yet read
@@ -92,6 +97,8 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_connections: 256,
+            owner_reserved_connections: 16,
+            max_connections_per_user: 32,
             max_streams_per_connection: 1024,
             max_streams_per_user: 2048,
             max_streams_total: 16384,
@@ -108,6 +115,13 @@ impl Default for Limits {
 }
 
 impl Limits {
+    /// The connections held back for owners: `owner_reserved_connections`, at most half of
+    /// `max_connections`.
+    pub fn owner_reserve(&self) -> u32 {
+        self.owner_reserved_connections
+            .min(self.max_connections / 2)
+    }
+
     /// The handshake gate's limits.
     pub fn handshakes(&self) -> crate::limits::HandshakeLimits {
         let n = |v: u32| usize::try_from(v).unwrap_or(usize::MAX);
@@ -115,6 +129,7 @@ impl Limits {
             retry_threshold: n(self.retry_threshold),
             per_source: n(self.max_handshakes_per_source),
             total: n(self.max_handshakes),
+            reserved: 0,
         }
     }
 }
@@ -316,9 +331,11 @@ impl DeviceConfig {
             || l.max_unpaired_connections == 0
             || l.max_handshakes == 0
             || l.max_handshakes_per_source == 0
+            || l.max_connections_per_user == 0
         {
             return Err(ValueError("limits must be at least 1".into()));
         }
+
         if !(1..=300).contains(&l.connect_timeout_secs)
             || !(1..=300).contains(&l.handshake_timeout_secs)
             || !(1..=300).contains(&l.header_timeout_secs)
@@ -385,6 +402,8 @@ impl DeviceConfig {
         out.push_str(&format!(
             "\n[limits]\n\
              # max_connections = {}             # concurrent clients past hello\n\
+             # owner_reserved_connections = {}   # of those, kept for owners\n\
+             # max_connections_per_user = {}     # concurrent clients of one user\n\
              # max_streams_per_connection = {}  # concurrent tunnelled TCP connections per client\n\
              # max_streams_per_user = {}        # ... per user, over all its connections\n\
              # max_streams_total = {}          # concurrent tunnelled TCP connections in all\n\
@@ -397,6 +416,8 @@ impl DeviceConfig {
              # max_unpaired_connections = {}     # keys on no user (they can only pair)\n\
              # unpaired_timeout_secs = {}       # time such a key has to pair\n",
             l.max_connections,
+            l.owner_reserved_connections,
+            l.max_connections_per_user,
             l.max_streams_per_connection,
             l.max_streams_per_user,
             l.max_streams_total,

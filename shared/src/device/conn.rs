@@ -22,9 +22,10 @@ use crate::identity::Fingerprint;
 use crate::limits::{Gate, TokenBucket};
 use crate::pairing::PasswordFlow;
 use crate::proto::{self, CloseCode, Hello, Welcome};
+use crate::relay::Credential;
 use crate::secret::Secret;
 use crate::splice::Kill;
-use crate::transport::{self, path::Paths, punch};
+use crate::transport::{self, path::Paths};
 use crate::wire::ControlServer;
 
 /// Longest client name kept (for logs); longer ones are cut.
@@ -56,7 +57,9 @@ pub(crate) struct Conn {
     /// State-changing requests (writes of `state.json`) this connection may still make.
     writes: Mutex<TokenBucket>,
     /// The device's path socket, for a relayed connection (to tell a punched path).
-    relayed: std::sync::OnceLock<Paths>,
+    pub(crate) relayed: std::sync::OnceLock<Paths>,
+    /// Whether hole punching runs for it (started by the client's first `Punch`).
+    pub(crate) punching: AtomicBool,
 }
 
 impl Conn {
@@ -79,6 +82,7 @@ impl Conn {
             flow: Mutex::new(PasswordFlow::default()),
             writes: Mutex::new(TokenBucket::new(WRITES_BURST, WRITES_PER_SEC, now)),
             relayed: std::sync::OnceLock::new(),
+            punching: AtomicBool::new(false),
         }
     }
 
@@ -164,27 +168,91 @@ impl Conn {
     }
 }
 
-/// A handshake slot of the gate, given back when dropped (the handshake ended one way or
-/// another).
+/// A handshake slot of one of the gates, given back when dropped (the handshake ended one way
+/// or another).
 struct HandshakeSlot {
     live: Arc<Live>,
-    source: IpAddr,
+    source: Source,
+}
+
+/// What a handshake counts against: its address (direct), or the credential its relay admitted
+/// the channel with (relayed), and whether that is an owner's.
+#[derive(Clone, Copy)]
+enum Source {
+    Direct(IpAddr),
+    Relayed(Credential, bool),
 }
 
 impl Drop for HandshakeSlot {
     fn drop(&mut self) {
-        if let Ok(mut g) = self.live.handshakes.lock() {
-            g.end(self.source);
+        match self.source {
+            Source::Direct(ip) => {
+                if let Ok(mut g) = self.live.handshakes.lock() {
+                    g.end(&ip, false);
+                }
+            }
+            Source::Relayed(c, owner) => {
+                if let Ok(mut g) = self.live.relayed_handshakes.lock() {
+                    g.end(&c, owner);
+                }
+            }
         }
     }
 }
 
-/// Accepts connections on `endpoint` until shutdown, each in its own task, after the handshake
-/// gate: a Retry for unproven sources under load, caps per source and in total.
+/// The credential of a channel whose relay has not said what admitted it (its `ChannelOpened`
+/// is still on the way): such channels share one budget.
+const UNKNOWN_CREDENTIAL: Credential = Credential([0; 32]);
+
+/// Screens a new connection with its gate: a direct one by its address, a relayed one by the
+/// credential that opened its channel, with a quarter of the relayed slots kept for owners.
+fn screen(
+    live: &Live,
+    incoming: quinn::Incoming,
+    paths: Option<&Paths>,
+) -> Result<(quinn::Incoming, Source), Gate> {
+    let limits = live.config().limits.handshakes();
+    let remote = incoming.remote_address();
+    let validated = incoming.remote_address_validated();
+    if !transport::path::is_virtual(remote) {
+        let source = crate::limits::source_key(remote.ip());
+        return transport::screen(
+            &live.handshakes,
+            incoming,
+            source,
+            validated,
+            false,
+            &limits,
+        )
+        .map(|i| (i, Source::Direct(source)));
+    }
+    let credential = paths
+        .and_then(|p| p.key_of(remote))
+        .and_then(|k| live.channel_credential(k))
+        .unwrap_or(UNKNOWN_CREDENTIAL);
+    let owner = live.is_owner_credential(&credential);
+    let limits = crate::limits::HandshakeLimits {
+        reserved: limits.total / 4,
+        ..limits
+    };
+    transport::screen(
+        &live.relayed_handshakes,
+        incoming,
+        credential,
+        validated,
+        owner,
+        &limits,
+    )
+    .map(|i| (i, Source::Relayed(credential, owner)))
+}
+
+/// Accepts connections on `endpoint` until shutdown, each in its own task, after its handshake
+/// gate ([`screen`]): a Retry for unproven sources under load, caps per source and in total.
 ///
 /// A connection that arrives through a relay (from a virtual address) is accepted with
-/// `relayed`, the server configuration whose packets fit in relay legs; the relay validated its
-/// client's address already, so it gets no Retry.
+/// `relayed`, the server configuration whose packets fit in relay legs. Its address proves
+/// nothing (the relay gives every channel one), so it counts against the credential that
+/// opened its channel, in a gate of its own, and gets a Retry under load like a direct one.
 pub(crate) async fn accept_loop(
     live: Arc<Live>,
     endpoint: quinn::Endpoint,
@@ -199,16 +267,17 @@ pub(crate) async fn accept_loop(
             },
             () = live.shutdown.cancelled() => return,
         };
-        let limits = live.config().limits.handshakes();
-        let source = incoming.remote_address().ip();
         let via_relay = transport::path::is_virtual(incoming.remote_address());
-        let validated = incoming.remote_address_validated() || via_relay;
-        let incoming = match transport::screen(&live.handshakes, incoming, validated, &limits) {
-            Ok(incoming) => incoming,
+        let (incoming, source) = match screen(&live, incoming, paths.as_ref()) {
+            Ok(screened) => screened,
             Err(gate) => {
                 live.count_refused_handshake(gate == Gate::Retry);
                 if gate != Gate::Retry {
-                    live.metrics.handshake_failures.inc("gate_refused");
+                    live.metrics.handshake_failures.inc(if via_relay {
+                        "relayed_gate_refused"
+                    } else {
+                        "gate_refused"
+                    });
                 }
                 continue;
             }
@@ -336,23 +405,12 @@ async fn handle(
     }
     live.register(id, &conn);
     live.metrics.sampler.observe(&quic);
-    if let Some(p) = &paths
+    if let Some(p) = paths
         && transport::path::is_virtual(remote)
     {
-        let _ = conn.relayed.set(p.clone());
-    }
-    if let Some(paths) = paths
-        && welcome.user.is_some()
-        && transport::path::is_virtual(remote)
-        && live.config().transport.hole_punching
-    {
-        // A relayed client: try for a direct path (the connection stays remote either way).
-        live.tasks.spawn(punch::drive(
-            paths,
-            remote,
-            quic.clone(),
-            fingerprint.fmt_short(),
-        ));
+        // Hole punching starts when the client asks for it (`Request::Punch`), if it may
+        // tunnel on this connection.
+        let _ = conn.relayed.set(p);
     }
 
     tokio::select! {
@@ -411,9 +469,16 @@ fn admit(
         jwt,
         now(),
     ));
-    let admitted = snap
-        .policy()
-        .admit(&conn.facts(), live.established(), live.unpaired_count());
+    let policy = snap.policy();
+    let load = authz::Load {
+        established: live.established(),
+        unpaired: live.unpaired_count(),
+        of_user: policy
+            .who(&fingerprint)
+            .user
+            .map_or(0, |u| live.user_connections(&u.username)),
+    };
+    let admitted = policy.admit(&conn.facts(), load);
     let who = match admitted {
         Ok(who) => who,
         Err(refusal) => {
@@ -481,6 +546,9 @@ fn count_refusal(live: &Live, refusal: Refusal, hello: &Hello) {
         _ if refusal.reason == authz::TOO_MANY_CONNECTIONS => {
             m.handshake_failures.inc("connection_limit");
         }
+        _ if refusal.reason == authz::TOO_MANY_OF_USER => {
+            m.handshake_failures.inc("user_connection_limit");
+        }
         _ => m.handshake_failures.inc("unpaired_limit"),
     }
 }
@@ -504,7 +572,12 @@ fn log_refusal(refusal: Refusal, hello: &Hello, conn: &Conn, config: &DeviceConf
         ),
         _ if refusal.reason == authz::TOO_MANY_CONNECTIONS => info!(
             limit = config.limits.max_connections,
-            "connection limit reached: refusing"
+            owners_only = config.limits.owner_reserve(),
+            "connection limit reached (the last slots are kept for owners): refusing"
+        ),
+        _ if refusal.reason == authz::TOO_MANY_OF_USER => info!(
+            limit = config.limits.max_connections_per_user,
+            "this user's connection limit reached: refusing"
         ),
         _ => info!(
             limit = config.limits.max_unpaired_connections,

@@ -7,8 +7,8 @@
 //! Every change goes through [`Live::update_state`] (locked, atomic) or a reload, and ends in
 //! [`Live::enforce`]: the pure core says what no longer holds, this module does it.
 
-use std::collections::HashMap;
-use std::net::IpAddr;
+use std::collections::{HashMap, HashSet};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -28,7 +28,9 @@ use crate::identity::Fingerprint;
 use crate::limits::{HandshakeGate, source_key};
 use crate::pairing::{AttemptLimiter, LimiterConfig};
 use crate::proto::{CloseCode, StreamCode};
+use crate::relay::{Credential, TokenHash};
 use crate::state::{DeviceState, Rejection, StateError, StateStore};
+use crate::transport::path::RouteKey;
 
 /// Everything the connection tasks share.
 pub(crate) struct Live {
@@ -45,8 +47,19 @@ pub(crate) struct Live {
     pub(crate) limiter: Mutex<AttemptLimiter>,
     conns: Mutex<HashMap<u64, Arc<Conn>>>,
     next_id: AtomicU64,
-    /// QUIC handshakes in flight, per source and in total.
+    /// Direct QUIC handshakes in flight, per source and in total.
     pub(crate) handshakes: Mutex<HandshakeGate>,
+    /// Relayed QUIC handshakes in flight, per credential the relay admitted the channel with
+    /// and in total, a quarter of the slots kept for owners' credentials: a gate of their own,
+    /// so that relayed floods never take the direct path's slots (issue 18).
+    pub(crate) relayed_handshakes: Mutex<HandshakeGate<Credential>>,
+    /// What admitted each relayed channel, as its relay said when it opened.
+    channel_credentials: Mutex<HashMap<RouteKey, Credential>>,
+    /// The credentials of owners' tokens (recomputed at every change of state or IAM).
+    owner_credentials: RwLock<Arc<HashSet<Credential>>>,
+    /// This device's own hole-punching candidates, per relay it attached to (what it tells a
+    /// client that may use them).
+    own_candidates: Mutex<HashMap<Fingerprint, Vec<SocketAddr>>>,
     /// Handshakes refused by the gate since the last summary, and when that was logged.
     refused: Mutex<(u64, u64, Instant)>,
     /// Tunnel streams per user (pending headers included).
@@ -144,13 +157,15 @@ impl Live {
                 usize::try_from(config.limits.max_streams_total).unwrap_or(usize::MAX),
             )),
             config: RwLock::new(Arc::new(config)),
-            state: RwLock::new(Arc::new(state)),
-            iam: RwLock::new(Arc::new(iam)),
             written: Mutex::new(None),
             limiter: Mutex::new(AttemptLimiter::new(LimiterConfig::default(), now())),
             conns: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
             handshakes: Mutex::new(HandshakeGate::default()),
+            relayed_handshakes: Mutex::new(HandshakeGate::default()),
+            channel_credentials: Mutex::new(HashMap::new()),
+            owner_credentials: RwLock::new(Arc::new(owner_credentials(&state, &iam))),
+            own_candidates: Mutex::new(HashMap::new()),
             refused: Mutex::new((0, 0, now())),
             user_streams: Mutex::new(HashMap::new()),
             resolver: super::resolve::Resolver::default(),
@@ -162,6 +177,8 @@ impl Live {
             state_version: tokio::sync::watch::Sender::new(0),
             config_version: tokio::sync::watch::Sender::new(0),
             metrics: super::metrics::DeviceMetrics::default(),
+            state: RwLock::new(Arc::new(state)),
+            iam: RwLock::new(Arc::new(iam)),
         }
     }
 
@@ -200,8 +217,57 @@ impl Live {
     }
 
     pub(crate) fn set_state(&self, state: DeviceState) {
+        write(
+            &self.owner_credentials,
+            Arc::new(owner_credentials(&state, &self.iam())),
+        );
         write(&self.state, Arc::new(state));
         self.state_version.send_modify(|v| *v += 1);
+    }
+
+    /// Whether `credential` (a relayed channel's) is an owner's token.
+    pub(crate) fn is_owner_credential(&self, credential: &Credential) -> bool {
+        read(&self.owner_credentials).contains(credential)
+    }
+
+    /// Records what admitted a relayed channel (its relay's `ChannelOpened`).
+    pub(crate) fn channel_opened(&self, key: RouteKey, credential: Credential) {
+        if let Ok(mut m) = self.channel_credentials.lock() {
+            if m.len() >= crate::transport::path::MAX_ROUTES {
+                // A relay opening more channels than the socket holds routes: forget the
+                // oldest guesses rather than grow (unknown channels get the strictest budget).
+                m.clear();
+            }
+            m.insert(key, credential);
+        }
+    }
+
+    /// Forgets a relayed channel (its relay's `ChannelClosed`).
+    pub(crate) fn channel_closed(&self, key: RouteKey) {
+        if let Ok(mut m) = self.channel_credentials.lock() {
+            m.remove(&key);
+        }
+    }
+
+    /// What admitted the relayed channel `key`, if its relay said.
+    pub(crate) fn channel_credential(&self, key: RouteKey) -> Option<Credential> {
+        self.channel_credentials.lock().ok()?.get(&key).copied()
+    }
+
+    /// Records this device's candidates as found toward `relay`.
+    pub(crate) fn set_own_candidates(&self, relay: Fingerprint, candidates: Vec<SocketAddr>) {
+        if let Ok(mut m) = self.own_candidates.lock() {
+            m.insert(relay, candidates);
+        }
+    }
+
+    /// This device's candidates toward `relay` (none before it attached, or with punching off).
+    pub(crate) fn own_candidates(&self, relay: Fingerprint) -> Vec<SocketAddr> {
+        self.own_candidates
+            .lock()
+            .ok()
+            .and_then(|m| m.get(&relay).cloned())
+            .unwrap_or_default()
     }
 
     /// The JWT verifier of `[jwt]`.
@@ -224,6 +290,10 @@ impl Live {
     }
 
     pub(crate) fn set_iam(&self, iam: IamConfig) {
+        write(
+            &self.owner_credentials,
+            Arc::new(owner_credentials(&self.state(), &iam)),
+        );
         write(&self.iam, Arc::new(iam));
     }
 
@@ -277,6 +347,7 @@ impl Live {
                 retried = r.0,
                 dropped = r.1,
                 in_flight = self.handshakes.lock().map_or(0, |g| g.in_flight()),
+                relayed_in_flight = self.relayed_handshakes.lock().map_or(0, |g| g.in_flight()),
                 "many handshakes at once: sources asked to prove their address (QUIC Retry) or \
                  dropped at the per-source or total cap"
             );
@@ -312,6 +383,14 @@ impl Live {
             Self::apply(&snap.policy(), conn);
         }
         conn.quic.close_reason().is_none()
+    }
+
+    /// Live connections of `user` (over all its keys).
+    pub(crate) fn user_connections(&self, user: &str) -> usize {
+        self.conns()
+            .iter()
+            .filter(|c| c.user.lock().is_ok_and(|u| u.as_deref() == Some(user)))
+            .count()
     }
 
     /// Live connections of keys on no user.
@@ -439,6 +518,16 @@ impl Live {
             }
         }
     }
+}
+
+/// The credentials (token hashes) of the tokens of users with the owner role.
+fn owner_credentials(state: &DeviceState, iam: &IamConfig) -> HashSet<Credential> {
+    state
+        .users
+        .iter()
+        .filter(|u| u.role == iam.initial_role)
+        .map(|u| Credential::token(&TokenHash::of(&u.sct)))
+        .collect()
 }
 
 /// One of a user's tunnel slots; given back when dropped.

@@ -355,6 +355,11 @@ fn start_relays(
     ready_file: Option<PathBuf>,
     mut ready: Ready,
 ) {
+    live.tasks.spawn(forbid_services(
+        live.clone(),
+        paths.clone(),
+        live.config_changed(),
+    ));
     let legs = Arc::new(relay::Legs {
         live: live.clone(),
         identity: Arc::new(identity),
@@ -380,6 +385,40 @@ fn start_relays(
             }
         }
     });
+}
+
+/// Keeps the device's services (those given by address, and `localhost`) out of the
+/// hole-punching candidates a peer may name, as `device.toml` changes, until shutdown.
+async fn forbid_services(
+    live: Arc<Live>,
+    paths: transport::path::Paths,
+    mut changed: tokio::sync::watch::Receiver<u64>,
+) {
+    loop {
+        let targets = live
+            .config()
+            .services
+            .iter()
+            .flat_map(|s| {
+                let ips: Vec<std::net::IpAddr> = match &s.host {
+                    crate::config::Host::Ip(ip) => vec![*ip],
+                    crate::config::Host::Dns(name) if name.eq_ignore_ascii_case("localhost") => {
+                        vec![
+                            std::net::Ipv4Addr::LOCALHOST.into(),
+                            std::net::Ipv6Addr::LOCALHOST.into(),
+                        ]
+                    }
+                    crate::config::Host::Dns(_) => Vec::new(),
+                };
+                ips.into_iter().map(move |ip| SocketAddr::new(ip, s.port))
+            })
+            .collect();
+        paths.set_forbidden(targets);
+        tokio::select! {
+            r = changed.changed() => if r.is_err() { return },
+            () = live.shutdown.cancelled() => return,
+        }
+    }
 }
 
 fn raise_open_files(config: &DeviceConfig) {

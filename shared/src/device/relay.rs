@@ -1,6 +1,9 @@
 //! The device's legs to its relays (`[[relay]]` in `device.toml`): attach, keep the NAT mapping
-//! open, upload token hashes whenever they change, carry relayed datagrams to and from the one
-//! server endpoint, and reconnect with backoff.
+//! open, upload token hashes (owners' marked) whenever they change, learn which credential
+//! opened each channel, carry relayed datagrams to and from the one server endpoint, and
+//! reconnect with backoff. The device's own hole-punching candidates are found through each
+//! leg's relay but never told to it: they go end to end, to clients that may tunnel
+//! ([`super::control`], `Request::Punch`).
 //!
 //! Kind: IO.
 //!
@@ -23,7 +26,7 @@ use super::live::Live;
 use crate::config::{RelayAttach, RelayRef};
 use crate::framed::{read_frame, write_frame};
 use crate::identity::Fingerprint;
-use crate::relay::{self, DeviceUpdate, LegHello, RelayCode, RelayEvent, TokenHash};
+use crate::relay::{self, DeviceUpdate, LegHello, RelayCode, RelayEvent, TokenEntry, TokenHash};
 use crate::state::DeviceState;
 use crate::transport::leg::{self, LegDial, LegError, LegPath};
 use crate::transport::path::{Paths, RouteKey};
@@ -83,14 +86,25 @@ impl Statuses {
     }
 }
 
-/// The hashes of every token that may reach the device now: each user's, and the open-pairing
-/// token while password open pairing is on.
-pub(crate) fn token_hashes(state: &DeviceState) -> Vec<TokenHash> {
-    let mut v: Vec<TokenHash> = state.users.iter().map(|u| TokenHash::of(&u.sct)).collect();
+/// Every token that may reach the device now, as its relays are told: each user's (marked
+/// when the user has `owner_role`), and the open-pairing token while password open pairing is
+/// on.
+pub(crate) fn token_entries(state: &DeviceState, owner_role: &str) -> Vec<TokenEntry> {
+    let mut v: Vec<TokenEntry> = state
+        .users
+        .iter()
+        .map(|u| TokenEntry {
+            hash: TokenHash::of(&u.sct),
+            owner: u.role == owner_role,
+        })
+        .collect();
     if state.pairing.password_open {
-        v.push(TokenHash::of(&state.pairing.open_sct));
+        v.push(TokenEntry {
+            hash: TokenHash::of(&state.pairing.open_sct),
+            owner: false,
+        });
     }
-    v.sort_by_key(|h| h.0);
+    v.sort_by_key(|e| e.hash.0);
     v
 }
 
@@ -256,16 +270,21 @@ struct Attached {
     send: quinn::SendStream,
     recv: quinn::RecvStream,
     observed: SocketAddr,
-    tokens: Vec<TokenHash>,
+    tokens: Vec<TokenEntry>,
     target: SocketAddr,
     candidates: Vec<SocketAddr>,
     path: LegPath,
 }
 
-/// How often the device checks its reflexive address (a NAT may move it) and tells the relay.
+/// The tokens to upload now.
+fn current_tokens(live: &Live) -> Vec<TokenEntry> {
+    token_entries(&live.state(), &live.iam().initial_role)
+}
+
+/// How often the device checks its reflexive address (a NAT may move it).
 const CANDIDATES_REFRESH: Duration = Duration::from_secs(60);
 
-/// The candidates the device announces through `relay` (none with hole punching off).
+/// The device's candidates toward `relay` (none with hole punching off).
 async fn candidates(legs: &Legs, relay: SocketAddr) -> Vec<SocketAddr> {
     if legs.live.config().transport.hole_punching {
         punch::own_candidates(&legs.paths, relay).await
@@ -309,12 +328,11 @@ async fn attach(
         LegError::Failed(e) => format!("failed: {e}"),
     })?;
     let (mut send, mut recv) = conn.open_bi().await.map_err(|e| format!("failed: {e}"))?;
-    let tokens = token_hashes(&legs.live.state());
+    let tokens = current_tokens(&legs.live);
     let hello = LegHello::Attach {
         version: relay::PROTOCOL_VERSION,
         device_id: config.device_id.clone(),
         tokens: tokens.clone(),
-        candidates: candidates.clone(),
     };
     write_frame(&mut send, &hello, relay::MAX_FRAME)
         .await
@@ -377,6 +395,8 @@ async fn attach_once(legs: &Legs, relay: &RelayRef, addr: &str) -> Result<(), St
         path,
     } = attach_checked(legs, relay, addr).await?;
     info!(%observed, candidates = ?announced, over = %path, "attached to the relay");
+    legs.live
+        .set_own_candidates(relay.fingerprint, announced.clone());
     let state = match path {
         LegPath::Udp => "attached",
         LegPath::Tcp => "attached over TCP",
@@ -386,7 +406,12 @@ async fn attach_once(legs: &Legs, relay: &RelayRef, addr: &str) -> Result<(), St
     // The relay's later events on their own task: read_frame is not cancel safe, so it is never
     // raced against the others.
     let relay_fp = relay.fingerprint;
-    let events = tokio::spawn(relay_events(legs.paths.clone(), relay_fp, recv));
+    let events = tokio::spawn(relay_events(
+        legs.live.clone(),
+        legs.paths.clone(),
+        relay_fp,
+        recv,
+    ));
     let mut state_changed = legs.live.state_changed();
     let mut channels: HashMap<u64, SocketAddr> = HashMap::new();
     // The reflexive address is re-checked on its own task: a STUN round trip must not hold up
@@ -402,11 +427,8 @@ async fn attach_once(legs: &Legs, relay: &RelayRef, addr: &str) -> Result<(), St
         tokio::select! {
             Some(now) = found.recv() => {
                 if !now.is_empty() && now != announced {
-                    info!(candidates = ?now, "this device's addresses changed; telling the relay");
-                    let update = DeviceUpdate::Candidates(now.clone());
-                    if write_frame(&mut send, &update, relay::MAX_FRAME).await.is_err() {
-                        break;
-                    }
+                    info!(candidates = ?now, "this device's addresses changed");
+                    legs.live.set_own_candidates(relay_fp, now.clone());
                     announced = now;
                 }
             }
@@ -416,7 +438,7 @@ async fn attach_once(legs: &Legs, relay: &RelayRef, addr: &str) -> Result<(), St
             }
             r = state_changed.changed() => {
                 if r.is_err() { break }
-                let now = token_hashes(&legs.live.state());
+                let now = current_tokens(&legs.live);
                 if now != tokens {
                     debug!(tokens = now.len(), "uploading the new token hashes");
                     if write_frame(&mut send, &DeviceUpdate::Tokens(now.clone()), relay::MAX_FRAME)
@@ -437,18 +459,28 @@ async fn attach_once(legs: &Legs, relay: &RelayRef, addr: &str) -> Result<(), St
     Ok(())
 }
 
-/// The relay's events after the attach: channels that open (with the client's candidates) and
+/// The relay's events after the attach: channels that open (with what admitted them) and
 /// close.
-async fn relay_events(paths: Paths, relay: Fingerprint, mut recv: quinn::RecvStream) {
+async fn relay_events(
+    live: Arc<Live>,
+    paths: Paths,
+    relay: Fingerprint,
+    mut recv: quinn::RecvStream,
+) {
     while let Ok(Some(ev)) = read_frame::<RelayEvent>(&mut recv, relay::MAX_FRAME).await {
         match ev {
             RelayEvent::ChannelClosed { channel } => {
                 debug!(channel, "relayed channel closed");
-                paths.unbind(RouteKey { relay, channel });
+                let key = RouteKey { relay, channel };
+                paths.unbind(key);
+                live.channel_closed(key);
             }
-            RelayEvent::ChannelOpened { channel, peer } => {
-                debug!(channel, candidates = ?peer, "relayed channel opened");
-                paths.set_candidates(RouteKey { relay, channel }, &peer);
+            RelayEvent::ChannelOpened {
+                channel,
+                credential,
+            } => {
+                debug!(channel, ?credential, "relayed channel opened");
+                live.channel_opened(RouteKey { relay, channel }, credential);
             }
             _ => {}
         }
@@ -534,14 +566,31 @@ mod tests {
         let mut s = DeviceState::new_device();
         s.add_user("alice", "Standard", Fingerprint::from_bytes([1; 32]), None)
             .unwrap();
+        s.add_user("olga", "Owner", Fingerprint::from_bytes([2; 32]), None)
+            .unwrap();
         let alice = s.user("alice").unwrap().sct.clone();
+        let olga = s.user("olga").unwrap().sct.clone();
         let open = s.pairing.open_sct.clone();
         s.pairing.password_open = false;
-        let h = token_hashes(&s);
+        let entries = token_entries(&s, "Owner");
+        let h: Vec<TokenHash> = entries.iter().map(|e| e.hash).collect();
         assert!(TokenHash::of(&alice).is_in(&h));
         assert!(!TokenHash::of(&open).is_in(&h));
         assert!(!TokenHash::of(&Secret::new("guess")).is_in(&h));
+        let owner = |t: &Secret| {
+            entries
+                .iter()
+                .find(|e| e.hash == TokenHash::of(t))
+                .unwrap()
+                .owner
+        };
+        assert!(owner(&olga) && !owner(&alice));
         s.pairing.password_open = true;
-        assert!(TokenHash::of(&open).is_in(&token_hashes(&s)));
+        let entries = token_entries(&s, "Owner");
+        assert!(
+            entries
+                .iter()
+                .any(|e| e.hash == TokenHash::of(&open) && !e.owner)
+        );
     }
 }

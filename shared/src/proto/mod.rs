@@ -206,7 +206,18 @@ pub enum Request {
     /// The relays the device is attached to, so a paired client can reach it from anywhere (any
     /// user; no action needed, like [`Request::GetMe`]).
     GetRelays,
+    /// On a relayed connection: try for a direct path (hole punching). `candidates` are where
+    /// the device may reach the client (at most [`MAX_CANDIDATES`]); the answer is where the
+    /// client may reach the device. Allowed to a user who may `Tunnel:Connect` to some service
+    /// on this connection, so the device's addresses go only to those who could use them.
+    Punch {
+        /// The client's candidate addresses.
+        candidates: Vec<std::net::SocketAddr>,
+    },
 }
+
+/// Candidate addresses one end of a relayed connection tells the other at most.
+pub const MAX_CANDIDATES: usize = 8;
 
 impl Request {
     /// Whether the request may change `state.json` (such requests are rate-limited per
@@ -218,6 +229,7 @@ impl Request {
                 | Self::GetService { .. }
                 | Self::GetMe
                 | Self::GetRelays
+                | Self::Punch { .. }
                 | Self::PairingGet
                 | Self::PakeStart { .. }
                 | Self::PakeConfirm { .. }
@@ -270,6 +282,12 @@ pub enum Response {
     Token(Secret),
     /// The device's relays (`[[relay]]` in its `device.toml`).
     Relays(Vec<crate::config::RelayRef>),
+    /// The device's candidate addresses for hole punching (an answer to [`Request::Punch`]);
+    /// it starts probing the client's at once.
+    Punch {
+        /// Where the client may reach the device directly.
+        candidates: Vec<std::net::SocketAddr>,
+    },
 }
 
 /// What a client may learn about a user.

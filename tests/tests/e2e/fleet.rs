@@ -1,6 +1,8 @@
 //! A relay fleet on a real `redis-server` (issue 11), with the real binaries on loopback: a
-//! device attached to relay B is reached by a client that only knows relay A (A looks the device
-//! up in Redis, checks the token's hash there, and redirects); B killed, the device re-attaches
+//! device attached to relay B is reached by a client that asks relay A (A looks the device up in
+//! Redis, checks the token's proof against the hashes there, and redirects; the client follows
+//! only to a relay it knows for the device, and A ignores entries not signed by the relay they
+//! name); B killed, the device re-attaches
 //! to A and the client's `open` recovers without a restart; Redis stopped, A still serves the
 //! device attached to it, and a relay that does not have the device says the registry is down.
 
@@ -79,6 +81,25 @@ impl Redis {
         let mut value = String::new();
         r.read_line(&mut value).ok()?;
         Some(value.trim_end().to_string())
+    }
+
+    /// `SET key value EX secs` (RESP, so the value may hold anything).
+    fn set(&self, key: &str, value: &str, secs: u64) -> String {
+        let Ok(mut s) = TcpStream::connect(("127.0.0.1", self.port)) else {
+            return String::new();
+        };
+        let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+        let ttl = secs.to_string();
+        let mut cmd = String::from("*5\r\n");
+        for part in ["SET", key, value, "EX", &ttl] {
+            cmd.push_str(&format!("${}\r\n{part}\r\n", part.len()));
+        }
+        if s.write_all(cmd.as_bytes()).is_err() {
+            return String::new();
+        }
+        let mut line = String::new();
+        let _ = BufReader::new(&mut s).read_line(&mut line);
+        line.trim_end().to_string()
     }
 
     fn stop(&mut self) {
@@ -164,15 +185,72 @@ fn a_fleet_redirects_to_the_relay_that_has_the_device_and_survives_a_relay_and_r
         "a token in the registry: {entry}"
     );
 
-    // The client knows only relay A.
+    // Issue 18, defect 7: a client that knows only relay A is redirected to B, which it does
+    // not know for the device: it refuses, and sends B nothing.
     client.pin_relayed(
-        "cam",
+        "only-a",
         &device,
         &device_id,
         (&addr_a, &relay_a.fingerprint),
         &[],
         Some(&dev.token("alice")),
     );
+    let out = client.cmd(&["services", "only-a"]);
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("not one of this device's relays"),
+        "{}",
+        stderr(&out)
+    );
+    assert!(
+        !relay_b.proc.log().contains("client connected"),
+        "the client reached B"
+    );
+    // A forged entry (B's, with an attacker's address and key, as a Redis writer can make it)
+    // is ignored by A: nothing reaches the attacker.
+    let attacker = UdpSocket::bind("127.0.0.1:0").unwrap();
+    attacker.set_nonblocking(true).unwrap();
+    let attacker_addr = attacker.local_addr().unwrap().to_string();
+    let forged = entry
+        .replace(&addr_b, &attacker_addr)
+        .replace(&relay_b.fingerprint, &"ab".repeat(32));
+    wait_for("A to ignore the forged entry", SOON, || {
+        assert_eq!(redis.set(&key, &forged, 6), "+OK");
+        let out = client.cmd(&["services", "only-a"]);
+        assert!(!out.status.success(), "connected through a forged entry");
+        relay_a.proc.log().contains("is ignored").then_some(())
+    });
+    let mut buf = [0u8; 2048];
+    assert!(
+        attacker.recv_from(&mut buf).is_err(),
+        "the attacker's address got a datagram"
+    );
+    // B's next refresh puts its signed entry back.
+    wait_for("B to rewrite its entry", SOON, || {
+        redis.get(&key).filter(|e| e.contains(&addr_b))
+    });
+
+    // A paired client knows all of the device's relays (the device names them): A's redirect to
+    // B is followed.
+    client.ok(&[
+        "device",
+        "add",
+        "cam",
+        "--fingerprint",
+        &device.fingerprint,
+        "--device-id",
+        &device_id,
+        "--relay",
+        &addr_a,
+        "--relay-fingerprint",
+        &relay_a.fingerprint,
+        "--relay",
+        &addr_b,
+        "--relay-fingerprint",
+        &relay_b.fingerprint,
+        "--sct",
+        &dev.token("alice"),
+    ]);
     let mut open = client.open("cam", &["0:echo"], &[]);
     let path = open.wait_path();
     assert_eq!(path, format!("relayed via {addr_b}"), "redirected to B");

@@ -9,6 +9,7 @@
     reason = "tests: a panic is a failure with a message"
 )]
 
+mod attacks;
 mod basic;
 mod cli;
 mod fallback;

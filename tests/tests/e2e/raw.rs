@@ -242,10 +242,10 @@ async fn wrong_alpn_and_missing_client_certificate_fail_the_handshake() {
 
     // Same verifier, but no client certificate.
     let (verifier, _) = transport::PinnedKeyVerifier::new(fp);
-    let no_cert = quinn::rustls::ClientConfig::builder_with_provider(Arc::new(
-        quinn::rustls::crypto::ring::default_provider(),
+    let no_cert = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
     ))
-    .with_protocol_versions(&[&quinn::rustls::version::TLS13])
+    .with_protocol_versions(&[&rustls::version::TLS13])
     .unwrap()
     .dangerous()
     .with_custom_certificate_verifier(verifier)

@@ -17,18 +17,18 @@ use tunnel_testkit::{
 use crate::stderr;
 
 /// A relay, a device attached to it and a client pinned through it, all on loopback.
-struct Lab {
-    world: World,
-    relay_home: RelayFixture,
-    relay: RunningRelay,
-    dev: DeviceFixture,
-    device: RunningDevice,
-    client: ClientFixture,
-    device_id: String,
+pub(crate) struct Lab {
+    pub(crate) world: World,
+    pub(crate) relay_home: RelayFixture,
+    pub(crate) relay: RunningRelay,
+    pub(crate) dev: DeviceFixture,
+    pub(crate) device: RunningDevice,
+    pub(crate) client: ClientFixture,
+    pub(crate) device_id: String,
 }
 
 impl Lab {
-    fn new(services: &[(&str, std::net::SocketAddr)], extra: &str) -> Self {
+    pub(crate) fn new(services: &[(&str, std::net::SocketAddr)], extra: &str) -> Self {
         let world = World::new();
         let relay_home = world.relay("relay");
         let relay = relay_home.start_in(None, "127.0.0.1:0");
@@ -57,7 +57,7 @@ impl Lab {
     }
 
     /// Pins the device as `name`, reached only through the relay at `relay_addr`.
-    fn pin(&self, name: &str, relay_addr: &str, token: Option<&str>) {
+    pub(crate) fn pin(&self, name: &str, relay_addr: &str, token: Option<&str>) {
         self.client.pin_relayed(
             name,
             &self.device,
@@ -78,7 +78,7 @@ impl Lab {
 
     /// Runs `change` (a change of the device's users), then waits until the device uploaded
     /// its new token hashes to the relay.
-    fn change_tokens(&self, change: impl FnOnce()) {
+    pub(crate) fn change_tokens(&self, change: impl FnOnce()) {
         let before = self.uploads();
         change();
         wait_for("the device to upload its token hashes", SOON, || {
@@ -86,7 +86,7 @@ impl Lab {
         });
     }
 
-    fn connects(&self) -> usize {
+    pub(crate) fn connects(&self) -> usize {
         self.device.proc.log().matches("client connected").count()
     }
 }
@@ -257,9 +257,11 @@ fn tokens_are_checked_at_the_relay_before_anything_reaches_the_device() {
         &[],
         Some(&lab.dev.token("alice")),
     );
+    // Issue 18, defect 10: an id the relay does not serve gets the same answer as a wrong
+    // token, so a stranger cannot enumerate the ids a relay serves.
     let out = lab.client.cmd(&["services", "ghost"]);
     assert!(
-        stderr(&out).contains("serves no device"),
+        stderr(&out).contains("refused the token"),
         "{}",
         stderr(&out)
     );
@@ -314,7 +316,9 @@ fn relays_and_devices_are_pinned_and_ids_cannot_be_squatted() {
         let v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&ready).ok()?).ok()?;
         let state = v["relays"][0]["state"].as_str()?.to_string();
-        state.contains("different key").then_some(())
+        state
+            .contains("serves no device with that id and key")
+            .then_some(())
     });
     assert!(lab.relay.proc.log().contains("not the one relay.toml has"));
     // The real device is still attached and reachable.

@@ -237,7 +237,7 @@ async fn leg(
     key: SecretKey,
     relay: SocketAddr,
     pin: Fingerprint,
-    hello: LegHello,
+    hello: impl FnOnce(&quinn::Connection) -> LegHello,
 ) -> anyhow::Result<Leg> {
     let settings = TransportSettings::default();
     let identity = Identity::new(key)?;
@@ -247,10 +247,42 @@ async fn leg(
         .connect_with(cfg, relay, transport::SERVER_NAME)?
         .await?;
     let (mut send, mut recv) = conn.open_bi().await?;
-    write_frame(&mut send, &hello, relay::MAX_FRAME).await?;
+    write_frame(&mut send, &hello(&conn), relay::MAX_FRAME).await?;
     match read_frame::<RelayEvent>(&mut recv, relay::MAX_FRAME).await? {
         Some(RelayEvent::Attached { .. } | RelayEvent::Connected { .. }) => Ok((conn, send, recv)),
         other => bail!("refused: {other:?}"),
+    }
+}
+
+/// What a simulated leg says first: attach as a device, or connect to one as a client.
+enum Hello {
+    Attach(LegHello),
+    Connect {
+        device_id: String,
+        channel: u64,
+        token: Secret,
+    },
+}
+
+impl Hello {
+    fn frame(self, conn: &quinn::Connection) -> LegHello {
+        match self {
+            Self::Attach(h) => h,
+            Self::Connect {
+                device_id,
+                channel,
+                token,
+            } => {
+                let binding =
+                    transport::leg::binding(conn, &device_id, channel).unwrap_or_default();
+                LegHello::Connect {
+                    version: relay::PROTOCOL_VERSION,
+                    proof: relay::Proof::for_token(Some(&token), &binding),
+                    device_id,
+                    channel,
+                }
+            }
+        }
     }
 }
 
@@ -259,7 +291,7 @@ async fn legs(
     endpoint: &quinn::Endpoint,
     relay: SocketAddr,
     pin: Fingerprint,
-    hellos: Vec<(SecretKey, LegHello)>,
+    hellos: Vec<(SecretKey, Hello)>,
 ) -> (Vec<Leg>, usize) {
     let mut ok = Vec::new();
     let mut errors = 0;
@@ -268,7 +300,7 @@ async fn legs(
         let batch: Vec<_> = it.by_ref().take(32).collect();
         let futs = batch
             .into_iter()
-            .map(|(k, h)| leg(endpoint, k, relay, pin, h));
+            .map(|(k, h)| leg(endpoint, k, relay, pin, move |c| h.frame(c)));
         for r in futures_join(futs).await {
             match r {
                 Ok(l) => ok.push(l),
@@ -347,12 +379,15 @@ pub(crate) fn scale(b: &Bench) -> anyhow::Result<Scale> {
                 .map(|(i, k)| {
                     (
                         k,
-                        LegHello::Attach {
+                        Hello::Attach(LegHello::Attach {
                             version: relay::PROTOCOL_VERSION,
                             device_id: format!("sim-{i}"),
-                            tokens: vec![TokenHash::of(&token)],
-                            candidates: Vec::new(),
-                        },
+                            // An owner's: the channels below come from one token.
+                            tokens: vec![relay::TokenEntry {
+                                hash: TokenHash::of(&token),
+                                owner: true,
+                            }],
+                        }),
                     )
                 })
                 .collect();
@@ -363,12 +398,10 @@ pub(crate) fn scale(b: &Bench) -> anyhow::Result<Scale> {
                 .map(|i| {
                     (
                         SecretKey::generate(),
-                        LegHello::Connect {
-                            version: relay::PROTOCOL_VERSION,
+                        Hello::Connect {
                             device_id: "sim-0".into(),
                             channel: i as u64,
-                            token: Some(token.clone()),
-                            candidates: Vec::new(),
+                            token: token.clone(),
                         },
                     )
                 })

@@ -7,8 +7,8 @@
 //!
 //! Classes: network faults in namespaces behind NAT (loss, rate, link down, NAT timeout),
 //! delay/reorder/duplicate and a source-port change through the impairment relay, tampering on
-//! the wire, a pre-authentication flood, slowloris, a soak, kill -9 of either end, disk faults
-//! (strace), and coverage-guided fuzzing.
+//! the wire, a pre-authentication flood, a flood through the relay by token holders,
+//! slowloris, a soak, kill -9 of either end, disk faults (strace), and coverage-guided fuzzing.
 
 // A test harness, like the test kit: a setup step that fails panics, and the class is reported as
 // not finished (caught in `main`), so `expect` states what was being set up.
@@ -18,6 +18,7 @@ mod faults;
 mod hostile;
 mod lab;
 mod net;
+mod relayed;
 mod report;
 mod soak;
 
@@ -53,19 +54,20 @@ fn usage() -> &'static str {
      \n  --quick      CI size (a few minutes), report to target/reliability-quick.md\n\
      \x20 --hours H    soak for H hours\n\
      \x20 --fuzz-secs  seconds per fuzz target (default 60; 0 skips fuzzing)\n\
-     \x20 --only       run only these classes: net, impaired, tamper, flood, slowloris, soak,\n\
-     \x20              crash, disk, fuzz\n\
+     \x20 --only       run only these classes: net, impaired, tamper, flood, relayed-flood,\n\
+     \x20              slowloris, soak, crash, disk, fuzz\n\
      \x20 --out        report path (default docs/RELIABILITY.md)\n\
      \n  Binaries are taken next to this program (or from $TUNNEL_BIN_DIR)."
 }
 
 type Class = (&'static str, fn(&Mode) -> Section);
 
-const CLASSES: [Class; 9] = [
+const CLASSES: [Class; 10] = [
     ("net", net::faults),
     ("impaired", net::impaired),
     ("tamper", net::tamper),
     ("flood", hostile::flood),
+    ("relayed-flood", relayed::relayed_flood),
     ("slowloris", hostile::slowloris),
     ("soak", soak::soak),
     ("crash", faults::crash),

@@ -1,5 +1,5 @@
-//! Control requests on a device connection: one dispatcher over four areas, [`services`],
-//! [`pairing`], [`users`] and [`settings`]. Every request is authorized by IAM against the
+//! Control requests on a device connection: one dispatcher over five areas, [`services`],
+//! [`pairing`], [`users`], [`settings`] and [`punch`]. Every request is authorized by IAM against the
 //! *current* state ([`crate::authz`]); changes go through `Cx::write` (rate-limited per
 //! connection, then `Live::update_state`: locked, atomic)
 //! and are re-enforced on every live connection.
@@ -10,6 +10,7 @@
 //! about the caller's own user, and a password only in the invitation the caller just created.
 
 mod pairing;
+mod punch;
 mod services;
 mod settings;
 mod users;
@@ -114,6 +115,7 @@ async fn handle(live: &Arc<Live>, conn: &Arc<Conn>, req: Request) -> Response {
         Request::SetDeviceName { name } => settings::set_name(&cx, name).await,
         Request::RotateToken { username } => users::rotate_token(&cx, username).await,
         Request::GetRelays => settings::relays(&cx),
+        Request::Punch { candidates } => punch::punch(&cx, &candidates),
     }
 }
 
