@@ -57,6 +57,16 @@ for page in tunnel-device tunnel-device-run tunnel-client-up tunnel-client-stdio
   [ -f /usr/share/man/man1/$page.1.gz ] || fail "no man page $page"
 done
 
+# The sandbox the units promise (docs/SECURITY.md): each option is in the installed unit.
+for opt in ProcSubset=pid PrivateMounts=yes RemoveIPC=yes SystemCallFilter=~@resources \
+  NoNewPrivileges=yes ProtectSystem=strict; do
+  for u in tunnel-device tunnel-relay; do
+    grep -qx "$opt" /usr/lib/systemd/system/$u.service || fail "$u.service lacks $opt"
+  done
+done
+grep -qx PrivateUsers=yes /usr/lib/systemd/system/tunnel-device.service \
+  || fail "tunnel-device.service lacks PrivateUsers=yes"
+
 if command -v systemd-analyze >/dev/null 2>&1; then
   man=no; command -v man >/dev/null 2>&1 && man=yes
   rt=$(mktemp -d); chmod 700 "$rt"
