@@ -206,6 +206,73 @@ impl<K: Hash + Eq + Clone> HandshakeGate<K> {
     }
 }
 
+/// Slots held per key, each key up to a cap: a [`KeySlot`] is one, given back when dropped
+/// (connections per source of the metrics exporter, TLS handshakes per source of TCP legs).
+/// Cheap to clone; clones share the counts.
+#[derive(Debug)]
+pub struct KeySlots<K: Hash + Eq> {
+    held: std::sync::Arc<std::sync::Mutex<HashMap<K, usize>>>,
+}
+
+impl<K: Hash + Eq> Default for KeySlots<K> {
+    fn default() -> Self {
+        Self {
+            held: std::sync::Arc::default(),
+        }
+    }
+}
+
+impl<K: Hash + Eq> Clone for KeySlots<K> {
+    fn clone(&self) -> Self {
+        Self {
+            held: self.held.clone(),
+        }
+    }
+}
+
+impl<K: Hash + Eq + Clone> KeySlots<K> {
+    /// One of `key`'s slots, if it holds fewer than `cap`.
+    pub fn take(&self, key: K, cap: usize) -> Option<KeySlot<K>> {
+        let mut held = self.held.lock().ok()?;
+        let n = held.entry(key.clone()).or_insert(0);
+        if *n >= cap {
+            return None;
+        }
+        *n += 1;
+        Some(KeySlot {
+            slots: self.clone(),
+            key,
+        })
+    }
+
+    /// Slots `key` holds now.
+    pub fn held(&self, key: &K) -> usize {
+        self.held
+            .lock()
+            .map_or(0, |h| h.get(key).copied().unwrap_or(0))
+    }
+}
+
+/// A slot of a [`KeySlots`]; given back when dropped.
+#[derive(Debug)]
+pub struct KeySlot<K: Hash + Eq> {
+    slots: KeySlots<K>,
+    key: K,
+}
+
+impl<K: Hash + Eq> Drop for KeySlot<K> {
+    fn drop(&mut self) {
+        if let Ok(mut held) = self.slots.held.lock()
+            && let Some(n) = held.get_mut(&self.key)
+        {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -290,6 +357,19 @@ mod tests {
         assert_eq!(g.decide(&3, true, false, true, &limits), Gate::Ignore);
         g.end(&1, false);
         assert_eq!(g.decide(&3, true, false, true, &limits), Gate::Accept);
+    }
+
+    #[test]
+    fn key_slots_cap_each_key_and_come_back() {
+        let slots: KeySlots<u8> = KeySlots::default();
+        let a: Vec<_> = (0..3).filter_map(|_| slots.take(1, 2)).collect();
+        assert_eq!(a.len(), 2);
+        let b = slots.take(2, 2);
+        assert!(b.is_some());
+        assert_eq!(slots.held(&1), 2);
+        drop(a);
+        assert_eq!(slots.held(&1), 0);
+        assert!(slots.take(1, 2).is_some());
     }
 
     #[test]

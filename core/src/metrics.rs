@@ -8,9 +8,8 @@
 //! or fixed code names (services, user names, device names, reasons), never a secret, a
 //! fingerprint or a name a peer sent.
 
-use std::collections::HashMap;
 use std::fmt::Debug;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -334,7 +333,7 @@ pub fn serve(
     shutdown: CancellationToken,
 ) -> tokio::task::JoinHandle<()> {
     let slots = Arc::new(Semaphore::new(MAX_SCRAPERS));
-    let per_source: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    let per_source: crate::limits::KeySlots<std::net::IpAddr> = crate::limits::KeySlots::default();
     tokio::spawn(async move {
         loop {
             let (stream, peer) = tokio::select! {
@@ -348,7 +347,8 @@ pub fn serve(
                 },
                 () = shutdown.cancelled() => return,
             };
-            let Some(source) = SourceSlot::take(&per_source, peer.ip()) else {
+            let key = crate::limits::source_key(peer.ip());
+            let Some(source) = per_source.take(key, MAX_SCRAPERS_PER_SOURCE) else {
                 continue;
             };
             let Ok(slot) = slots.clone().try_acquire_owned() else {
@@ -363,41 +363,6 @@ pub fn serve(
             });
         }
     })
-}
-
-/// One of a source's [`MAX_SCRAPERS_PER_SOURCE`] connections, given back when dropped.
-struct SourceSlot {
-    map: Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>,
-    key: IpAddr,
-}
-
-impl SourceSlot {
-    fn take(map: &Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<Self> {
-        let key = crate::limits::source_key(ip);
-        let mut m = map.lock().ok()?;
-        let n = m.entry(key).or_insert(0);
-        if *n >= MAX_SCRAPERS_PER_SOURCE {
-            return None;
-        }
-        *n += 1;
-        Some(Self {
-            map: map.clone(),
-            key,
-        })
-    }
-}
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        if let Ok(mut m) = self.map.lock()
-            && let Some(n) = m.get_mut(&self.key)
-        {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.key);
-            }
-        }
-    }
 }
 
 /// The registry in the Prometheus text format.
@@ -495,14 +460,20 @@ mod tests {
         out
     }
 
-    #[tokio::test]
-    async fn serves_the_text_format_and_nothing_else() {
+    /// An exporter of [`Fixed`] on loopback: its address, its stop token and its task.
+    async fn exporter() -> (SocketAddr, CancellationToken, tokio::task::JoinHandle<()>) {
         let mut r = registry("tunnel-test");
         register_source(&mut r, Arc::new(Fixed));
         let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let stop = CancellationToken::new();
         let task = serve(listener, Arc::new(r), stop.clone());
+        (addr, stop, task)
+    }
+
+    #[tokio::test]
+    async fn serves_the_text_format_and_nothing_else() {
+        let (addr, stop, task) = exporter().await;
 
         let out = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
@@ -538,12 +509,7 @@ mod tests {
     /// scraper out.
     #[tokio::test]
     async fn one_host_holding_idle_connections_does_not_block_scrapes() {
-        let mut r = registry("tunnel-test");
-        register_source(&mut r, Arc::new(Fixed));
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let stop = CancellationToken::new();
-        let task = serve(listener, Arc::new(r), stop.clone());
+        let (addr, stop, task) = exporter().await;
         let mut idle = Vec::new();
         for _ in 0..MAX_SCRAPERS {
             idle.push(TcpStream::connect(addr).await.unwrap());

@@ -686,3 +686,90 @@ impl DeviceFixture {
         });
     }
 }
+
+/// A relay, a device attached to it and a client (`alice`, an Owner) pinned through it as
+/// `cam`, all on loopback.
+#[derive(Debug)]
+pub struct RelayLab {
+    /// The temporary world.
+    pub world: World,
+    /// The relay's home.
+    pub relay_home: RelayFixture,
+    /// The running relay.
+    pub relay: RunningRelay,
+    /// The device's home.
+    pub dev: DeviceFixture,
+    /// The running device.
+    pub device: RunningDevice,
+    /// The owner's client.
+    pub client: ClientFixture,
+    /// The device's id.
+    pub device_id: String,
+}
+
+impl RelayLab {
+    /// Starts the relay and the device (with `services` and `extra` device.toml text), waits
+    /// until it is attached, and pins it for the client.
+    pub fn new(services: &[(&str, SocketAddr)], extra: &str) -> Self {
+        let world = World::new();
+        let relay_home = world.relay("relay");
+        let relay = relay_home.start_in(None, "127.0.0.1:0");
+        let dev = world.device("dev", services);
+        dev.append_config(&format!("[network]\nmdns = false\n{extra}"));
+        let device_id = relay_home.attach(&dev, &relay);
+        let client = world.client("cli");
+        dev.add_user("alice", &client.fingerprint(), "Owner");
+        let mut device = dev.start();
+        dev.wait_attached(&mut device);
+        let lab = Self {
+            world,
+            relay_home,
+            relay,
+            dev,
+            device,
+            client,
+            device_id,
+        };
+        lab.pin(
+            "cam",
+            &lab.relay.addr.to_string(),
+            Some(&lab.dev.token("alice")),
+        );
+        lab
+    }
+
+    /// Pins the device as `name`, reached only through the relay at `relay_addr`.
+    pub fn pin(&self, name: &str, relay_addr: &str, token: Option<&str>) {
+        self.client.pin_relayed(
+            name,
+            &self.device,
+            &self.device_id,
+            (relay_addr, &self.relay.fingerprint),
+            &[],
+            token,
+        );
+    }
+
+    fn uploads(&self) -> usize {
+        self.device
+            .proc
+            .log()
+            .matches("uploading the new token hashes")
+            .count()
+    }
+
+    /// Runs `change` (a change of the device's users), then waits until the device uploaded
+    /// its new token hashes to the relay.
+    pub fn change_tokens(&self, change: impl FnOnce()) {
+        let before = self.uploads();
+        change();
+        crate::wait_for("the device to upload its token hashes", SOON, || {
+            (self.uploads() > before).then_some(())
+        });
+    }
+
+    /// `client connected` lines in the device's log so far.
+    pub fn connects(&self) -> usize {
+        self.device.proc.log().matches("client connected").count()
+    }
+}

@@ -29,8 +29,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub use fixture::{
-    ClientFixture, DeviceFixture, RelayFixture, RunningDevice, RunningOpen, RunningRelay, World,
-    saw_reset,
+    ClientFixture, DeviceFixture, RelayFixture, RelayLab, RunningDevice, RunningOpen, RunningRelay,
+    World, saw_reset,
 };
 pub use process::{Proc, bin, read_ready, run, run_ok};
 

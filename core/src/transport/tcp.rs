@@ -255,7 +255,7 @@ pub const MAX_UNCLAIMED_PER_SOURCE: usize = 16;
 pub struct LegAcceptor {
     tls: tokio_rustls::TlsAcceptor,
     handshakes: Arc<tokio::sync::Semaphore>,
-    per_source: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
+    per_source: crate::limits::KeySlots<std::net::IpAddr>,
 }
 
 impl fmt::Debug for LegAcceptor {
@@ -276,25 +276,6 @@ pub enum TcpRefusal {
     Source,
 }
 
-/// One of a source's TLS handshakes in flight, given back when dropped.
-struct SourceSlot {
-    map: Arc<Mutex<HashMap<std::net::IpAddr, usize>>>,
-    key: std::net::IpAddr,
-}
-
-impl Drop for SourceSlot {
-    fn drop(&mut self) {
-        if let Ok(mut m) = self.map.lock()
-            && let Some(n) = m.get_mut(&self.key)
-        {
-            *n -= 1;
-            if *n == 0 {
-                m.remove(&self.key);
-            }
-        }
-    }
-}
-
 impl LegAcceptor {
     /// An acceptor presenting `identity`'s key.
     ///
@@ -305,21 +286,7 @@ impl LegAcceptor {
         Ok(Self {
             tls: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
             handshakes: Arc::new(tokio::sync::Semaphore::new(MAX_TLS_HANDSHAKES)),
-            per_source: Arc::default(),
-        })
-    }
-
-    fn source_slot(&self, peer: SocketAddr) -> Option<SourceSlot> {
-        let key = crate::limits::source_key(peer.ip());
-        let mut m = self.per_source.lock().ok()?;
-        let n = m.entry(key).or_insert(0);
-        if *n >= MAX_TLS_HANDSHAKES_PER_SOURCE {
-            return None;
-        }
-        *n += 1;
-        Some(SourceSlot {
-            map: self.per_source.clone(),
-            key,
+            per_source: crate::limits::KeySlots::default(),
         })
     }
 
@@ -340,7 +307,13 @@ impl LegAcceptor {
         if socket.unclaimed_from(peer.ip()) >= MAX_UNCLAIMED_PER_SOURCE {
             return Err(TcpRefusal::Source);
         }
-        let source = self.source_slot(peer).ok_or(TcpRefusal::Source)?;
+        let source = self
+            .per_source
+            .take(
+                crate::limits::source_key(peer.ip()),
+                MAX_TLS_HANDSHAKES_PER_SOURCE,
+            )
+            .ok_or(TcpRefusal::Source)?;
         let Ok(permit) = self.handshakes.clone().try_acquire_owned() else {
             return Err(TcpRefusal::Full);
         };

@@ -10,86 +10,11 @@ use std::time::{Duration, Instant};
 use tunnel_testkit::impair::{Impairment, Relay as Impair};
 use tunnel_testkit::netns::{A_PUBLIC, Homes, NatKind, in_ns};
 use tunnel_testkit::servers::{Pattern, Sshd, TestServer, hash_reader, send_and_hash};
-use tunnel_testkit::{
-    ClientFixture, DeviceFixture, RelayFixture, RunningDevice, RunningRelay, SOON, World, wait_for,
-};
+use tunnel_testkit::{SOON, World, wait_for};
 
 use crate::stderr;
 
-/// A relay, a device attached to it and a client pinned through it, all on loopback.
-pub(crate) struct Lab {
-    pub(crate) world: World,
-    pub(crate) relay_home: RelayFixture,
-    pub(crate) relay: RunningRelay,
-    pub(crate) dev: DeviceFixture,
-    pub(crate) device: RunningDevice,
-    pub(crate) client: ClientFixture,
-    pub(crate) device_id: String,
-}
-
-impl Lab {
-    pub(crate) fn new(services: &[(&str, std::net::SocketAddr)], extra: &str) -> Self {
-        let world = World::new();
-        let relay_home = world.relay("relay");
-        let relay = relay_home.start_in(None, "127.0.0.1:0");
-        let dev = world.device("dev", services);
-        dev.append_config(&format!("[network]\nmdns = false\n{extra}"));
-        let device_id = relay_home.attach(&dev, &relay);
-        let client = world.client("cli");
-        dev.add_user("alice", &client.fingerprint(), "Owner");
-        let mut device = dev.start();
-        dev.wait_attached(&mut device);
-        let lab = Self {
-            world,
-            relay_home,
-            relay,
-            dev,
-            device,
-            client,
-            device_id,
-        };
-        lab.pin(
-            "cam",
-            &lab.relay.addr.to_string(),
-            Some(&lab.dev.token("alice")),
-        );
-        lab
-    }
-
-    /// Pins the device as `name`, reached only through the relay at `relay_addr`.
-    pub(crate) fn pin(&self, name: &str, relay_addr: &str, token: Option<&str>) {
-        self.client.pin_relayed(
-            name,
-            &self.device,
-            &self.device_id,
-            (relay_addr, &self.relay.fingerprint),
-            &[],
-            token,
-        );
-    }
-
-    fn uploads(&self) -> usize {
-        self.device
-            .proc
-            .log()
-            .matches("uploading the new token hashes")
-            .count()
-    }
-
-    /// Runs `change` (a change of the device's users), then waits until the device uploaded
-    /// its new token hashes to the relay.
-    pub(crate) fn change_tokens(&self, change: impl FnOnce()) {
-        let before = self.uploads();
-        change();
-        wait_for("the device to upload its token hashes", SOON, || {
-            (self.uploads() > before).then_some(())
-        });
-    }
-
-    pub(crate) fn connects(&self) -> usize {
-        self.device.proc.log().matches("client connected").count()
-    }
-}
+pub(crate) use tunnel_testkit::RelayLab as Lab;
 
 /// 256 MiB each way and ssh through a relay, between two homes behind NAT routers: the device's
 /// router admits no inbound connection, so the direct path cannot work (and hole punching is off

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use tunnel_shared::identity::Fingerprint;
 use tunnel_shared::relay::{RelayCode, RelayEvent};
 use tunnel_shared::secret::Secret;
-use tunnel_testkit::World;
+use tunnel_testkit::RelayLab;
 use tunnel_testkit::hostile::{self, RelayLeg};
 
 use crate::report::{Section, secs};
@@ -59,25 +59,17 @@ pub(crate) fn relayed_flood(mode: &Mode) -> Section {
             "channels closed after removal (s)",
         ],
     );
-    let world = World::new();
-    let relay_home = world.relay("relay");
-    let relay = relay_home.start_in(None, "127.0.0.1:0");
-    let dev = world.device("dev", &[]);
-    dev.append_config("[network]\nmdns = false\n");
-    let device_id = relay_home.attach(&dev, &relay);
-    let client = world.client("cli");
-    dev.add_user("owner", &client.fingerprint(), "Owner");
-    let mut device = dev.start();
-    dev.wait_attached(&mut device);
-    client.pin("direct", &device);
-    client.pin_relayed(
-        "cam",
-        &device,
-        &device_id,
-        (&relay.addr.to_string(), &relay.fingerprint),
-        &[],
-        Some(&dev.token("owner")),
-    );
+    let lab = RelayLab::new(&[], "");
+    let RelayLab {
+        world,
+        relay,
+        dev,
+        device,
+        client,
+        device_id,
+        ..
+    } = &lab;
+    client.pin("direct", device);
     let relay_fp: Fingerprint = relay.fingerprint.parse().expect("fingerprint");
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
@@ -112,7 +104,7 @@ pub(crate) fn relayed_flood(mode: &Mode) -> Section {
                             "127.0.0.2",
                             relay.addr,
                             relay_fp,
-                            hostile::connect_hello(&device_id, Some(token)),
+                            hostile::connect_hello(device_id, Some(token)),
                         )
                         .await;
                         if matches!(answer, Some(RelayEvent::Connected { .. })) {
@@ -147,7 +139,7 @@ pub(crate) fn relayed_flood(mode: &Mode) -> Section {
         };
         let t0 = Instant::now();
         std::thread::sleep(Duration::from_secs(1));
-        let (d_ok, d_t, r_ok, r_t) = owner_connects(&client, tries);
+        let (d_ok, d_t, r_ok, r_t) = owner_connects(client, tries);
         let rate = sent.load(Ordering::Relaxed) as f64 / t0.elapsed().as_secs_f64();
         s.check(
             d_ok == tries && r_ok == tries,
