@@ -7,7 +7,7 @@
 #   bash bench/reliability.sh --quick          CI size (what .ci/run runs, on the debug build)
 #   bash bench/reliability.sh --hours 24       a day-long soak instead of 1,000 cycles
 #   bash bench/reliability.sh --fuzz-secs 600  longer fuzzing
-#   bash bench/reliability.sh --only soak      one class (net, impaired, tamper, flood, slowloris,
+#   bash bench/reliability.sh --only soak      one class (net, impaired, tamper, flood, relayed-flood, slowloris,
 #                                              soak, crash, disk, fuzz)
 #
 # Needs root (network namespaces, nft, strace attaching to the device). Exit status 1 when a
@@ -27,5 +27,5 @@ if [ ${#missing[@]} -gt 0 ]; then
     $(printf '%s\n' "${missing[@]}" | sort -u) >/dev/null
 fi
 
-cargo build --release --locked -p tunnel-device -p tunnel-client -p tunnel-examples --bins
+cargo build --release --locked -p tunnel-device -p tunnel-client -p tunnel-relay -p tunnel-examples --bins
 exec target/release/tunnel-reliability "$@"
