@@ -91,6 +91,8 @@ pub(crate) enum OpenRefusal {
     InUse,
     /// A cap is reached.
     Busy,
+    /// The token was removed while the channel was being opened.
+    Revoked,
 }
 
 /// The tokens a device accepts, as it uploaded them, indexed by the [`KeyId`] proofs name.
@@ -202,9 +204,13 @@ impl Hub {
     /// Replaces the device's tokens; returns the client legs of the channels a token no longer
     /// in the set opened (the caller closes them).
     pub(crate) fn set_tokens(&self, tokens: Vec<TokenEntry>) -> Vec<quinn::Connection> {
-        let tokens = Tokens::new(tokens);
-        let revoked = self
-            .channels
+        let tokens = Arc::new(Tokens::new(tokens));
+        // The new set first, then the channels: a channel [`Self::open`] adds meanwhile either
+        // is seen here or sees the new set (it checks it under the channels' lock).
+        if let Ok(mut t) = self.tokens.write() {
+            *t = tokens.clone();
+        }
+        self.channels
             .read()
             .map(|c| {
                 c.values()
@@ -212,11 +218,7 @@ impl Hub {
                     .map(|ch| ch.conn.clone())
                     .collect()
             })
-            .unwrap_or_default();
-        if let Ok(mut t) = self.tokens.write() {
-            *t = Arc::new(tokens);
-        }
-        revoked
+            .unwrap_or_default()
     }
 
     /// Tells the device that `channel` opened with `credential`.
@@ -236,7 +238,8 @@ impl Hub {
     }
 
     /// Opens `channel` for `info` within `caps`: the device's cap (the last
-    /// `owner_reserved` slots for owners only), and for a non-owner credential its own cap.
+    /// `owner_reserved` slots for owners only), and for a non-owner credential its own cap;
+    /// its token must still be one the device accepts.
     pub(crate) fn open(
         &self,
         channel: u64,
@@ -248,6 +251,9 @@ impl Hub {
         };
         if c.contains_key(&channel) {
             return Err(OpenRefusal::InUse);
+        }
+        if !info.jwt && !self.tokens().contains(&TokenHash(info.credential.0)) {
+            return Err(OpenRefusal::Revoked);
         }
         let others = c.values().filter(|ch| !ch.owner).count();
         let same = c

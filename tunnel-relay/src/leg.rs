@@ -559,6 +559,7 @@ async fn serve_client(
         relay.give_client_slot(fingerprint);
         let code = match why {
             OpenRefusal::InUse => RelayCode::CHANNEL_IN_USE,
+            OpenRefusal::Revoked => RelayCode::TOKEN_REJECTED,
             OpenRefusal::Busy => {
                 info!(device = %device_id, owner = admitted.owner, "connect refused: channel limit reached");
                 RelayCode::BUSY
