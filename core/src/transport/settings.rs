@@ -12,7 +12,12 @@ pub struct TransportSettings {
     pub idle_timeout_secs: u64,
     /// Interval of keep-alive packets (keeps NAT bindings open).
     pub keep_alive_secs: u64,
-    /// Per-stream receive window in bytes (bounds one stream's in-flight data).
+    /// Per-stream receive window in bytes (bounds one stream's in-flight data). 6 MiB by
+    /// default: larger windows let a lossy, rate-policed path leave more than quinn-proto's 1,024
+    /// gaps in one stream's reassembly buffer, and quinn then closes the connection ("too many
+    /// gaps in stream buffer"; 8 MiB did in 2 of 5 quick runs of the reliability class "Network
+    /// faults between two NATs", 6 MiB in 0 of 12). At 50 ms RTT one stream gets ≈ 0.74 Gbit/s
+    /// (8 MiB: 0.89).
     pub stream_window: u64,
     /// Per-connection receive window in bytes (bounds all streams' in-flight data).
     pub connection_window: u64,
@@ -62,7 +67,7 @@ impl Default for TransportSettings {
         Self {
             idle_timeout_secs: 15,
             keep_alive_secs: 4,
-            stream_window: 8 * 1024 * 1024,
+            stream_window: 6 * 1024 * 1024,
             connection_window: 16 * 1024 * 1024,
             socket_buffer: 4 * 1024 * 1024,
             congestion: Congestion::Bbr,

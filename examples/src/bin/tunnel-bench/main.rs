@@ -1515,8 +1515,9 @@ const LIMITS: &str = "## What limits each figure
   splice task (which allocates no read buffer while idle). The idle RSS is dominated by the
   runtime, TLS and quinn's endpoint buffers; peak RSS during transfers by the stream window (data
   in flight) and quinn's receive batch buffer.
-- **WAN**: one stream can have at most one stream window in flight per round trip: 8 MiB / 50 ms ≈
-  1.3 Gbit/s with the tunnel's default; quinn's default 1.25 MB caps it near 200 Mbit/s. The
+- **WAN**: one stream can have at most one stream window in flight per round trip: 6 MiB / 50 ms ≈
+  1.0 Gbit/s with the tunnel's default (8 MiB before: a lossy, policed path could then leave more
+  than quinn's 1,024 gaps in one stream's receive buffer, which closes the connection); quinn's default 1.25 MB caps it near 200 Mbit/s. The
   memory cost is paid only while data is in flight (peak RSS above). The relay itself runs on the
   same cores.
 - **Through the relay** every packet is encrypted twice (end to end, then on its leg) and
