@@ -84,6 +84,20 @@ pub(crate) struct ChannelCaps {
     pub(crate) per_credential: usize,
 }
 
+impl ChannelCaps {
+    /// The caps `relay.toml`'s limits set; the owners' reserve is at most half the channels.
+    pub(crate) fn from_limits(limits: &crate::config::RelayLimits) -> Self {
+        let cap = |n: u32| usize::try_from(n).unwrap_or(usize::MAX);
+        Self {
+            per_device: cap(limits.max_channels_per_device),
+            owner_reserved: cap(limits
+                .owner_reserved_channels
+                .min(limits.max_channels_per_device / 2)),
+            per_credential: cap(limits.max_channels_per_token),
+        }
+    }
+}
+
 /// Why [`Hub::open`] refused a channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum OpenRefusal {

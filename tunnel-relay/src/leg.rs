@@ -535,16 +535,7 @@ async fn serve_client(
         };
         return elsewhere(relay, &conn, &mut send, device_id, here, &proof, &binding).await;
     };
-    let caps = ChannelCaps {
-        per_device: usize::try_from(limits.max_channels_per_device).unwrap_or(usize::MAX),
-        owner_reserved: usize::try_from(
-            limits
-                .owner_reserved_channels
-                .min(limits.max_channels_per_device / 2),
-        )
-        .unwrap_or(0),
-        per_credential: usize::try_from(limits.max_channels_per_token).unwrap_or(usize::MAX),
-    };
+    let caps = ChannelCaps::from_limits(limits);
     if !relay.take_client_slot(fingerprint, limits.max_channels_per_client) {
         info!(device = %device_id, "connect refused: this key holds too many channels");
         return refuse_with(relay, &conn, &mut send, RelayCode::BUSY).await;
