@@ -172,6 +172,10 @@ pub struct PathStats {
     pub probes_capped: AtomicU64,
     /// Datagrams sent straight to punched addresses.
     pub direct_sent: AtomicU64,
+    /// Datagrams for a punched address dropped because their route's leg could not carry them
+    /// (path MTU probes above what the relay path holds): the connection's packet size stays
+    /// one the relay can carry, so falling back to it loses nothing.
+    pub direct_oversized: AtomicU64,
 }
 
 #[derive(Default)]
@@ -622,12 +626,30 @@ impl Paths {
 
     /// Sends on the route of `transmit.destination`: whole to its punched address when direct
     /// (`Some` with the UDP socket's result), else per segment on its leg. `None`: no route.
+    ///
+    /// A direct datagram larger than the leg could carry is dropped like a lost one: without
+    /// that, path MTU discovery on a punched path grows the connection's packets past what the
+    /// relay carries, and when the direct path dies every packet of the fallback is too large
+    /// for the leg (the connection stalls until it times out; seen on a 1500-byte LAN, where a
+    /// leg carries 1,369-byte packets and the punched path 1,452).
     fn send_routed(&self, transmit: &Transmit<'_>) -> Option<io::Result<()>> {
         let direct = {
             let t = self.0.table.read().ok()?;
             let route = t.routes.get(&transmit.destination)?;
             match route.direct {
-                Some(d) => d,
+                Some(d) => {
+                    let size = transmit.segment_size.unwrap_or(transmit.contents.len());
+                    if let Some(room) = route.leg.max_datagram_size()
+                        && size + TAG_LEN > room
+                    {
+                        self.0
+                            .stats
+                            .direct_oversized
+                            .fetch_add(1, Ordering::Relaxed);
+                        return Some(Ok(()));
+                    }
+                    d
+                }
                 None => {
                     self.send_relayed(route, transmit);
                     return Some(Ok(()));
@@ -859,7 +881,9 @@ mod tests {
     async fn armed_route() -> (quinn::Endpoint, quinn::Endpoint, Paths, SocketAddr) {
         let settings = TransportSettings::default();
         let server_id = Identity::new(SecretKey::generate()).unwrap();
-        let server_cfg = transport::server_config(&server_id, b"t", &settings, 1, 8).unwrap();
+        let mut server_cfg = transport::server_config(&server_id, b"t", &settings, 1, 8).unwrap();
+        // As a relay's: DATAGRAM frames on, so the leg says what one datagram carries.
+        server_cfg.transport_config(Arc::new(transport::leg_transport_config(&settings, 8)));
         let server = transport::server_endpoint(
             "127.0.0.1:0".parse().unwrap(),
             server_id.secret_key(),
@@ -970,6 +994,64 @@ mod tests {
         assert_eq!(wait_direct(&paths, vaddr).await, Some(peer_addr));
         paths.fall_back(vaddr);
         assert_eq!(paths.state(vaddr), Some(PathState::Relayed));
+    }
+
+    /// Punches `vaddr` to a fresh peer socket (its ping answered); the socket and its address.
+    async fn punched(
+        paths: &Paths,
+        vaddr: SocketAddr,
+        target: SocketAddr,
+    ) -> tokio::net::UdpSocket {
+        let peer = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let peer_addr = peer.local_addr().unwrap();
+        let mut buf = [0u8; 256];
+        paths.ping(vaddr, peer_addr);
+        let (n, _) = peer.recv_from(&mut buf).await.unwrap();
+        let ping = open_ours(&buf[..n]);
+        peer.send_to(&probe(THEIRS, Kind::Pong, 42, ping.tx), target)
+            .await
+            .unwrap();
+        assert_eq!(wait_direct(paths, vaddr).await, Some(peer_addr));
+        peer
+    }
+
+    /// A punched path carried packets larger than the relay leg could, so path MTU discovery
+    /// grew the connection past its fallback: when the direct path died, every packet was too
+    /// large for the leg and the connection timed out (seen as a reset mid-transfer in
+    /// `e2e::punch::a_direct_path_cut_mid_transfer_falls_back_to_the_relay`). A direct datagram
+    /// the leg could not carry is dropped, one it could is sent.
+    #[tokio::test]
+    async fn a_punched_path_carries_only_what_the_relay_could() {
+        let (_server, client, paths, vaddr) = armed_route().await;
+        let target: SocketAddr = (Ipv4Addr::LOCALHOST, client.local_addr().unwrap().port()).into();
+        let peer = punched(&paths, vaddr, target).await;
+        let leg_room = {
+            let t = paths.0.table.read().unwrap();
+            t.routes[&vaddr].leg.max_datagram_size().unwrap()
+        };
+        let send = |len: usize| {
+            let contents = vec![0x40u8; len];
+            let r = paths.send_routed(&Transmit {
+                destination: vaddr,
+                ecn: None,
+                contents: &contents,
+                segment_size: None,
+                src_ip: None,
+            });
+            assert!(matches!(r, Some(Ok(()))), "{r:?}");
+        };
+        let mut buf = vec![0u8; 9000];
+        send(leg_room - TAG_LEN + 1);
+        let recv = tokio::time::timeout(Duration::from_millis(300), peer.recv_from(&mut buf));
+        assert!(
+            recv.await.is_err(),
+            "a packet the leg could not carry went direct"
+        );
+        assert_eq!(paths.stats().direct_oversized.load(Ordering::Relaxed), 1);
+        send(leg_room - TAG_LEN);
+        let (n, _) = peer.recv_from(&mut buf).await.unwrap();
+        assert_eq!(n, leg_room - TAG_LEN);
+        assert_eq!(paths.stats().direct_sent.load(Ordering::Relaxed), 1);
     }
 
     /// Issue 18, defect 2: a pong was accepted from any source if its transaction was among the
