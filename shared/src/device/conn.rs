@@ -63,6 +63,11 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
+    /// Whether its `Hello` held a JWT valid for this device.
+    pub(crate) fn admitted_by_jwt(&self) -> bool {
+        self.jwt
+    }
+
     fn new(
         quic: quinn::Connection,
         fingerprint: Fingerprint,

@@ -55,6 +55,11 @@ pub(crate) struct Live {
     pub(crate) relayed_handshakes: Mutex<HandshakeGate<Credential>>,
     /// What admitted each relayed channel, as its relay said when it opened.
     channel_credentials: Mutex<HashMap<RouteKey, Credential>>,
+    /// Relayed channels on which a key paired with the token that opened the channel (an
+    /// invitation's, which pairing replaces with the user's own): the relay keeps that token's
+    /// hash while the channel is open and the key is still a user's, so that its own success
+    /// does not cut the pairing connection.
+    handed_over: Mutex<HashMap<RouteKey, (Credential, Fingerprint)>>,
     /// The credentials of owners' tokens (recomputed at every change of state or IAM).
     owner_credentials: RwLock<Arc<HashSet<Credential>>>,
     /// This device's own hole-punching candidates, per relay it attached to (what it tells a
@@ -164,6 +169,7 @@ impl Live {
             handshakes: Mutex::new(HandshakeGate::default()),
             relayed_handshakes: Mutex::new(HandshakeGate::default()),
             channel_credentials: Mutex::new(HashMap::new()),
+            handed_over: Mutex::new(HashMap::new()),
             owner_credentials: RwLock::new(Arc::new(owner_credentials(&state, &iam))),
             own_candidates: Mutex::new(HashMap::new()),
             refused: Mutex::new((0, 0, now())),
@@ -247,6 +253,38 @@ impl Live {
         if let Ok(mut m) = self.channel_credentials.lock() {
             m.remove(&key);
         }
+        let handed = self
+            .handed_over
+            .lock()
+            .is_ok_and(|mut m| m.remove(&key).is_some());
+        if handed {
+            // The relays may forget the token it kept.
+            self.state_version.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Before `fingerprint` pairs on the relayed channel `key`: the token that opened the
+    /// channel stays with its relay while the channel lasts and the key is a user's.
+    pub(crate) fn pairing_on_channel(&self, key: RouteKey, fingerprint: Fingerprint) {
+        let Some(credential) = self.channel_credential(key) else {
+            return;
+        };
+        if let Ok(mut m) = self.handed_over.lock()
+            && m.len() < crate::transport::path::MAX_ROUTES
+        {
+            m.insert(key, (credential, fingerprint));
+        }
+    }
+
+    /// The token hashes of channels whose key paired on them and is a user's in `state`.
+    pub(crate) fn handed_over_tokens(&self, state: &DeviceState) -> Vec<TokenHash> {
+        let Ok(m) = self.handed_over.lock() else {
+            return Vec::new();
+        };
+        m.values()
+            .filter(|(_, fp)| state.user_by_fingerprint(fp).is_some())
+            .map(|(c, _)| TokenHash(c.0))
+            .collect()
     }
 
     /// What admitted the relayed channel `key`, if its relay said.

@@ -276,9 +276,17 @@ struct Attached {
     path: LegPath,
 }
 
-/// The tokens to upload now.
+/// The tokens to upload now: [`token_entries`], and the tokens that opened channels on which
+/// their key has since paired (see [`Live::pairing_on_channel`]).
 fn current_tokens(live: &Live) -> Vec<TokenEntry> {
-    token_entries(&live.state(), &live.iam().initial_role)
+    let state = live.state();
+    let mut v = token_entries(&state, &live.iam().initial_role);
+    for hash in live.handed_over_tokens(&state) {
+        if !v.iter().any(|e| e.hash == hash) {
+            v.push(TokenEntry { hash, owner: false });
+        }
+    }
+    v
 }
 
 /// How often the device checks its reflexive address (a NAT may move it).

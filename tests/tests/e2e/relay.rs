@@ -323,6 +323,52 @@ fn a_removed_users_live_relayed_tunnel_is_cut() {
     );
 }
 
+/// Pairing through the relay alone (a pairing string without addresses): the invitation's token
+/// opens the relay channel, pairing replaces that token with the user's own, and the relay must
+/// not cut the channel the pairing is answered on (it did: pairing timed out). Afterwards the
+/// consumed invitation opens nothing at the relay.
+#[test]
+fn an_invitation_pairs_through_the_relay_alone() {
+    let echo = TestServer::echo();
+    let lab = Lab::new(&[("echo", echo.addr)], "");
+    lab.client
+        .ok(&["pairing", "cam", "enable", "password-invite"]);
+    let mut out = String::new();
+    lab.change_tokens(|| {
+        out = lab
+            .client
+            .ok(&["user", "cam", "invite", "bob", "--role", "Standard"]);
+    });
+    let string: String = out
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("tp1,"))
+        .unwrap_or_else(|| panic!("no pairing string in:\n{out}"))
+        .split(',')
+        .filter(|f| !f.starts_with("a="))
+        .collect::<Vec<_>>()
+        .join(",");
+    assert!(string.contains(",r="), "no relay in {string}");
+    let bob = lab.world.client("bob");
+    let paired = bob.ok(&["pair", &string, "--name", "cam"]);
+    assert!(paired.contains("as user 'bob'"), "{paired}");
+    let mut open = bob.open("cam", &["0:echo"], &["--no-punch"]);
+    assert!(open.wait_path().starts_with("relayed via"));
+    assert!(echo_through(&open, b"paired through the relay"));
+    // The same string again: its token is gone from the relay once the pairing channel closed.
+    let eve = lab.world.client("eve");
+    let again = eve.cmd(&["pair", &string, "--name", "cam"]);
+    assert!(
+        !again.status.success(),
+        "a consumed invitation paired twice"
+    );
+    assert!(
+        stderr(&again).contains("refused the token"),
+        "{}",
+        stderr(&again)
+    );
+}
+
 /// A leg needs a path that carries 1208-byte datagrams (an inner QUIC packet and its tag): a
 /// 1280-byte path MTU works, a smaller one fails with an error that says so (the TCP fallback
 /// it then tries finds nothing at the proxy's port), and once TCP reaches the relay at that

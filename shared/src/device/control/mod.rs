@@ -266,6 +266,12 @@ impl Cx<'_> {
         change: impl FnOnce(&mut DeviceState) -> Result<UserInfo, StateError> + Send + 'static,
     ) -> Response {
         let conn = self.conn.clone();
+        if let Some(paths) = conn.relayed.get()
+            && !conn.admitted_by_jwt()
+            && let Some(key) = paths.key_of(conn.quic.remote_address())
+        {
+            self.live.pairing_on_channel(key, conn.fingerprint);
+        }
         let max = self.snap.config.limits.max_streams_per_connection;
         let adopt = move |user: &UserInfo| {
             if let Ok(mut f) = conn.flow.lock() {
