@@ -57,9 +57,9 @@ pub(crate) struct Live {
     channel_credentials: Mutex<HashMap<RouteKey, Credential>>,
     /// Relayed channels on which a key paired with the token that opened the channel (an
     /// invitation's, which pairing replaces with the user's own): the relay keeps that token's
-    /// hash while the channel is open and the key is still a user's, so that its own success
-    /// does not cut the pairing connection.
-    handed_over: Mutex<HashMap<RouteKey, (Credential, Fingerprint)>>,
+    /// hash (its credential, in `channel_credentials`) while the channel is open and the key is
+    /// still a user's, so that its own success does not cut the pairing connection.
+    handed_over: Mutex<HashMap<RouteKey, Fingerprint>>,
     /// The credentials of owners' tokens (recomputed at every change of state or IAM).
     owner_credentials: RwLock<Arc<HashSet<Credential>>>,
     /// This device's own hole-punching candidates, per relay it attached to (what it tells a
@@ -266,13 +266,11 @@ impl Live {
     /// Before `fingerprint` pairs on the relayed channel `key`: the token that opened the
     /// channel stays with its relay while the channel lasts and the key is a user's.
     pub(crate) fn pairing_on_channel(&self, key: RouteKey, fingerprint: Fingerprint) {
-        let Some(credential) = self.channel_credential(key) else {
-            return;
-        };
-        if let Ok(mut m) = self.handed_over.lock()
+        if self.channel_credential(key).is_some()
+            && let Ok(mut m) = self.handed_over.lock()
             && m.len() < crate::transport::path::MAX_ROUTES
         {
-            m.insert(key, (credential, fingerprint));
+            m.insert(key, fingerprint);
         }
     }
 
@@ -281,9 +279,10 @@ impl Live {
         let Ok(m) = self.handed_over.lock() else {
             return Vec::new();
         };
-        m.values()
+        m.iter()
             .filter(|(_, fp)| state.user_by_fingerprint(fp).is_some())
-            .map(|(c, _)| TokenHash(c.0))
+            .filter_map(|(key, _)| self.channel_credential(*key))
+            .map(|c| TokenHash(c.0))
             .collect()
     }
 

@@ -13,7 +13,7 @@ use tunnel_testkit::{SOON, World, wait_for};
 
 use crate::stderr;
 
-fn pairing_line(stdout: &str) -> String {
+pub(crate) fn pairing_line(stdout: &str) -> String {
     stdout
         .lines()
         .map(str::trim)

@@ -339,11 +339,7 @@ fn an_invitation_pairs_through_the_relay_alone() {
             .client
             .ok(&["user", "cam", "invite", "bob", "--role", "Standard"]);
     });
-    let string: String = out
-        .lines()
-        .map(str::trim)
-        .find(|l| l.starts_with("tp1,"))
-        .unwrap_or_else(|| panic!("no pairing string in:\n{out}"))
+    let string: String = crate::pairing::pairing_line(&out)
         .split(',')
         .filter(|f| !f.starts_with("a="))
         .collect::<Vec<_>>()
